@@ -1,0 +1,20 @@
+"""specssm: the decode-time Mamba2 SSM state update under speculative decoding, by checkpointing replay.
+
+Public API:
+    SSMCache, StepPlan                       cache contract, slots, commit, per-step plan
+    checkpointing_ssu                        the product (Triton), FlashInfer-compatible signature
+    always_write_ssu, all_states_ssu         baselines on the same API family (Triton)
+    specssm.reference                        float64 PyTorch references of all of the above
+"""
+from specssm.cache import SSMCache, StepPlan
+
+__version__ = "0.1.0"
+_OPS = ("checkpointing_ssu", "always_write_ssu", "all_states_ssu")
+
+
+def __getattr__(name):
+    # the kernels import triton; keep `import specssm` light for CPU-only tools
+    if name in _OPS:
+        from specssm import ops
+        return getattr(ops, name)
+    raise AttributeError(f"module 'specssm' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from specssm.cli import main
+
+sys.exit(main())

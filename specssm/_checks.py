@@ -1,0 +1,196 @@
+"""Input validation shared by the references and the kernels.
+
+Every error names the argument, what it got and what was expected, and is raised before anything is
+written, so a rejected call leaves every cache untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8,
+                torch.float8_e4m3fn, torch.int16)
+QUANT_STATE_DTYPES = (torch.int8, torch.float8_e4m3fn, torch.int16)
+MAX_WINDOW = 16
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape)
+
+
+def check_tensor(name: str, t, *, shape=None, dtype=None, dtypes=None, device=None, ndim=None):
+    """Check one tensor argument. `shape` may hold None for free dimensions."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {_shape(t)}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(e is None or e == g for e, g in zip(shape, t.shape))
+        if not ok:
+            want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+            raise ValueError(f"{name}: expected shape {want}, got {_shape(t)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    return t
+
+
+def check_inner_contiguous(name: str, t: torch.Tensor, dims: int):
+    """The last `dims` dimensions must be packed (row-major); the leading ones may be strided."""
+    expected = 1
+    for d in range(t.dim() - 1, t.dim() - 1 - dims, -1):
+        if t.shape[d] > 1 and t.stride(d) != expected:
+            raise ValueError(f"{name}: expected the last {dims} dimensions packed (row-major), got "
+                             f"strides {tuple(t.stride())} for shape {_shape(t)}")
+        expected *= t.shape[d]
+    return t
+
+
+def tied_per_head(name: str, t, H: int, P: int, N: int | None = None, device=None):
+    """A per-head parameter passed either compact `(H,)` or as the mamba convention's stride-0
+    expanded view `(H, P)` / `(H, P, N)`. Returns the compact `(H,)` view (no copy)."""
+    if t is None:
+        return None
+    check_tensor(name, t, device=device)
+    if t.dim() == 1:
+        check_tensor(name, t, shape=(H,))
+        return t
+    full = (H, P) if N is None else (H, P, N)
+    if _shape(t) != full:
+        raise ValueError(f"{name}: expected shape (H,)=({H},) or tied {full}, got {_shape(t)}")
+    if any(t.stride(d) != 0 for d in range(1, t.dim()) if t.shape[d] > 1):
+        raise ValueError(f"{name}: expected tied over head_dim/d_state (stride 0 in dims 1..), got "
+                         f"strides {tuple(t.stride())}; pass a (H,) tensor or an expand()ed view")
+    return t[(slice(None),) + (0,) * (t.dim() - 1)]
+
+
+def tied_dt(dt, lead: tuple, H: int, P: int, device=None):
+    """dt passed as `lead + (H,)` or tied `lead + (H, P)` with stride(-1) == 0. Returns `lead + (H,)`."""
+    check_tensor("dt", dt, device=device)
+    if _shape(dt) == lead + (H,):
+        return dt
+    if _shape(dt) != lead + (H, P):
+        raise ValueError(f"dt: expected shape {lead + (H,)} or tied {lead + (H, P)}, got {_shape(dt)}")
+    if P > 1 and dt.stride(-1) != 0:
+        raise ValueError(f"dt: expected tied over head_dim (stride(-1) == 0), got strides "
+                         f"{tuple(dt.stride())}; pass dt[..., None].expand(..., P) or a (..., H) tensor")
+    return dt[..., 0]
+
+
+def check_slots_host(name: str, slots: torch.Tensor, num_slots: int, pad_slot_id: int):
+    """Range check of slot indices. Done on the host: free for CPU tensors, one sync for GPU ones."""
+    s = slots.detach().to("cpu", torch.int64)
+    bad = (s != pad_slot_id) & ((s < 0) | (s >= num_slots))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: expected slot ids in [0, {num_slots}) or pad_slot_id={pad_slot_id}, "
+                         f"got {int(s[i])} at row {i}")
+    live = s[s != pad_slot_id]
+    if live.numel() != torch.unique(live).numel():
+        raise ValueError(f"{name}: expected each slot at most once per step, got duplicates in {s.tolist()}")
+
+
+@dataclass(frozen=True)
+class SSUShapes:
+    """Sizes of one state-update call, derived and checked from its arguments."""
+    batch: int          # rows
+    T: int              # max new tokens per row
+    H: int
+    P: int
+    N: int
+    G: int
+    L: int              # ring length
+    W: int              # window: a row writes when pnat + len > W
+    num_slots: int
+    varlen: bool
+
+
+def check_ssu_args(state, x_cache, B_cache, dt_cache, ring_start, pnat, x, dt, A, B, C, out, D, z,
+                   dt_bias, state_batch_indices, pad_slot_id, state_scale, cu_seqlens, max_seqlen,
+                   window, check_slots=True):
+    """Validate the arguments of one checkpointing step (the FlashInfer-compatible signature).
+
+    Returns (shapes, A_h, dt_c, D_h, dt_bias_h): the per-head parameters as compact (H,) views and dt
+    as (batch, T, H) / (total, H) without copying.
+    """
+    check_tensor("x", x, dtypes=FLOAT_ACT_DTYPES)
+    dev = x.device
+    varlen = cu_seqlens is not None
+    if varlen:
+        check_tensor("x", x, ndim=3)
+        total, H, P = x.shape
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32, torch.int64), device=dev)
+        batch = cu_seqlens.shape[0] - 1
+        if batch < 0:
+            raise ValueError("cu_seqlens: expected at least one entry, got shape (0,)")
+        if max_seqlen is None:
+            raise ValueError("max_seqlen: expected an int with cu_seqlens, got None")
+        T = int(max_seqlen)
+        lead = (total,)
+    else:
+        check_tensor("x", x, ndim=4)
+        batch, T, H, P = x.shape
+        lead = (batch, T)
+    check_tensor("state", state, ndim=4, dtypes=STATE_DTYPES, device=dev)
+    num_slots, Hs, Ps, N = state.shape
+    if (Hs, Ps) != (H, P):
+        raise ValueError(f"state: expected shape (slots, {H}, {P}, N) matching x, got {_shape(state)}")
+    check_inner_contiguous("state", state, 2)
+    check_tensor("B", B, shape=lead + (None, N), dtypes=FLOAT_ACT_DTYPES, device=dev)
+    G = B.shape[-2]
+    if G < 1 or H % G:
+        raise ValueError(f"B: expected ngroups dividing nheads={H}, got {G}")
+    check_tensor("C", C, shape=lead + (G, N), dtype=B.dtype, device=dev)
+    check_tensor("x_cache", x_cache, ndim=4, dtype=x.dtype, device=dev)
+    L = x_cache.shape[2]
+    check_tensor("x_cache", x_cache, shape=(num_slots, H, L, P))
+    check_tensor("B_cache", B_cache, shape=(num_slots, G, L, N), dtype=B.dtype, device=dev)
+    # float64 is for float64 reference runs; kernels take float32
+    check_tensor("dt_cache", dt_cache, shape=(num_slots, H, L), dtypes=(torch.float32, torch.float64),
+                 device=dev)
+    for nm, t in (("x_cache", x_cache), ("B_cache", B_cache)):
+        check_inner_contiguous(nm, t, 2)
+    check_tensor("ring_start", ring_start, shape=(num_slots,), dtype=torch.int32, device=dev)
+    check_tensor("prev_num_accepted_tokens", pnat, shape=(num_slots,), dtype=torch.int32, device=dev)
+    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    if z is not None:
+        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    dt_c = tied_dt(dt, lead, H, P, device=dev)
+    if dt_c.dtype not in FLOAT_ACT_DTYPES:
+        raise TypeError(f"dt: expected a floating dtype, got {dt_c.dtype}")
+    A_h = tied_per_head("A", A, H, P, N, device=dev)
+    D_h = tied_per_head("D", D, H, P, device=dev)
+    dt_bias_h = tied_per_head("dt_bias", dt_bias, H, P, device=dev)
+    if state.dtype in QUANT_STATE_DTYPES:
+        if state_scale is None:
+            raise ValueError(f"state_scale: expected a (slots, {H}, {P}) float32 tensor for "
+                             f"{state.dtype} state, got None")
+        check_tensor("state_scale", state_scale, shape=(num_slots, H, P), dtype=torch.float32, device=dev)
+    if T < 1:
+        raise ValueError(f"x: expected at least one token per row, got T={T}")
+    W = L - T if window is None else int(window)
+    if not 0 <= W <= MAX_WINDOW:
+        raise ValueError(f"window: expected 0 <= W <= {MAX_WINDOW} (W = x_cache ring length {L} - T {T} "
+                         f"when not given), got {W}")
+    # pnat <= max(W, T) after any commit; its reads and the T appends must fit the ring disjointly.
+    if max(W, T) + T > L:
+        raise ValueError(f"x: expected max(window, T) + T <= ring length {L} (window={W}), got T={T}")
+    if state_batch_indices is not None:
+        check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
+                     dtypes=(torch.int32, torch.int64), device=dev)
+        if check_slots:
+            check_slots_host("state_batch_indices", state_batch_indices, num_slots, pad_slot_id)
+    elif batch > num_slots:
+        raise ValueError(f"x: expected batch <= slots ({num_slots}) without state_batch_indices, got {batch}")
+    if varlen and check_slots:
+        cs = cu_seqlens.detach().cpu().to(torch.int64)
+        lens = cs[1:] - cs[:-1]
+        if int(cs[0]) != 0 or int(cs[-1]) != lead[0] or bool((lens < 0).any()) or bool((lens > T).any()):
+            raise ValueError(f"cu_seqlens: expected 0 = c[0] <= ... <= c[-1] = {lead[0]} tokens with each "
+                             f"row's length in [0, max_seqlen={T}], got {cs.tolist()}")
+    return (SSUShapes(batch, T, H, P, N, G, L, W, num_slots, varlen), A_h, dt_c, D_h, dt_bias_h)

@@ -1,0 +1,59 @@
+"""The per-step plan: which rows write their state, in a write-first order, as fixed-size device
+buffers, so one CUDA-graph capture of a step serves every later mix of writes.
+
+The plan depends only on per-slot `pnat` and the rows' lengths, so one plan serves all layers of a step.
+"""
+from __future__ import annotations
+
+import torch
+
+from specssm._checks import check_tensor
+
+
+class StepPlan:
+    """Preallocated plan buffers for up to `max_batch` rows.
+
+    After `build`: `write_flag[b]` (int32 0/1) for rows b < batch; `order[:batch]` lists the rows
+    that write, then the rows that do not, then padding rows, each group in row order (stable);
+    `counts[0]` = rows that write, `counts[1]` = live (non-padding) rows. All on the device.
+    """
+
+    def __init__(self, max_batch: int, device="cpu"):
+        if max_batch < 1:
+            raise ValueError(f"max_batch: expected >= 1, got {max_batch}")
+        self.max_batch, self.device = max_batch, torch.device(device)
+        self.write_flag = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.order = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.counts = torch.zeros(2, dtype=torch.int32, device=self.device)
+        self.batch = 0
+
+    @property
+    def n_writes(self) -> torch.Tensor:
+        return self.counts[0:1]
+
+    def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1):
+        """Fill the buffers for one step. `num_tokens`: an int T or a `(batch,)` tensor of row lengths.
+        Device tensor ops only (no host sync)."""
+        check_tensor("state_batch_indices", state_batch_indices, ndim=1,
+                     dtypes=(torch.int32, torch.int64), device=self.device)
+        batch = state_batch_indices.shape[0]
+        if batch > self.max_batch:
+            raise ValueError(f"state_batch_indices: expected at most max_batch={self.max_batch} rows, got {batch}")
+        live = state_batch_indices != pad_slot_id
+        slot = torch.where(live, state_batch_indices.long(), 0)
+        write = live & (pnat[slot] + num_tokens > window)
+        nowrite = live & ~write
+        pad = ~live
+        n_w = write.sum(dtype=torch.int32)
+        n_live = live.sum(dtype=torch.int32)
+        # rank of each row inside its group, offset by the sizes of the groups before it
+        rank = torch.where(write, torch.cumsum(write, 0, dtype=torch.int32) - 1,
+                           torch.where(nowrite, n_w + torch.cumsum(nowrite, 0, dtype=torch.int32) - 1,
+                                       n_live + torch.cumsum(pad, 0, dtype=torch.int32) - 1))
+        rows = torch.arange(batch, dtype=torch.int32, device=self.device)
+        self.order[:batch].scatter_(0, rank.long(), rows)
+        self.write_flag[:batch] = write.to(torch.int32)
+        self.counts[0] = n_w
+        self.counts[1] = n_live
+        self.batch = batch
+        return self

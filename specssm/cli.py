@@ -1,0 +1,27 @@
+"""`specssm` command line: `specssm demo | bench | drift | sim` (each with --help)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("specssm.model.demo", "speculative decoding of a tiny Mamba2 LM, checked against greedy decoding"),
+    "sim": ("specssm.sim.cli", "the reference-level speculative-decoding simulator"),
+    "bench": ("specssm.bench.cli", "benchmark of the strategies against the bandwidth floor (GPU)"),
+    "drift": ("specssm.quant.drift", "long-horizon drift of rounded / quantized checkpoints"),
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {k:6s} {v[1]}" for k, v in COMMANDS.items())
+        print(f"usage: specssm <command> [options]\n\ncommands:\n{lines}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

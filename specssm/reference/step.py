@@ -1,0 +1,140 @@
+"""One verify step of each strategy on the cache contract's tensors (float64 inside).
+
+These have the same signatures as the Triton ops in `specssm.ops`, mutate the caches the same way and
+are the specification the kernels are tested against. They loop over rows in Python: small shapes only.
+"""
+from __future__ import annotations
+
+import torch
+
+from specssm._checks import check_ssu_args, check_tensor, check_slots_host, tied_dt, tied_per_head
+from specssm.reference import recurrence as rec
+from specssm.reference.storage import decode_state, encode_state, is_quantized
+
+
+def row_tokens(b, shapes, cu_seqlens):
+    """Token index range of row b: padded (batch, T) layout or packed varlen layout."""
+    if cu_seqlens is None:
+        return (b, slice(0, shapes.T))
+    lo, hi = int(cu_seqlens[b]), int(cu_seqlens[b + 1])
+    return (slice(lo, hi),)
+
+
+def sr_bits(seed, slot, shape, state_shape):
+    """The uint32 random words that stochastic rounding of slot `slot` uses: Philox keyed by
+    (seed, flat element offset of the state pool)."""
+    from specssm.quant import reference as qref
+    H, P, N = shape
+    base = slot * H * P * N
+    offsets = base + torch.arange(H * P * N, dtype=torch.int64).reshape(H, P, N)
+    return qref.philox_bits(int(seed), offsets)
+
+
+def store(state, state_scale, slot, h, rounding, rand_seed, philox_rounds=10):
+    bits = None
+    if rounding == "sr":
+        seed = rand_seed[slot] if isinstance(rand_seed, torch.Tensor) else rand_seed
+        bits = sr_bits(seed, slot, tuple(h.shape), tuple(state.shape))
+    q, scale = encode_state(h, state.dtype, rounding, bits)
+    state[slot] = q
+    if scale is not None:
+        state_scale[slot] = scale
+
+
+def checkpointing_ssu_ref(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,
+                          x, dt, A, B, C, out, D=None, z=None, dt_bias=None, dt_softplus=False,
+                          state_batch_indices=None, pad_slot_id=-1, state_scale=None, rand_seed=None,
+                          philox_rounds=10, cu_seqlens=None, max_seqlen=None, window=None,
+                          rounding="rn", no_write_form="replay"):
+    """Checkpointing replay, one step. Row b uses slot s = state_batch_indices[b] (b if None).
+
+    History: ring rows (ring_start[s] + k) % L for k < pnat[s]. New tokens are appended at rows
+    (ring_start[s] + pnat[s] + t) % L. A row writes its state (the history folded in, rounded) when
+    pnat + len > W; otherwise the state is untouched. Outputs use the unrounded state.
+    ring_start / pnat are not changed: `SSMCache.commit` does that after verification.
+    """
+    if no_write_form not in ("replay", "rectangle"):
+        raise ValueError(f"no_write_form: expected 'replay' or 'rectangle', got {no_write_form!r}")
+    if rounding == "sr" and rand_seed is None:
+        raise ValueError("rand_seed: expected per-slot seeds (slots,) int64 or an int for rounding='sr', got None")
+    sh, A_h, dt_c, D_h, bias_h = check_ssu_args(
+        state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C, out,
+        D, z, dt_bias, state_batch_indices, pad_slot_id, state_scale, cu_seqlens, max_seqlen, window)
+    L, W, H = sh.L, sh.W, sh.H
+    gsz = H // sh.G
+    for b in range(sh.batch):
+        s = b if state_batch_indices is None else int(state_batch_indices[b])
+        if s == pad_slot_id:
+            continue
+        tok = row_tokens(b, sh, cu_seqlens)
+        xb, Bb, Cb = x[tok], B[tok], C[tok]
+        n = xb.shape[0]
+        if n == 0:
+            continue
+        dtb = rec.process_dt(dt_c[tok], bias_h, dt_softplus)
+        zb = None if z is None else z[tok]
+        K, rs = int(prev_num_accepted_tokens[s]), int(ring_start[s])
+        hist = [(rs + k) % L for k in range(K)]
+        xh = x_cache[s][:, hist].transpose(0, 1)                    # (K, H, P)
+        Bh = B_cache[s][:, hist].transpose(0, 1)                    # (K, G, N)
+        dth = dt_cache[s][:, hist].transpose(0, 1).double()         # (K, H)
+        S = decode_state(state[s], None if state_scale is None else state_scale[s])
+        write = K + n > W
+        if write or no_write_form == "replay":
+            hK = rec.fold(S, xh, dth, A_h, Bh)
+            y, _ = rec.sequential(hK, xb, dtb, A_h, Bb, Cb, D_h, zb)
+        else:
+            y = rec.outputs_rectangle(S, xh, dth, Bh, xb, dtb, A_h, Bb, Cb, D_h, zb)
+        out[tok] = y.to(out.dtype)
+        if write:
+            store(state, state_scale, s, hK, rounding, rand_seed, philox_rounds)
+        new_rows = [(rs + K + t) % L for t in range(n)]
+        x_cache[s][:, new_rows] = xb.transpose(0, 1)
+        B_cache[s][:, new_rows] = Bb.transpose(0, 1)
+        dt_cache[s][:, new_rows] = dtb.T.to(dt_cache.dtype)
+    return out
+
+
+def always_write_ssu_ref(*args, **kwargs):
+    """Always-write replay: the checkpointing step with window 0, so every row writes its state
+    (history = the accepted tokens of the previous step). Ring length must be >= 2T."""
+    kwargs["window"] = 0
+    return checkpointing_ssu_ref(*args, **kwargs)
+
+
+def all_states_ssu_ref(states, state_index, x, dt, A, B, C, out, D=None, z=None, dt_bias=None,
+                       dt_softplus=False, state_batch_indices=None, pad_slot_id=-1):
+    """All-states: read states[s, state_index[s]], write all T intermediate states states[s, t].
+
+    states `(slots, T, H, P, N)` float (fp32/bf16/fp16), state_index `(slots,)` int32; the commit
+    selects the accepted one by setting state_index[s] = accepted - 1 (no copy).
+    """
+    check_tensor("x", x, ndim=4)
+    batch, T, H, P = x.shape
+    check_tensor("states", states, ndim=5, device=x.device)
+    slots, Ts, Hs, Ps, N = states.shape
+    if (Ts, Hs, Ps) != (T, H, P):
+        raise ValueError(f"states: expected shape (slots, {T}, {H}, {P}, N), got {tuple(states.shape)}")
+    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=x.device)
+    check_tensor("B", B, shape=(batch, T, None, N))
+    check_tensor("C", C, shape=tuple(B.shape))
+    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype)
+    if state_batch_indices is not None:
+        check_slots_host("state_batch_indices", state_batch_indices, slots, pad_slot_id)
+    dt_c = tied_dt(dt, (batch, T), H, P)
+    A_h, D_h = tied_per_head("A", A, H, P, N), tied_per_head("D", D, H, P)
+    bias_h = tied_per_head("dt_bias", dt_bias, H, P)
+    for b in range(batch):
+        s = b if state_batch_indices is None else int(state_batch_indices[b])
+        if s == pad_slot_id:
+            continue
+        h = states[s, int(state_index[s])].double()
+        dtb = rec.process_dt(dt_c[b], bias_h, dt_softplus)
+        ys = []
+        for t in range(T):
+            zt = None if z is None else z[b, t:t + 1]
+            y, h = rec.sequential(h, x[b, t:t + 1], dtb[t:t + 1], A_h, B[b, t:t + 1], C[b, t:t + 1], D_h, zt)
+            states[s, t] = h.to(states.dtype)
+            ys.append(y[0])
+        out[b] = torch.stack(ys).to(out.dtype)
+    return out

@@ -1,0 +1,1 @@
+from specssm.sim.simulator import simulate, SimReport, random_params
