@@ -1,0 +1,53 @@
+"""Launch configurations from per-GPU tables (specssm/tuning/<card>.json), not kernel signatures.
+
+A table maps a shape key to a config; unknown cards and shapes fall back to `DEFAULT`. Tables are
+written by `specssm tune` runs on the device and shipped with the package.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import torch
+
+TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
+
+# BLOCK_P: state rows per program; num_warps; programs_per_sm: persistent-grid size factor;
+# split_min_batch: from this batch on, launch="auto" uses the write/no-write split launches.
+DEFAULT = {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "split_min_batch": 64}
+
+
+def card_name(device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    for tag in ("H200", "H100", "A100", "B200", "L40S"):
+        if tag in name:
+            return tag
+    return name.replace(" ", "_")
+
+
+@functools.lru_cache(maxsize=None)
+def _table(card: str) -> dict:
+    path = TABLE_DIR / f"{card}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def shape_key(kernel: str, P: int, N: int, state_dtype: torch.dtype) -> str:
+    return f"{kernel}:P{P}:N{N}:{str(state_dtype).replace('torch.', '')}"
+
+
+def config_for(device, kernel: str, P: int, N: int, state_dtype) -> dict:
+    cfg = dict(DEFAULT)
+    cfg.update(_table(card_name(device)).get(shape_key(kernel, P, N, state_dtype), {}))
+    if device.type != "cuda":          # the interpreter: one program per item, fewest ops
+        cfg["programs_per_sm"] = 0
+    # registers: an fp32 (BLOCK_P x N) tile per program; keep it near 8K elements
+    cfg["BLOCK_P"] = min(cfg["BLOCK_P"], max(16, 8192 // max(N, 1)))
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

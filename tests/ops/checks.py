@@ -1,0 +1,65 @@
+"""Compare one step of a Triton op with the float64 reference on copies of the same cache."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from tests.ops.helpers import to_device
+
+# relative RMS error bounds of outputs (and written states) by (activation dtype, state dtype, precision)
+OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
+STATE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
+FAST_TOL = 2e-3      # tf32 dots
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def run_and_compare(op, ref, cache, inputs, device="cpu", precision="exact", **op_kw):
+    """Run `op` on a copy of the cache on `device` and `ref` on a CPU copy; assert they agree.
+
+    Returns a dict of measured errors."""
+    c_ref = copy.deepcopy(cache)
+    in_ref = dict(inputs, out=inputs["out"].clone())
+    ref(**in_ref, **c_ref.op_kwargs(0))
+    c_op, in_op = to_device(cache, inputs, device)
+    before = copy.deepcopy(c_op.layers[0])
+    op(**in_op, **c_op.op_kwargs(0), precision=precision, **op_kw) if precision else op(**in_op, **c_op.op_kwargs(0), **op_kw)
+    out, out_ref = in_op["out"].cpu(), in_ref["out"]
+    act = inputs["x"].dtype
+    fast = precision == "fast" and cache.state_dtype == torch.float32
+    tol = max(OUT_TOL[act], FAST_TOL if fast else 0.0)
+    # every output of a live row written, padding rows untouched (still NaN)
+    assert torch.equal(torch.isnan(out), torch.isnan(out_ref)), "written/unwritten outputs differ from the reference"
+    live = ~torch.isnan(out_ref)
+    err = {"out_rel_rms": rel_rms(out[live], out_ref[live]),
+           "out_max_abs": float((out[live].double() - out_ref[live].double()).abs().max()) if live.any() else 0.0}
+    assert err["out_rel_rms"] <= tol, f"outputs: relative RMS error {err['out_rel_rms']:.3e} > {tol:.1e}"
+    lc, lr, l0 = c_op.layers[0], c_ref.layers[0], before
+    if cache.strategy == "all_states":
+        sidx = [int(s) for s in inputs["state_batch_indices"] if int(s) != cache.pad_slot_id]
+        st, sr = lc.state.cpu()[sidx], lr.state[sidx]
+        if sidx:
+            e = rel_rms(st, sr)
+            assert e <= max(STATE_TOL[cache.state_dtype], 1e-5), f"states: relative RMS error {e:.3e}"
+        return err
+    state = lc.state.cpu()
+    changed_ref = (lr.state != cache.layers[0].state).flatten(1).any(1)
+    # no-write slots (and all untouched slots): state bit-identical to before the call
+    same = ~changed_ref
+    assert torch.equal(state[same], l0.state.cpu()[same]), "a no-write or untouched slot's state changed"
+    if changed_ref.any():
+        e = rel_rms(state[changed_ref], lr.state[changed_ref])
+        stol = max(STATE_TOL[cache.state_dtype], FAST_TOL if fast else 0.0)
+        assert e <= stol, f"written states: relative RMS error {e:.3e} > {stol:.1e}"
+        err["state_rel_rms"] = e
+    # ring appends: x and B exact copies, dt equal to fp32 rounding
+    assert torch.equal(lc.x_cache.cpu(), lr.x_cache), "x_cache differs from the reference"
+    assert torch.equal(lc.B_cache.cpu(), lr.B_cache), "B_cache differs from the reference"
+    e_dt = float((lc.dt_cache.cpu().double() - lr.dt_cache.double()).abs().max())
+    assert e_dt <= 1e-5, f"dt_cache: max abs error {e_dt:.3e}"
+    assert torch.equal(c_op.ring_start.cpu(), c_ref.ring_start) and torch.equal(c_op.pnat.cpu(), c_ref.pnat)
+    return err

@@ -1,0 +1,125 @@
+"""checkpointing_ssu and the baselines against the float64 reference, on the CPU interpreter
+(small shapes) and on a GPU (`-m gpu`, real shapes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
+from specssm.reference import all_states_ssu_ref, always_write_ssu_ref, checkpointing_ssu_ref
+from tests.ops.checks import run_and_compare
+from tests.ops.helpers import make_step
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# (launch, no_write_form)
+MODES = [("dynamic", "rectangle"), ("dynamic", "replay"), ("split", "rectangle"), ("split", "replay")]
+
+
+@pytest.mark.parametrize("launch,form", MODES)
+def test_mixed_batch_all_modes(launch, form):
+    # rows: write (pnat 14 + 4 > 16), no-write, padding, write at the boundary (13 + 4 = 17), no-write at 12
+    cache, ins = make_step(batch=5, T=4, pnat=[14, 3, 0, 13, 12], pad_rows=(2,), act=torch.float32, seed=1)
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
+
+
+@pytest.mark.parametrize("T,W", [(1, 16), (6, 16), (16, 16), (4, 8), (6, 4)])
+def test_token_counts_and_windows(T, W):
+    cache, ins = make_step(batch=3, T=T, W=W, act=torch.float32, seed=T * 100 + W)
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="dynamic")
+
+
+@pytest.mark.parametrize("P,N,G,H", [(80, 16, 1, 2), (16, 32, 2, 4), (16, 16, 4, 8)])
+def test_shapes(P, N, G, H):
+    cache, ins = make_step(batch=2, H=H, P=P, N=N, G=G, T=3, act=torch.float32, seed=P + N + G)
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="split")
+
+
+@pytest.mark.parametrize("act,state", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                       (torch.float16, torch.float16)])
+def test_dtypes(act, state):
+    cache, ins = make_step(batch=3, T=4, act=act, state_dtype=state, pnat=[15, 2, 9], seed=7)
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="dynamic")
+
+
+def test_ring_wraparound():
+    cache, ins = make_step(batch=2, T=6, act=torch.float32, seed=3)
+    s = [int(v) for v in ins["state_batch_indices"]]
+    cache.ring_start[s[0]], cache.pnat[s[0]] = cache.L - 3, 8        # history and appends wrap
+    cache.ring_start[s[1]], cache.pnat[s[1]] = cache.L - 1, 12       # write row, wraps at once
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="split")
+
+
+def test_varlen_rows():
+    cache, ins = make_step(batch=3, T=6, act=torch.float32, varlen_lens=[6, 2, 4], pnat=[9, 14, 12], seed=5)
+    # row 0: 9 + 6 > 16 writes; row 1: 14 + 2 = 16 does not; row 2: 12 + 4 = 16 does not
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="split")
+
+
+def test_always_write_baseline():
+    cache, ins = make_step(batch=3, T=4, act=torch.float32, strategy="always_write", pad_rows=(1,), seed=11)
+    run_and_compare(always_write_ssu, always_write_ssu_ref, cache, ins)
+
+
+def test_all_states_baseline():
+    cache, ins = make_step(batch=3, T=4, act=torch.float32, strategy="all_states", pad_rows=(0,), seed=12)
+    run_and_compare(all_states_ssu, all_states_ssu_ref, cache, ins, precision=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU suite: real shapes, every mode, up to batch 1024
+# ---------------------------------------------------------------------------------------------
+SHAPES = {"super_tp8": dict(H=16, P=64, N=128, G=1), "tp1": dict(H=128, P=64, N=128, G=8),
+          "nano9b_p80": dict(H=16, P=80, N=128, G=1), "h256_n256": dict(H=32, P=64, N=256, G=2)}
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("batch", [1, 7, 64, 1024])
+@pytest.mark.parametrize("launch,form", MODES)
+def test_gpu_checkpointing(shape, batch, launch, form):
+    if shape == "tp1" and batch == 1024 and form == "replay":
+        pytest.skip("reference time")
+    cache, ins = make_step(batch=batch, slots=batch + 3, T=6, pad_rows=(0,) if batch > 1 else (),
+                           act=torch.bfloat16, seed=batch, **SHAPES[shape])
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision="fast",
+                    launch=launch, no_write_form=form)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("state", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("precision", ["fast", "exact"])
+def test_gpu_state_dtypes(state, precision):
+    act = torch.float16 if state == torch.float16 else torch.bfloat16
+    cache, ins = make_step(batch=64, slots=70, T=6, act=act, state_dtype=state, seed=5, **SHAPES["super_tp8"])
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision=precision)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 64, 512])
+def test_gpu_baselines(batch):
+    sh = SHAPES["super_tp8"]
+    cache, ins = make_step(batch=batch, slots=batch + 1, T=6, strategy="always_write", seed=2, **sh)
+    run_and_compare(always_write_ssu, always_write_ssu_ref, cache, ins, device="cuda", precision="fast")
+    cache, ins = make_step(batch=batch, slots=batch + 1, T=6, strategy="all_states", seed=3, **sh)
+    run_and_compare(all_states_ssu, all_states_ssu_ref, cache, ins, device="cuda", precision=None)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["dynamic", "split"])
+def test_gpu_deterministic_5_launches(launch):
+    from tests.ops.helpers import to_device
+    cache, ins = make_step(batch=256, slots=260, T=6, seed=9, **SHAPES["super_tp8"])
+    results = []
+    for _ in range(5):
+        c, i = to_device(cache, ins, "cuda")
+        checkpointing_ssu(**i, **c.op_kwargs(0), launch=launch)
+        results.append((i["out"].cpu(), c.layers[0].state.cpu(), c.layers[0].x_cache.cpu(), c.layers[0].dt_cache.cpu()))
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b) or (
+                torch.isnan(a).equal(torch.isnan(b)) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
