@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .state import _check_offset  # noqa: F401  (shared validation of conv_offset)
+from specssm._checks import check_slots_host
 
 __all__ = ["conv1d_update"]
 
@@ -194,23 +194,20 @@ def _check_inputs(xBC, conv_state, conv_offset, weight, bias, activation, state_
         if out.dtype != xBC.dtype:
             raise TypeError(f"out: got dtype {out.dtype}, expected {xBC.dtype} (the dtype of xBC)")
         _same_device("out", out, device)
-        if _overlaps(out, conv_state):
+        if _shares_storage(out, conv_state):
             raise ValueError("out: got a tensor sharing memory with conv_state, expected separate memory")
+    if _shares_storage(xBC, conv_state):
+        raise ValueError("xBC: got a tensor sharing memory with conv_state, expected separate memory")
 
     # Value checks need the data on the host: free on CPU, a sync on GPU (opt in with validate=True).
     if validate or device.type == "cpu":
         if state_batch_indices is None:
             slots = torch.arange(batch, device=device)
         else:
+            # in range or pad, and distinct (two rows on one slot would race on its state)
+            check_slots_host("state_batch_indices", state_batch_indices, num_slots, pad_slot_id)
             slots = state_batch_indices.long()
         live = slots[slots != pad_slot_id]
-        bad = live[(live < 0) | (live >= num_slots)]
-        if bad.numel():
-            raise ValueError(f"state_batch_indices: got slot ids {bad.tolist()[:8]}, expected ids in "
-                             f"[0, {num_slots}) or pad_slot_id = {pad_slot_id}")
-        if live.unique().numel() != live.numel():
-            raise ValueError(f"state_batch_indices: got duplicate slot ids {live.tolist()[:16]}, "
-                             f"expected each live slot at most once (rows would race on the state)")
         if live.numel():
             offs = conv_offset.long()[live]
             bad = offs[(offs < 0) | (offs > rows - (d_conv - 1))]
@@ -220,15 +217,10 @@ def _check_inputs(xBC, conv_state, conv_offset, weight, bias, activation, state_
     return weight, d_conv
 
 
-def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1 = a0 + (a.untyped_storage().nbytes() if a0 == a.untyped_storage().data_ptr() else 0)
-    # Conservative span check over the storages the views live in.
-    sa = a.untyped_storage()
-    sb = b.untyped_storage()
-    return sa.data_ptr() == sb.data_ptr() and (a1 or True) is not None
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _launch(xBC, conv_state, conv_offset, weight, bias, silu, state_batch_indices, pad_slot_id, out,
@@ -296,7 +288,7 @@ def conv1d_update(xBC: torch.Tensor, conv_state: torch.Tensor, conv_offset: torc
     weight, d_conv = _check_inputs(xBC, conv_state, conv_offset, weight, bias, activation,
                                    state_batch_indices, pad_slot_id, out, validate)
     if out is None:
-        out = torch.empty_like(xBC)
+        out = torch.empty(xBC.shape, dtype=xBC.dtype, device=xBC.device)
     if xBC.shape[0] == 0:
         return out
     return _launch(xBC, conv_state, conv_offset, weight, bias, activation is not None,

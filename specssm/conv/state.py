@@ -16,6 +16,12 @@ token ``acc - 1`` are rows ``[acc, acc + d_conv - 1)``. The commit after verific
 and a rejected draft costs nothing: no state copy, no second launch, no host sync. ``conv_offset`` is
 shared by the layers because every layer of a row accepts the same tokens.
 
+Because the step copies the context it read to rows ``[0, d_conv - 1)``, ``acc = 0`` is also valid:
+it discards the whole step (the slot reads exactly the pre-step context again). The one rule: a step
+is not idempotent, so between two steps on a slot (all layers of one forward pass = one step) the
+slot's offset must be committed (``0`` to abort). Rerunning a step on the old offset would read rows
+the first run overwrote.
+
 Why token-major: a step moves whole token rows of a slot (context in, ``[context, new]`` out) and the
 conv input ``xBC`` arrives token-major (a column slice of the in_proj output). With token-major rows a
 program's load of one token row over a block of channels is one contiguous run
@@ -75,15 +81,15 @@ def conv_commit(conv_offset: torch.Tensor, slots: torch.Tensor | None, accepted:
     conv_offset: (num_slots,) int32, updated in place.
     slots:       (batch,) int32/int64 slot of each row (the ``state_batch_indices`` of the step), or
                  None when row ``i`` uses slot ``i``. Rows equal to ``pad_slot_id`` commit nothing.
-    accepted:    (batch,) int32/int64 accepted tokens of each row, in ``[1, T]``.
+    accepted:    (batch,) int32/int64 accepted tokens of each row, in ``[1, T]`` (``0`` discards the
+                 step: the slot goes back to its pre-step context).
 
     Device tensor ops only (no ``.item()``, no boolean-mask indexing), so it can sit in a CUDA graph.
-    Pad rows are neutralised without host sync by adding a zero delta (``index_put_`` with
-    ``accumulate=True``), which stays exact when pad rows are redirected to slot 0 next to a live row
-    of slot 0. Live rows must name distinct slots (as in ``conv1d_update``).
-    ``validate=True`` (host sync) checks slots in range and ``1 <= accepted <= num_tokens``
-    (``num_tokens`` = the step's ``T`` if given, else the state capacity is unknown and only ``>= 1``
-    is checked); on CPU tensors these checks always run since they are free.
+    Pad rows are neutralised without host sync by adding a zero delta (``scatter_add_`` of
+    ``accepted - old`` for live rows, 0 for pad rows redirected to slot 0), which stays exact when a
+    live row of slot 0 shares the target with pad rows; integer adds commute, so it is deterministic. Live rows must name distinct slots (as in ``conv1d_update``).
+    ``validate=True`` (host sync) checks slots in range and distinct and ``0 <= accepted <= num_tokens``
+    (``num_tokens`` = the step's ``T`` if given, else only ``>= 0`` is checked); on CPU tensors these checks always run since they are free.
     """
     _check_offset(conv_offset)
     device = conv_offset.device
@@ -103,17 +109,17 @@ def conv_commit(conv_offset: torch.Tensor, slots: torch.Tensor | None, accepted:
             raise ValueError(f"slots: got {idx[live & ((idx < 0) | (idx >= num_slots))].tolist()[:8]}, "
                              f"expected ids in [0, {num_slots}) or pad_slot_id = {pad_slot_id}")
         acc_live = accepted[live]
-        hi = num_tokens if num_tokens is not None else None
-        bad = (acc_live < 1) if hi is None else ((acc_live < 1) | (acc_live > hi))
+        hi = num_tokens
+        bad = (acc_live < 0) if hi is None else ((acc_live < 0) | (acc_live > hi))
         if bool(bad.any()):
-            want = f"[1, {hi}]" if hi is not None else ">= 1"
+            want = f"[0, {hi}]" if hi is not None else ">= 0"
             raise ValueError(f"accepted: got {acc_live[bad].tolist()[:8]}, expected values in {want}")
         if bool(idx[live].unique().numel() != idx[live].numel()):
             raise ValueError(f"slots: got duplicate live slot ids {idx[live].tolist()[:16]}, "
                              f"expected each slot at most once")
     safe = torch.where(live, idx, torch.zeros_like(idx))
     delta = torch.where(live, accepted.to(torch.int32) - conv_offset[safe], torch.zeros_like(conv_offset[safe]))
-    conv_offset.index_put_((safe,), delta, accumulate=True)
+    conv_offset.scatter_add_(0, safe, delta)
 
 
 def conv_state_from_prefill(conv_state: torch.Tensor, conv_offset: torch.Tensor, slots: torch.Tensor,

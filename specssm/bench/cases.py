@@ -1,0 +1,127 @@
+"""What one benchmark run measures: shapes, strategy variants and the list of cases (pure, CPU-safe)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SHAPES = {
+    # name: (H, P, N, G) per tensor-parallel rank (DESIGN §2)
+    "super_tp8": (16, 64, 128, 1),
+    "tp1": (128, 64, 128, 8),
+}
+LAUNCHES = ("auto", "split", "dynamic", "fused")
+NO_WRITE_FORMS = ("rectangle", "replay")
+STATE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
+ROUNDINGS = ("rn", "sr")
+BATCHES = tuple(2 ** i for i in range(11))          # 1 .. 1024
+STRATEGIES = ("checkpointing", "always_write", "all_states")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    H: int
+    P: int
+    N: int
+    G: int
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the step: strategy (+ launch mode and no-write form for checkpointing)."""
+    strategy: str
+    launch: str = "auto"
+    no_write_form: str = "rectangle"
+
+    @property
+    def label(self) -> str:
+        if self.strategy == "checkpointing":
+            return f"ckpt/{self.launch}/{'rect' if self.no_write_form == 'rectangle' else 'replay'}"
+        return {"always_write": "always-write", "all_states": "all-states"}[self.strategy]
+
+
+@dataclass(frozen=True)
+class Case:
+    shape: Shape
+    variant: Variant
+    state_dtype: str
+    rounding: str
+    scenario: str        # mixed | all_write | all_no_write; "any" for the baselines (they always write)
+    batch: int
+    T: int
+    W: int
+
+    def key(self) -> dict:
+        d = {"shape": self.shape.name, "H": self.shape.H, "P": self.shape.P, "N": self.shape.N,
+             "G": self.shape.G, "T": self.T, "W": self.W, "strategy": self.variant.strategy,
+             "launch": self.variant.launch if self.variant.strategy != "all_states" else "-",
+             "no_write_form": self.variant.no_write_form if self.variant.strategy == "checkpointing" else "-",
+             "variant": self.variant.label, "state_dtype": self.state_dtype, "rounding": self.rounding,
+             "scenario": self.scenario, "batch": self.batch}
+        return d
+
+
+def parse_shape(spec: str) -> Shape:
+    """A named shape (super_tp8, tp1) or `name:H,P,N,G` / `H,P,N,G`."""
+    if spec in SHAPES:
+        return Shape(spec, *SHAPES[spec])
+    name, _, dims = spec.rpartition(":")
+    try:
+        H, P, N, G = (int(v) for v in dims.split(","))
+    except ValueError:
+        raise ValueError(f"--shapes: expected one of {sorted(SHAPES)} or 'name:H,P,N,G', got {spec!r}") from None
+    if min(H, P, N, G) < 1 or H % G:
+        raise ValueError(f"--shapes: expected positive sizes with G dividing H, got {spec!r}")
+    return Shape(name or f"H{H}P{P}N{N}G{G}", H, P, N, G)
+
+
+def variants(strategies, launches, forms) -> list[Variant]:
+    out = []
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"--strategies: expected names from {STRATEGIES}, got {s!r}")
+        if s == "checkpointing":
+            out += [Variant(s, launch, form) for launch in launches for form in forms]
+        else:
+            out.append(Variant(s, "auto", "rectangle"))
+    return out
+
+
+def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios, batches, T, W) -> list[Case]:
+    """All cases of a run, grouped so consecutive cases can share one cache:
+    shape > state dtype > batch > strategy > scenario > variant > rounding.
+
+    Baselines run once per (shape, dtype, batch, rounding) with scenario "any"; all-states has no
+    rounding choice (it stores in the state dtype directly) and runs with "rn" only. In the all-write
+    scenario the no-write form does not matter, so only the rectangle form runs there.
+    """
+    for name, values, allowed in (("--launch", launches, LAUNCHES), ("--no-write-form", forms, NO_WRITE_FORMS),
+                                  ("--dtypes", dtypes, STATE_DTYPES), ("--rounding", roundings, ROUNDINGS)):
+        for v in values:
+            if v not in allowed:
+                raise ValueError(f"{name}: expected values from {allowed}, got {v!r}")
+    from specssm.bench.mix import SCENARIOS
+    for sc in scenarios:
+        if sc not in SCENARIOS:
+            raise ValueError(f"--scenarios: expected values from {SCENARIOS}, got {sc!r}")
+    for b in batches:
+        if b < 1:
+            raise ValueError(f"--batches: expected positive batch sizes, got {b}")
+    vs = variants(strategies, launches, forms)
+    cases = []
+    for shape in shapes:
+        for dt in dtypes:
+            for batch in batches:
+                for strategy in STRATEGIES:
+                    svs = [v for v in vs if v.strategy == strategy]
+                    if not svs:
+                        continue
+                    if strategy != "checkpointing":
+                        rnds = ["rn"] if strategy == "all_states" else list(roundings)
+                        cases += [Case(shape, svs[0], dt, r, "any", batch, T, W) for r in rnds]
+                        continue
+                    for sc in scenarios:
+                        for v in svs:
+                            if sc == "all_write" and v.no_write_form != "rectangle" and "rectangle" in forms:
+                                continue
+                            cases += [Case(shape, v, dt, r, sc, batch, T, W) for r in roundings]
+    return cases

@@ -1,0 +1,305 @@
+"""Result rows -> speedups, markdown tables, CSV and JSON (pure, CPU-safe)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+# Columns of the CSV, in order; rows may carry more keys (kept in the JSON).
+CSV_COLUMNS = [
+    "card", "torch", "triton", "date", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z",
+    "strategy", "launch", "no_write_form", "variant", "state_dtype", "rounding", "scenario", "batch",
+    "status", "reason", "median_us", "p10_us", "p90_us", "mean_us", "busy_us", "samples",
+    "kernels_per_step", "plan_us", "conv_median_us", "conv_p10_us", "conv_p90_us",
+    "speedup_vs_always_write", "speedup_vs_all_states", "write_frac", "mean_pnat", "bytes_per_step",
+    "floor_us", "pct_floor", "conv_floor_us", "conv_pct_floor", "copy_bw_GBps", "slot_sets", "cold_x_L2",
+]
+
+# What makes two rows the same measurement (used by --resume and to find baselines).
+IDENTITY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "strategy", "launch",
+            "no_write_form", "state_dtype", "rounding", "scenario", "batch")
+
+
+def card_slug(name: str) -> str:
+    """Short file-name-safe card name: 'NVIDIA H100 80GB HBM3' -> 'H100'."""
+    m = re.search(r"\b([A-Z]{1,3}\d{2,4}[A-Z]?)\b", name)
+    if m:
+        return m.group(1)
+    return re.sub(r"[^A-Za-z0-9]+", "-", name.replace("NVIDIA", "")).strip("-") or "gpu"
+
+
+def row_id(row: dict) -> tuple:
+    return tuple(row.get(k) for k in IDENTITY)
+
+
+def _ok(row) -> bool:
+    return row.get("status") == "ok" and _num(row.get("median_us")) is not None
+
+
+def _num(v):
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def add_speedups(rows: list[dict]) -> list[dict]:
+    """speedup_vs_always_write / _all_states = baseline median / row median, for rows of the same card,
+    shape, T, act dtype, z, state dtype and batch (always-write also the same rounding; all-states
+    stores round-to-nearest only). Baseline rows get the speedup over the other baseline. In place."""
+    def base_key(r, with_rounding):
+        k = (r.get("card"), r.get("shape"), r.get("T"), r.get("act_dtype"), r.get("z"), r.get("state_dtype"),
+             r.get("batch"))
+        return k + ((r.get("rounding"),) if with_rounding else ())
+
+    aw = {base_key(r, True): float(r["median_us"]) for r in rows if r.get("strategy") == "always_write" and _ok(r)}
+    al = {base_key(r, False): float(r["median_us"]) for r in rows if r.get("strategy") == "all_states" and _ok(r)}
+    for r in rows:
+        r["speedup_vs_always_write"] = r["speedup_vs_all_states"] = None
+        if not _ok(r):
+            continue
+        t = float(r["median_us"])
+        if r.get("strategy") != "always_write" and base_key(r, True) in aw:
+            r["speedup_vs_always_write"] = aw[base_key(r, True)] / t
+        if r.get("strategy") != "all_states" and base_key(r, False) in al:
+            r["speedup_vs_all_states"] = al[base_key(r, False)] / t
+    return rows
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def fmt(v, digits=1) -> str:
+    """Numbers for tables: None/nan -> '-', floats with `digits` decimals, others as str."""
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    f = _num(v)
+    if f is None:
+        return str(v)
+    return f"{f:.{digits}f}"
+
+
+def fmt_x(v) -> str:
+    f = _num(v)
+    return "-" if f is None else f"{f:.2f}x"
+
+
+def markdown_table(headers, rows) -> str:
+    """A GitHub markdown table; numeric-looking columns are right-aligned."""
+    cells = [[str(c) for c in r] for r in rows]
+    align = []
+    for j, _ in enumerate(headers):
+        col = [r[j] for r in cells if j < len(r) and r[j] != "-"]
+        numeric = all(re.fullmatch(r"[-+]?[\d.]+(x|%)?( \(.*\))?", c) for c in col)
+        align.append("---:" if numeric else "---")
+    out = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(out) + "\n"
+
+
+def rows_table(rows: list[dict]) -> str:
+    """All rows, one line each (what the run printed while it went)."""
+    headers = ["shape", "variant", "dtype", "rnd", "scenario", "batch", "median µs", "p10–p90 µs",
+               "with conv µs", "plan µs", "× AW", "× AS", "% floor", "status"]
+    body = []
+    for r in rows:
+        ok = _ok(r)
+        body.append([r.get("shape"), r.get("variant"), r.get("state_dtype"), r.get("rounding"), r.get("scenario"),
+                     r.get("batch"), fmt(r.get("median_us"), 2) if ok else "-",
+                     f"{fmt(r.get('p10_us'), 2)}–{fmt(r.get('p90_us'), 2)}" if ok else "-",
+                     fmt(r.get("conv_median_us"), 2), fmt(r.get("plan_us"), 2),
+                     fmt_x(r.get("speedup_vs_always_write")), fmt_x(r.get("speedup_vs_all_states")),
+                     fmt(r.get("pct_floor")), r.get("status") if ok else f"{r.get('status')}: {r.get('reason')}"])
+    return markdown_table(headers, body)
+
+
+def _groups(rows, keys):
+    seen = {}
+    for r in rows:
+        seen.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return seen
+
+
+def _best(rows):
+    ok = [r for r in rows if _ok(r)]
+    return min(ok, key=lambda r: float(r["median_us"])) if ok else None
+
+
+def summary_markdown(rows: list[dict], meta: dict) -> str:
+    """The results page: the run's card and settings, then per (shape, scenario, state dtype, rounding)
+    the best checkpointing variant against both baselines, every checkpointing variant side by side,
+    and the baselines with their own floors."""
+    out = [f"# specssm bench — {meta.get('card', '?')}\n\n"]
+    out.append(
+        f"- card: **{meta.get('card')}** (L2 {fmt((meta.get('l2_bytes') or 0) / 2**20, 0)} MiB), "
+        f"copy bandwidth **{fmt(meta.get('copy_bw_GBps'), 0)} GB/s** (device-to-device copy, bytes read + written)\n"
+        f"- torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, date {meta.get('date')}\n"
+        f"- T = {meta.get('T')}, W = {meta.get('W')}, activations {meta.get('act_dtype')}, z gate "
+        f"{'on' if meta.get('z') else 'off'}, conv1d d_conv = {meta.get('d_conv')}; state cold "
+        f"(≥ {meta.get('cold_factor')}× L2 of states between visits of a slot), inputs hot\n"
+        f"- command: `{meta.get('command')}`\n")
+    out.append(COLUMN_NOTES)
+    ck = [r for r in rows if r.get("strategy") == "checkpointing"]
+    keyset = ("shape", "scenario", "state_dtype", "rounding")
+    for key, grp in _groups(ck, keyset).items():
+        shape, scenario, dt, rnd = key
+        out.append(f"\n## {shape} · {scenario} · state {dt} · {rnd.upper()}\n")
+        byb = _groups(grp, ("batch",))
+        body = []
+        for (batch,), g in sorted(byb.items()):
+            b = _best(g)
+            if b is None:
+                reasons = sorted({str(r.get("reason")) for r in g})
+                body.append([batch, "-", "skipped: " + "; ".join(reasons)[:120]] + ["-"] * 8)
+                continue
+            conv = [r for r in g if _num(r.get("conv_median_us")) is not None]
+            body.append([batch, fmt(b["median_us"], 2), b.get("variant"),
+                         f"{fmt(b.get('p10_us'), 2)}–{fmt(b.get('p90_us'), 2)}",
+                         fmt(conv[0]["conv_median_us"], 2) if conv else "-", fmt(b.get("plan_us"), 2),
+                         fmt_x(b.get("speedup_vs_always_write")), fmt_x(b.get("speedup_vs_all_states")),
+                         fmt(b.get("floor_us"), 2), fmt(b.get("pct_floor")), fmt(b.get("write_frac"), 2)])
+        out.append(markdown_table(["batch", "ckpt µs", "best variant", "p10–p90 µs", "with conv µs", "plan µs",
+                                   "× always-write", "× all-states", "floor µs", "% floor", "write frac"], body))
+        labels = sorted({r.get("variant") for r in grp})
+        if len(labels) > 1:
+            out.append("\nEvery checkpointing variant (median µs):\n\n")
+            vb = []
+            for (batch,), g in sorted(byb.items()):
+                m = {r.get("variant"): r for r in g}
+                vb.append([batch] + [fmt(m[l].get("median_us"), 2) if l in m and _ok(m[l]) else "-" for l in labels])
+            out.append(markdown_table(["batch"] + labels, vb))
+    base = [r for r in rows if r.get("strategy") in ("always_write", "all_states")]
+    for key, grp in _groups(base, ("shape", "state_dtype", "rounding")).items():
+        shape, dt, rnd = key
+        out.append(f"\n## Baselines · {shape} · state {dt} · {rnd.upper()}\n")
+        body = []
+        for (batch,), g in sorted(_groups(grp, ("batch",)).items()):
+            m = {r.get("strategy"): r for r in g}
+            line = [batch]
+            for s in ("always_write", "all_states"):
+                r = m.get(s)
+                if r is None:
+                    line += ["-", "-", "-"]
+                elif not _ok(r):
+                    line += [f"{r.get('status')}", "-", "-"]
+                else:
+                    line += [fmt(r["median_us"], 2), fmt(r.get("conv_median_us"), 2), fmt(r.get("pct_floor"))]
+            body.append(line)
+        out.append(markdown_table(["batch", "always-write µs", "with conv µs", "% floor", "all-states µs", "with conv µs",
+                                   "% floor"], body))
+    skipped = [r for r in rows if r.get("status") != "ok"]
+    if skipped:
+        out.append(f"\n## Not measured ({len(skipped)} cases)\n\n")
+        reasons = _groups(skipped, ("status", "reason"))
+        out.append(markdown_table(["status", "reason", "cases"],
+                                  [[k[0], str(k[1])[:160], len(v)] for k, v in sorted(reasons.items(), key=str)]))
+    return "".join(s if s.endswith("\n") else s + "\n" for s in out)
+
+
+COLUMN_NOTES = """
+Columns:
+- **µs** (median, p10–p90): per step, from the start of the first kernel of the step to the end of its last
+  kernel (CUPTI timestamps via torch.profiler), over many steps replayed from one CUDA graph; one layer.
+- **with conv µs**: the span of the conv1d update launched before the step plus the step (default
+  variant auto/rectangle/RN and the baselines).
+- **plan µs**: building the per-step plan (once per step, shared by all layers), timed on its own; not
+  included in µs.
+- **× always-write / × all-states**: baseline median / this median (same card, shape, dtype, batch).
+- **floor µs**: bytes the step must move (state read, state write on flush rows + scales, history,
+  new inputs, outputs, ring appends; DESIGN §6) / the copy bandwidth above. **% floor** = floor / median.
+- **write frac**: fraction of rows that flush their state in the measured steps.
+"""
+
+
+def write_csv(rows: list[dict], path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        f.write(csv_text(rows))
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _csv_value(r.get(k)) for k in CSV_COLUMNS})
+    return buf.getvalue()
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return v
+
+
+def _json_safe(v):
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        return None
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def write_json(rows: list[dict], meta: dict, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_json_safe({"meta": meta, "rows": rows}), f, indent=1)
+        f.write("\n")
+
+
+def read_json(path) -> tuple[list[dict], dict]:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{path}: expected a JSON object with 'meta' and 'rows' (written by specssm bench)")
+    return data["rows"], data.get("meta", {})
+
+
+# ---- progress ------------------------------------------------------------------------------------
+class Progress:
+    """One status line on stderr: done/total, elapsed, ETA, the case and its result."""
+
+    def __init__(self, total: int, stream=None):
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, case, row):
+        self.done += 1
+        el = time.monotonic() - self.t0
+        eta = el / self.done * (self.total - self.done)
+        k = case.key()
+        res = (f"{float(row['median_us']):9.2f} us {fmt(row.get('pct_floor'))}% floor" if row.get("status") == "ok"
+               else f"{row.get('status')}: {str(row.get('reason'))[:60]}")
+        line = (f"[{self.done}/{self.total} {el:5.0f}s eta {eta:5.0f}s] {k['shape']} {k['variant']} "
+                f"{k['state_dtype']} {k['rounding']} {k['scenario']} b={k['batch']}: {res}")
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty and self.done != self.total:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,94 @@
+"""`specssm bench` arguments, case lists and re-rendering of a results.json (no GPU)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specssm.bench import cli
+from specssm.bench.cases import parse_shape
+
+
+def args_of(*argv):
+    return cli.resolve(cli.build_parser().parse_args(list(argv)))
+
+
+def test_presets_and_explicit_flags():
+    a = args_of()
+    assert a.batches == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024] and a.launch == ["auto"]
+    q = args_of("--quick", "--batches", "4,8")
+    assert q.batches == [4, 8] and q.dtypes == ["fp32", "bf16", "int8"] and q.min_samples == 50
+    full = args_of("--all")
+    assert full.shapes == ["super_tp8", "tp1"] and full.rounding == ["rn", "sr"]
+    assert full.launch == ["auto", "split", "dynamic", "fused"] and full.no_write_form == ["rectangle", "replay"]
+
+
+def test_case_lists():
+    quick = cli.make_cases(args_of("--quick"))
+    # 3 batches x 3 dtypes x (checkpointing + always-write + all-states)
+    assert len(quick) == 27
+    full = cli.make_cases(args_of("--all"))
+    # per (shape, dtype, batch): checkpointing 2 roundings x (mixed 8 + all_no_write 8 + all_write 4 variants),
+    # always-write 2 roundings, all-states 1
+    assert len(full) == 2 * 5 * 11 * (2 * 20 + 2 + 1)
+    keys = {tuple(sorted(c.key().items())) for c in full}
+    assert len(keys) == len(full)
+    # grouped: consecutive cases share (shape, dtype, batch, strategy) runs
+    groups = [(c.shape, c.state_dtype, c.batch, c.variant.strategy) for c in full]
+    changes = sum(1 for a, b in zip(groups, groups[1:]) if a != b)
+    assert changes + 1 == 2 * 5 * 11 * 3
+
+
+def test_dry_run(capsys):
+    assert cli.main(["--dry-run", "--quick", "--strategies", "checkpointing", "--launch", "auto,fused"]) == 0
+    out = capsys.readouterr()
+    assert "super_tp8 ckpt/fused/rect bf16 rn mixed batch=256" in out.out
+    assert "18 cases" in out.err
+
+
+@pytest.mark.parametrize("bad", [["--dtypes", "fp4"], ["--launch", "warp"], ["--scenarios", "often"],
+                                 ["--shapes", "huge"], ["--W", "17"], ["--batches", "0"]])
+def test_bad_arguments_exit_2(bad, capsys):
+    assert cli.main(["--dry-run", *bad]) == 2
+    assert "specssm bench:" in capsys.readouterr().err
+
+
+def test_custom_shape():
+    s = parse_shape("nano:64,64,128,8")
+    assert (s.name, s.H, s.P, s.N, s.G) == ("nano", 64, 64, 128, 8)
+    assert parse_shape("80,80,128,1").name == "H80P80N128G1"
+    with pytest.raises(ValueError, match="G dividing H"):
+        parse_shape("x:6,64,128,4")
+
+
+def test_histogram_file(tmp_path, capsys):
+    f = tmp_path / "h.csv"
+    f.write_text("accepted,count\n1,5\n2,5\n")
+    assert cli.main(["--dry-run", "--quick", "--histogram", str(f)]) == 0
+    f.write_text("accepted,count\n0,5\n")
+    assert cli.main(["--dry-run", "--quick", "--histogram", str(f)]) == 2
+
+
+def test_render_writes_every_output(tmp_path, capsys):
+    meta = {"card": "NVIDIA H100 80GB HBM3", "copy_bw_GBps": 3000.0, "l2_bytes": 50 * 2**20, "torch": "2.13",
+            "triton": "3.6.0", "T": 6, "W": 16, "act_dtype": "bf16", "command": "specssm bench"}
+    rows = []
+    for batch in (1, 2, 4):
+        for strategy, variant, t in (("checkpointing", "ckpt/auto/rect", 3.0), ("always_write", "always-write", 5.0),
+                                     ("all_states", "all-states", 9.0)):
+            rows.append({"card": meta["card"], "shape": "super_tp8", "T": 6, "W": 16, "act_dtype": "bf16", "z": False,
+                         "strategy": strategy, "variant": variant, "state_dtype": "bf16", "rounding": "rn",
+                         "scenario": "mixed" if strategy == "checkpointing" else "any", "batch": batch,
+                         "status": "ok", "median_us": t * batch ** 0.5, "conv_median_us": t * batch ** 0.5 + 2,
+                         "pct_floor": 40.0 + batch})
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"meta": meta, "rows": rows}))
+    out = tmp_path / "out"
+    md = tmp_path / "results" / "H100.md"
+    assert cli.main(["--render", str(src), "--out", str(out), "--results-md", str(md)]) == 0
+    for name in ("results.csv", "results.json", "summary.md", "time_super_tp8_mixed_rn.png",
+                 "time_conv_super_tp8_mixed_rn.png", "floor_super_tp8_mixed_rn.png"):
+        assert (out / name).exists(), name
+    text = md.read_text()
+    assert "| 4 | 6.00 | ckpt/auto/rect |" in text and "1.67x" in text
+    assert "| super_tp8 | ckpt/auto/rect | bf16 | rn | mixed | 1 | 3.00 |" in capsys.readouterr().out

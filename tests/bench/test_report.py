@@ -1,0 +1,131 @@
+"""Speedups, markdown tables, CSV and JSON of result rows."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from specssm.bench import report
+
+
+def row(strategy, variant, median, batch=1, dtype="fp32", rounding="rn", scenario="mixed", **kw):
+    r = {"card": "NVIDIA H100 80GB HBM3", "torch": "2.13", "triton": "3.6.0", "date": "2025-01-01T00:00:00+00:00",
+         "shape": "super_tp8", "H": 16, "P": 64, "N": 128, "G": 1, "T": 6, "W": 16, "act_dtype": "bf16",
+         "z": False, "strategy": strategy, "launch": "auto", "no_write_form": "rectangle", "variant": variant,
+         "state_dtype": dtype, "rounding": rounding, "scenario": scenario, "batch": batch,
+         "status": "ok", "reason": "", "median_us": median, "pct_floor": 50.0, "write_frac": 0.31}
+    if median is not None:
+        r.update(p10_us=median * 0.9, p90_us=median * 1.1, floor_us=median / 2)
+    r.update(kw)
+    return r
+
+
+def sample_rows():
+    return [
+        row("checkpointing", "ckpt/auto/rect", 4.0, conv_median_us=6.0, plan_us=2.0),
+        row("checkpointing", "ckpt/fused/rect", 3.0, launch="fused"),
+        row("always_write", "always-write", 6.0, scenario="any"),
+        row("all_states", "all-states", 12.0, scenario="any", launch="-"),
+        row("checkpointing", "ckpt/auto/rect", 10.0, batch=2),
+        row("always_write", "always-write", 5.0, batch=2, scenario="any", rounding="sr"),   # other rounding
+        row("all_states", "all-states", None, batch=2, scenario="any", status="skipped", reason="rejected"),
+    ]
+
+
+def test_speedups_match_card_shape_dtype_batch_and_rounding():
+    rows = report.add_speedups(sample_rows())
+    assert rows[0]["speedup_vs_always_write"] == pytest.approx(1.5)
+    assert rows[0]["speedup_vs_all_states"] == pytest.approx(3.0)
+    assert rows[1]["speedup_vs_always_write"] == pytest.approx(2.0)
+    assert rows[2]["speedup_vs_always_write"] is None and rows[2]["speedup_vs_all_states"] == pytest.approx(2.0)
+    assert rows[3]["speedup_vs_all_states"] is None and rows[3]["speedup_vs_always_write"] == pytest.approx(0.5)
+    # batch 2: the only always-write row has SR rounding and the all-states row was skipped
+    assert rows[4]["speedup_vs_always_write"] is None and rows[4]["speedup_vs_all_states"] is None
+    assert rows[6]["speedup_vs_always_write"] is None
+
+
+def test_markdown_table_layout():
+    md = report.markdown_table(["batch", "variant", "µs"], [[1, "ckpt/auto/rect", "4.00"], [2, "x", "-"]])
+    lines = md.strip().split("\n")
+    assert lines[0] == "| batch | variant | µs |"
+    assert lines[1] == "| ---: | --- | ---: |"
+    assert lines[2] == "| 1 | ckpt/auto/rect | 4.00 |"
+    assert lines[3] == "| 2 | x | - |"
+
+
+def test_fmt():
+    assert report.fmt(None) == "-" and report.fmt(float("nan")) == "-"
+    assert report.fmt(3) == "3" and report.fmt(3.14159, 2) == "3.14"
+    assert report.fmt_x(1.5) == "1.50x" and report.fmt_x(None) == "-"
+
+
+def test_rows_and_summary_markdown():
+    rows = report.add_speedups(sample_rows())
+    table = report.rows_table(rows)
+    assert "| super_tp8 | ckpt/auto/rect | fp32 | rn | mixed | 1 | 4.00 | 3.60–4.40 | 6.00 | 2.00 | 1.50x | 3.00x | 50.0 | ok |" in table
+    assert "skipped: rejected" in table
+    meta = {"card": "NVIDIA H100 80GB HBM3", "copy_bw_GBps": 3000.0, "l2_bytes": 50 * 2**20, "torch": "2.13",
+            "triton": "3.6.0", "T": 6, "W": 16, "act_dtype": "bf16", "command": "specssm bench --quick"}
+    md = report.summary_markdown(rows, meta)
+    assert md.startswith("# specssm bench — NVIDIA H100 80GB HBM3")
+    assert "copy bandwidth **3000 GB/s**" in md
+    assert "## super_tp8 · mixed · state fp32 · RN" in md
+    # batch 1: the fused variant is the best one (3.0 us): 6/3 over always-write, 12/3 over all-states
+    assert "| 1 | 3.00 | ckpt/fused/rect | 2.70–3.30 | 6.00 | - | 2.00x | 4.00x | 1.50 | 50.0 | 0.31 |" in md
+    assert "| batch | ckpt/auto/rect | ckpt/fused/rect |" in md
+    assert "## Baselines · super_tp8 · state fp32 · RN" in md
+    assert "| 1 | 6.00 | - | 50.0 | 12.00 | - | 50.0 |" in md
+    assert "## Not measured (1 cases)" in md and "rejected" in md
+
+
+def test_csv_has_fixed_columns_and_blank_missing_values():
+    rows = report.add_speedups(sample_rows())
+    rows[0]["mean_pnat"] = float("nan")
+    text = report.csv_text(rows)
+    parsed = list(csv.DictReader(io.StringIO(text)))
+    assert list(parsed[0].keys()) == report.CSV_COLUMNS
+    assert parsed[0]["card"] == "NVIDIA H100 80GB HBM3" and parsed[0]["triton"] == "3.6.0"
+    assert parsed[0]["median_us"] == "4" and parsed[0]["speedup_vs_always_write"] == "1.5"
+    assert parsed[0]["mean_pnat"] == "" and parsed[6]["median_us"] == ""
+
+
+def test_json_round_trip_turns_nan_into_null(tmp_path):
+    rows = sample_rows()
+    rows[0]["mean_pnat"] = float("nan")
+    meta = {"card": "x", "histogram": {1: 2}}
+    report.write_json(rows, meta, tmp_path / "r.json")
+    raw = json.loads((tmp_path / "r.json").read_text())
+    assert raw["rows"][0]["mean_pnat"] is None and raw["meta"]["histogram"] == {"1": 2}
+    back, m = report.read_json(tmp_path / "r.json")
+    assert back[1]["median_us"] == 3.0 and m["card"] == "x"
+    (tmp_path / "bad.json").write_text("[]")
+    with pytest.raises(ValueError, match="rows"):
+        report.read_json(tmp_path / "bad.json")
+
+
+def test_row_identity_ignores_results():
+    a, b = row("checkpointing", "v", 1.0), row("checkpointing", "v", 2.0, date="other")
+    assert report.row_id(a) == report.row_id(b)
+    assert report.row_id(a) != report.row_id(row("checkpointing", "v", 1.0, batch=4))
+
+
+@pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"),
+                                       ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA GeForce RTX 4090", "GeForce-RTX-4090")])
+def test_card_slug(name, slug):
+    assert report.card_slug(name) == slug
+
+
+def test_progress_line():
+    from specssm.bench.cases import Case, Shape, Variant
+    buf = io.StringIO()
+    p = report.Progress(2, stream=buf)
+    c = Case(Shape("super_tp8", 16, 64, 128, 1), Variant("checkpointing"), "fp32", "rn", "mixed", 8, 6, 16)
+    p.update(c, {"status": "ok", "median_us": 4.25, "pct_floor": 61.0})
+    p.update(c, {"status": "skipped", "reason": "rejected"})
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("[1/2") and "ckpt/auto/rect fp32 rn mixed b=8:      4.25 us 61.0% floor" in lines[0]
+    assert lines[1].endswith("skipped: rejected")
+    assert not math.isnan(p.t0)

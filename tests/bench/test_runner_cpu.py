@@ -1,0 +1,159 @@
+"""The runner's cache/input wiring, driven on a CPU with the float64 references standing in for the
+Triton ops (no graphs, no timing): every keyword the runner passes must be one the op signature has."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from specssm import reference
+from specssm.bench import cli, mix
+from specssm.bench.cases import Case, Shape, Variant
+from specssm.bench.runner import Env, Skip, slot_set_count
+from specssm.cache import StepPlan
+
+TINY = Shape("tiny", 2, 4, 8, 1)
+OP_ONLY = ("plan", "launch", "precision", "validate")
+
+
+def fake_bench(argv=(), conv_update=None):
+    opts = cli.resolve(cli.build_parser().parse_args(["--max-sets", "3", *argv]))
+    return SimpleNamespace(opts=opts, hist=dict(mix.DEFAULT_ACCEPTANCE), device=torch.device("cpu"),
+                           l2_bytes=4096, conv_update=conv_update)
+
+
+def standin(ref, calls):
+    """The reference with the op-only keywords checked and dropped."""
+    def op(*args, **kw):
+        calls.append({k: kw.get(k) for k in OP_ONLY})
+        for k in OP_ONLY:
+            kw.pop(k, None)
+        return ref(*args, **kw)
+    return op
+
+
+@pytest.fixture
+def fake_ops(monkeypatch):
+    from specssm import ops
+    calls = []
+    monkeypatch.setattr(ops, "checkpointing_ssu", standin(reference.checkpointing_ssu_ref, calls), raising=False)
+    monkeypatch.setattr(ops, "always_write_ssu", standin(reference.always_write_ssu_ref, calls), raising=False)
+    monkeypatch.setattr(ops, "all_states_ssu", standin(reference.all_states_ssu_ref, calls), raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("strategy,dtype,scenario,rounding", [
+    ("checkpointing", "fp32", "mixed", "rn"), ("checkpointing", "bf16", "all_write", "rn"),
+    ("checkpointing", "int8", "all_no_write", "rn"), ("checkpointing", "fp8", "mixed", "rn"),
+    pytest.param("checkpointing", "bf16", "mixed", "sr", marks=pytest.mark.skipif(
+        not hasattr(__import__("specssm.quant.reference", fromlist=["x"]), "philox_bits"),
+        reason="stochastic rounding reference not there yet")),
+    ("always_write", "fp16", "any", "rn"), ("all_states", "bf16", "any", "rn")])
+def test_env_drives_the_reference(fake_ops, strategy, dtype, scenario, rounding):
+    bench = fake_bench()
+    case = Case(TINY, Variant(strategy, "split", "replay"), dtype, rounding, scenario, batch=2, T=2, W=4)
+    env = Env(bench, case)
+    assert env.sets_n == 3 and len(env.slot_sets) == 3
+    all_slots = torch.cat(env.slot_sets).sort().values
+    assert torch.equal(all_slots, torch.arange(6, dtype=torch.int32))      # disjoint sets cover the slots
+    env.set_scenario(scenario)
+    step = env.step_fn(case)
+    env.out.fill_(float("nan"))
+    for i in range(env.sets_n):
+        step(i, i == 0)
+    assert torch.isfinite(env.out.float()).all()
+    assert len(fake_ops) == 3 and fake_ops[0]["validate"] is True and fake_ops[1]["validate"] is False
+    if strategy != "checkpointing":
+        assert fake_ops[0]["plan"] is None and fake_ops[0]["launch"] is None
+        assert all(b.writes == 2 for b in env.bytes)
+        return
+    assert fake_ops[0]["launch"] == "split" and fake_ops[0]["precision"] == "fast"
+    plan = fake_ops[0]["plan"]
+    assert isinstance(plan, StepPlan)
+    pnat = env.cache.pnat[env.slot_sets[0].long()]
+    assert plan.write_flag[:2].tolist() == (pnat + 2 > 4).int().tolist()
+    wf = np.mean([b.writes / b.rows for b in env.bytes])
+    if scenario == "all_write":
+        assert wf == 1.0
+    if scenario == "all_no_write":
+        assert wf == 0.0
+
+
+def test_plan_fn_rebuilds_the_same_plan(fake_ops):
+    bench = fake_bench()
+    case = Case(TINY, Variant("checkpointing"), "fp32", "rn", "mixed", batch=2, T=2, W=4)
+    env = Env(bench, case)
+    env.set_scenario("mixed")
+    before = [(p.write_flag.clone(), p.order.clone(), p.counts.clone()) for p in env.plans]
+    fn = env.plan_fn()
+    for i in range(env.sets_n):
+        fn(i)
+    for p, (w, o, c) in zip(env.plans, before):
+        assert torch.equal(p.write_flag, w) and torch.equal(p.order, o) and torch.equal(p.counts, c)
+
+
+def test_missing_op_and_rejected_dtype_are_skips(monkeypatch):
+    from specssm import ops
+    monkeypatch.delattr(ops, "checkpointing_ssu", raising=False)
+    bench = fake_bench()
+    case = Case(TINY, Variant("checkpointing"), "fp32", "rn", "mixed", batch=1, T=2, W=4)
+    env = Env(bench, case)
+    env.set_scenario("mixed")
+    with pytest.raises(Skip, match="checkpointing_ssu does not exist"):
+        env.step_fn(case)
+    with pytest.raises(Skip, match="float states only"):
+        Env(bench, Case(TINY, Variant("all_states"), "int8", "rn", "any", batch=1, T=2, W=4))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conv1d on CPU needs TRITON_INTERPRET=1")
+def test_conv_wiring(fake_ops):
+    from specssm.conv import conv1d_update
+    bench = fake_bench(conv_update=conv1d_update)
+    case = Case(TINY, Variant("checkpointing"), "fp32", "rn", "mixed", batch=2, T=2, W=4)
+    env = Env(bench, case)
+    env.set_scenario("mixed")
+    env.conv["out"].fill_(float("nan"))
+    env.conv_fn()(1)
+    assert torch.isfinite(env.conv["out"].float()).all()
+
+
+def test_slot_set_count():
+    MiB = 2**20
+    # 512 KiB touched per step, L2 50 MiB, 4x: 400 sets
+    assert slot_set_count(512 * 1024, MiB, 50 * MiB, 4.0, 4096, 1e12) == 400
+    assert slot_set_count(512 * 1024, MiB, 50 * MiB, 4.0, 100, 1e12) == 100          # capped
+    assert slot_set_count(10**12, MiB, 50 * MiB, 4.0, 4096, 1e12) == 2                # at least 2
+    assert slot_set_count(512 * 1024, MiB, 50 * MiB, 4.0, 4096, 10 * MiB) == 10       # memory bound
+    with pytest.raises(Skip, match="GiB"):
+        slot_set_count(512 * 1024, 2 * MiB, 50 * MiB, 4.0, 4096, MiB)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton ops on CPU need TRITON_INTERPRET=1")
+@pytest.mark.parametrize("strategy,launch,dtype", [("checkpointing", "split", "bf16"), ("checkpointing", "dynamic", "fp32"),
+                                                   ("always_write", "auto", "fp16"), ("all_states", "auto", "fp32")])
+def test_env_drives_the_triton_ops(strategy, launch, dtype):
+    """The real ops (interpreted) accept what the runner passes; rejected cases become skips."""
+    pytest.importorskip("specssm.ops.checkpointing")
+    bench = fake_bench()
+    case = Case(TINY, Variant(strategy, launch, "rectangle"), dtype, "rn",
+                "mixed" if strategy == "checkpointing" else "any", batch=2, T=2, W=4)
+    env = Env(bench, case)
+    env.set_scenario(case.scenario)
+    env.out.fill_(float("nan"))
+    step = env.checked_step_fn(case)
+    step(1, False)
+    assert torch.isfinite(env.out.float()).all()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton ops on CPU need TRITON_INTERPRET=1")
+def test_op_rejection_is_a_skip():
+    pytest.importorskip("specssm.ops.checkpointing")
+    bench = fake_bench()
+    case = Case(TINY, Variant("checkpointing", "no-such-launch", "rectangle"), "fp32", "rn", "mixed", 2, 2, 4)
+    env = Env(bench, case)
+    env.set_scenario("mixed")
+    with pytest.raises(Skip, match="checkpointing_ssu rejected it: launch"):
+        env.checked_step_fn(case)
