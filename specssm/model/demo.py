@@ -1,0 +1,181 @@
+"""`specssm demo`: speculative decoding of a tiny random-weight Mamba2 LM over the checkpointing caches,
+checked against plain greedy decoding (exit code 1 if the tokens differ).
+
+Default: the "small" model on the CPU through the Triton interpreter (`make demo` sets
+TRITON_INTERPRET=1), a few seconds. On a GPU: `specssm demo --device cuda --size large`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from specssm.model.config import SIZES
+from specssm.model.decode import (NgramDrafter, RandomDrafter, compare_tokens, greedy_generate,
+                                  reference_greedy, speculative_generate)
+from specssm.model.lm import TinyMamba2LM
+from specssm.model.mixer import interpreting
+from specssm.model.tp import DTYPES
+
+PROMPTS = [b"The quick brown fox jumps over the lazy dog. ", b"Mamba2 state space model, speculative decoding: ",
+           b"abcabcabc", b"Once upon a time, ", b"0123456789", b"specssm "]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="specssm demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (default small)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--tokens", type=int, default=None, help="tokens generated per request "
+                   "(default 48 on cpu, 256 on cuda)")
+    p.add_argument("--batch", type=int, default=None, help="requests decoded together (default 2 on cpu, 8 on cuda)")
+    p.add_argument("-T", "--tokens-per-step", dest="T", type=int, default=6,
+                   help="tokens verified per step = draft length + 1 (default 6)")
+    p.add_argument("--window", type=int, default=16, help="history window W of the checkpointing cache")
+    p.add_argument("--drafter", choices=("ngram", "random"), default="ngram")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp64"), default="fp32",
+                   help="activations (default fp32: greedy equality needs ties that cannot flip)")
+    p.add_argument("--state-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--ssu", choices=("auto", "op", "reference"), default="auto",
+                   help="SSM step: the Triton op, the float64 reference, or auto (the op where it runs)")
+    p.add_argument("--greedy", choices=("reference", "cache", "both"), default=None,
+                   help="plain greedy decoding to compare with: the float64 token-by-token reference, T=1 "
+                        "steps over the same caches and ops, or both (default: reference on cpu, both on cuda)")
+    p.add_argument("--fast-check", choices=("on", "off", "auto"), default="auto",
+                   help="also decode with precision='fast' and report agreement (auto: on for cuda; the "
+                        "interpreter runs tf32 dots as fp32, so there it equals exact)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes; gloo on cpu, nccl on cuda)")
+    a = p.parse_args(argv)
+    cuda = a.device == "cuda"
+    a.tokens = a.tokens if a.tokens is not None else (256 if cuda else 48)
+    a.batch = a.batch if a.batch is not None else (8 if cuda else 2)
+    a.greedy = a.greedy or ("both" if cuda else "reference")
+    a.fast = a.fast_check == "on" or (a.fast_check == "auto" and cuda)
+    for name in ("tokens", "batch", "T", "tp"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
+    return a
+
+
+def _show(tokens, n=24) -> str:
+    """Bytes as hex (random weights write mostly unprintable bytes)."""
+    return bytes(tokens[:n]).hex(" ") + (" ..." if len(tokens) > n else "")
+
+
+def _agreement(tokens, want):
+    """(tokens equal, tokens before the first difference) summed over rows."""
+    same = prefix = 0
+    for a, b in zip(tokens, want):
+        same += sum(x == y for x, y in zip(a, b))
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        prefix += k
+    return same, prefix
+
+
+def _run_tp(a, cfg, prompts):
+    from specssm.model.tp import generate_worker, launch
+    spec = dict(cfg=cfg, seed=a.seed, dtype=a.dtype, device=a.device, prompts=[p.tolist() for p in prompts],
+                max_new_tokens=a.tokens, T=a.T, drafter=a.drafter, ssu=a.ssu, precision="exact",
+                window=a.window, state_dtype=a.state_dtype)
+    t0 = time.perf_counter()
+    res = launch(generate_worker, a.tp, (spec,), backend="nccl" if a.device == "cuda" else "gloo")
+    print(f"tensor parallel: {a.tp} ranks ({'nccl' if a.device == 'cuda' else 'gloo'}), "
+          f"{cfg.nheads // a.tp} heads and {cfg.ngroups // a.tp} groups per rank, {time.perf_counter() - t0:.1f} s "
+          f"with startup")
+    r0 = res[0]
+    same_ranks = all(r["tokens"] == r0["tokens"] for r in res)
+    print(f"spec decode (exact, rank 0): {r0['tokens_per_s']:.1f} tokens/s, mean accepted length "
+          f"{r0['mean_accepted']:.2f} / {a.T}, flush fraction {r0['flush_fraction']:.2f}; ranks agree: {same_ranks}")
+    return r0["tokens"], same_ranks
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("specssm demo: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
+        return 2
+    if a.device == "cpu":
+        torch.set_num_threads(1)            # tiny tensors: threads only add overhead
+    cfg = SIZES[a.size]
+    dtype = DTYPES[a.dtype]
+    prompts = [torch.tensor(list(PROMPTS[i % len(PROMPTS)]), dtype=torch.int64) for i in range(a.batch)]
+    mode = "Triton interpreter" if a.device == "cpu" and interpreting() else a.device
+    print(f"specssm demo: tiny Mamba2 LM '{a.size}' (d_model {cfg.d_model}, {cfg.n_layers} layers, H {cfg.nheads}, "
+          f"P {cfg.head_dim}, N {cfg.d_state}, G {cfg.ngroups}, vocab {cfg.vocab_size}), seed {a.seed}, "
+          f"{a.dtype} on {mode}")
+    print(f"decoding {a.batch} request(s) x {a.tokens} tokens, T = {a.T} ({a.drafter} drafter), "
+          f"checkpointing cache W = {a.window}, {a.state_dtype} state")
+    model = TinyMamba2LM(cfg, seed=a.seed, dtype=dtype, device=a.device, ssu=a.ssu, precision="exact")
+    print(f"ops: ssu = {model.ssu_name}; conv = {model.conv_name}")
+    state_dtype = DTYPES[a.state_dtype]
+
+    def drafter():
+        return NgramDrafter() if a.drafter == "ngram" else RandomDrafter(cfg.vocab_size, a.seed)
+
+    if a.device == "cuda" and a.tp == 1:
+        # compile the kernels (T-token and 1-token steps) before anything is timed
+        speculative_generate(model, prompts[:1], 2 * a.T, a.T, drafter(), window=a.window, state_dtype=state_dtype)
+        greedy_generate(model, prompts[:1], 2, window=a.window, state_dtype=state_dtype)
+
+    ok = True
+    if a.tp > 1:
+        spec_tokens, ok = _run_tp(a, cfg, prompts)
+    else:
+        spec = speculative_generate(model, prompts, a.tokens, a.T, drafter(), window=a.window, state_dtype=state_dtype)
+        spec_tokens = spec.tokens
+        print(f"spec decode (exact): {spec.generated} tokens in {spec.steps} steps, {spec.tokens_per_s:.1f} tokens/s, "
+              f"mean accepted length {spec.mean_accepted:.2f} / {a.T}, flush (write) fraction {spec.flush_fraction:.2f}")
+
+    greedy = {}
+    if a.greedy in ("cache", "both"):
+        g = greedy_generate(model, prompts, a.tokens, window=a.window, state_dtype=state_dtype)
+        greedy["greedy (T=1 steps, same ops)"] = g.tokens
+        print(f"greedy (T=1 steps, same ops): {g.tokens_per_s:.1f} tokens/s, flush fraction {g.flush_fraction:.2f}")
+    if a.greedy in ("reference", "both"):
+        t0 = time.perf_counter()
+        ref = [reference_greedy(model, p, a.tokens) for p in prompts]
+        greedy["greedy (float64 reference)"] = [r[0] for r in ref]
+        print(f"greedy (float64 token-by-token reference): {time.perf_counter() - t0:.1f} s")
+    for name, want in greedy.items():
+        diff = compare_tokens(model, prompts, spec_tokens, want)
+        if diff is None:
+            print(f"check: spec decode tokens == {name}: OK ({sum(map(len, want))} tokens)")
+        elif diff["near_tie"]:
+            print(f"check: spec decode tokens == {name} up to a near tie: request {diff['request']}, token "
+                  f"{diff['index']} ({diff['got']} vs {diff['want']}; the float64 logits of the two differ by "
+                  f"{diff['gap']:.1e} of the largest, within rounding): OK")
+        else:
+            ok = False
+            print(f"check: spec decode tokens != {name}: FAILED at request {diff['request']}, token "
+                  f"{diff['index']} ({diff['got']} vs {diff['want']}; float64 logit gap {diff['gap']:.1e})")
+
+    if a.fast and a.tp == 1:
+        model.set_ops(a.ssu, precision="fast")
+        if "fast" in model.ssu_name:
+            f = speculative_generate(model, prompts, a.tokens, a.T, drafter(), window=a.window, state_dtype=state_dtype)
+            want = next(iter(greedy.values()))
+            same, prefix = _agreement(f.tokens, want)
+            n = sum(map(len, want))
+            print(f"fast mode (tf32 dots): {f.tokens_per_s:.1f} tokens/s; agrees with greedy on {same}/{n} tokens "
+                  f"({prefix}/{n} before the first difference)")
+        else:
+            print(f"fast mode: not available ({model.ssu_name} has one precision)")
+    elif a.tp > 1:
+        print("fast mode: not run with --tp")
+    elif interpreting():
+        print("fast mode: skipped (the interpreter runs tf32 dots as fp32, so it equals exact; --fast-check on to run)")
+    else:
+        print("fast mode: skipped (--fast-check on to run)")
+
+    for r in range(min(a.batch, 2)):
+        print(f"request {r}: {bytes(prompts[r].tolist())!r} -> {_show(spec_tokens[r])}")
+    print("demo: OK" if ok else "demo: FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

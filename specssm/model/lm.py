@@ -1,0 +1,125 @@
+"""A tiny Mamba2 language model with seeded random weights (byte-level vocabulary).
+
+    embedding -> [RMSNorm -> Mamba2Mixer -> + residual] x n_layers -> RMSNorm -> lm_head
+
+The weights are drawn for the whole model from one seed, then each tensor-parallel rank keeps its
+slices, so models with different tp sizes compute the same function. Embedding, norms and lm_head are
+replicated on every rank; the mixers are sharded (see `Mamba2Mixer`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from specssm.model.cache import ModelCache
+from specssm.model.config import Mamba2Config
+from specssm.model.mixer import Mamba2Mixer, init_mixer_params, resolve_conv, resolve_ssu, rmsnorm
+
+
+class TinyMamba2LM(torch.nn.Module):
+    """Args:
+        cfg: whole-model sizes. seed: the weights' seed.
+        dtype: activations and weights (fp32, bf16, fp16, fp64).
+        tp_rank, tp_size, tp_group: tensor parallelism (torch.distributed must be initialized when
+            tp_size > 1).
+        ssu: the SSM step op ("auto", "op", "reference" or a callable; see `resolve_ssu`), with
+            `precision` ("exact" or "fast") and `validate` for the Triton op.
+        conv: the conv update ("auto", "triton", "torch" or a callable; see `resolve_conv`).
+    """
+
+    def __init__(self, cfg: Mamba2Config, seed: int = 0, dtype=torch.float32, device="cpu", tp_rank: int = 0,
+                 tp_size: int = 1, tp_group=None, ssu="auto", conv="auto", precision: str = "exact",
+                 validate: bool = True):
+        super().__init__()
+        cfg.check_tp(tp_size)
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        gen = torch.Generator().manual_seed(seed)
+        f64 = torch.float64
+
+        def param(t):
+            return torch.nn.Parameter(t.to(device=self.device, dtype=dtype).contiguous(), requires_grad=False)
+
+        self.embedding = param(torch.randn(cfg.vocab_size, cfg.d_model, dtype=f64, generator=gen))
+        self.layer_norms = torch.nn.ParameterList()
+        self.mixers = torch.nn.ModuleList()
+        for i in range(cfg.n_layers):
+            self.layer_norms.append(param(torch.ones(cfg.d_model, dtype=f64)))
+            self.mixers.append(Mamba2Mixer(cfg, init_mixer_params(cfg, gen), i, dtype, device, tp_rank, tp_size,
+                                           tp_group))
+        self.final_norm = param(torch.ones(cfg.d_model, dtype=f64))
+        self.lm_head = param(torch.randn(cfg.vocab_size, cfg.d_model, dtype=f64, generator=gen)
+                             / math.sqrt(cfg.d_model))
+        self.set_ops(ssu, conv, precision, validate)
+
+    def set_ops(self, ssu="auto", conv="auto", precision: str = "exact", validate: bool = True) -> None:
+        """Choose the SSM step op and the conv update used by `step`."""
+        self.ssu, self.ssu_name = resolve_ssu(ssu, self.device, precision, validate, self.dtype)
+        self.conv, self.conv_name = resolve_conv(conv, self.device, self.dtype)
+        self.precision = precision
+
+    @property
+    def local_cfg(self) -> Mamba2Config:
+        return self.cfg.local(self.tp_size)
+
+    def new_cache(self, num_slots: int, max_tokens: int, window: int = 16, state_dtype=torch.float32,
+                  strategy: str = "checkpointing") -> ModelCache:
+        """An empty decode cache of this rank's heads for `num_slots` requests and steps of up to
+        `max_tokens` tokens."""
+        return ModelCache(self.local_cfg, num_slots, max_tokens, window, state_dtype, self.dtype, self.device,
+                          strategy)
+
+    def _logits(self, h):
+        return F.linear(rmsnorm(h, self.final_norm, self.cfg.norm_eps), self.lm_head).float()
+
+    def _check_tokens(self, name, tokens, ndim):
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: expected an int32/int64 tensor of token ids, got "
+                            f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+        if tokens.dim() != ndim:
+            raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"{name}: expected token ids in [0, {self.cfg.vocab_size}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor) -> torch.Tensor:
+        """One verify step: tokens `(batch, T)` -> logits `(batch, T, vocab)` float32 (garbage on
+        padding rows, whose slot is cache.pad_slot_id). Appends to the caches; commit afterwards
+        with `cache.commit(slots, accepted, T)`."""
+        self._check_tokens("tokens", tokens, 2)
+        if tokens.shape[1] > cache.max_tokens:
+            raise ValueError(f"tokens: expected at most {cache.max_tokens} tokens per row (cache max_tokens), "
+                             f"got {tokens.shape[1]}")
+        h = self.embedding[tokens.to(self.device)]
+        for norm_w, mixer in zip(self.layer_norms, self.mixers):
+            h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, self.ssu, self.conv)
+        return self._logits(h)
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor, cache: ModelCache, slot) -> torch.Tensor:
+        """Run the prompt `(Lp,)` (Lp >= 1) of one request from a fresh slot; returns its logits
+        `(Lp, vocab)` float32 and leaves the slot's caches in the contract's state."""
+        self._check_tokens("prompt", prompt, 1)
+        if prompt.numel() < 1:
+            raise ValueError("prompt: expected at least one token, got an empty prompt")
+        h = self.embedding[prompt.to(self.device)]
+        for norm_w, mixer in zip(self.layer_norms, self.mixers):
+            h = h + mixer.prefill(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slot)
+        return self._logits(h)
+
+    @torch.no_grad()
+    def reference_forward(self, tokens: torch.Tensor, states=None):
+        """Float64 token-by-token reference: tokens `(L,)` -> (logits `(L, vocab)` float64, states),
+        states = one (conv window, SSM state) per layer; `states=None` starts fresh."""
+        self._check_tokens("tokens", tokens, 1)
+        eps = self.cfg.norm_eps
+        h = self.embedding.double()[tokens.to(self.device)]
+        states = [None] * self.cfg.n_layers if states is None else list(states)
+        for i, (norm_w, mixer) in enumerate(zip(self.layer_norms, self.mixers)):
+            out, states[i] = mixer.reference_forward(rmsnorm(h, norm_w.double(), eps), states[i])
+            h = h + out
+        logits = rmsnorm(h, self.final_norm.double(), eps) @ self.lm_head.double().T
+        return logits, states
