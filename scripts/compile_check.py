@@ -48,7 +48,7 @@ def main():
                 "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "counts_ptr": "*i32", "seed_ptr": "*i64"})
     base = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
                 KIND=0, SR=False, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16, DOT_PREC="tf32",
-                PERSISTENT=True)
+                HC=4, STAGES=2, NCH=32)
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
         compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}")

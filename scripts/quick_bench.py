@@ -79,6 +79,17 @@ def time_graph(fn, reps=20):
     return ts[len(ts) // 2]
 
 
+def report_kernels():
+    """Registers, spills and shared memory of every compiled variant of the step kernel."""
+    from specssm.ops import checkpointing
+    for dev, caches in getattr(checkpointing._ssu_kernel, "device_caches", {}).items():
+        for key, k in caches[0].items():
+            c = {n: k.src.constants.get((i,), None) if hasattr(k, "src") else None for i, n in enumerate([])}
+            md = k.metadata
+            print(f"kernel regs {k.n_regs:4d} spills {k.n_spills:5d} shared {md.shared:6d} warps {md.num_warps} "
+                  f"stages {md.num_stages} | {str(key)[-160:]}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,8,64,256,1024")
@@ -88,6 +99,8 @@ def main():
     ap.add_argument("--W", type=int, default=16)
     ap.add_argument("--modes", default="dyn_rect,split_rect,split_replay,always_write,all_states")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", default=None, help="JSON list of tuning overrides to try, e.g. '[{\"num_warps\": 8}]'")
+    ap.add_argument("--pnat", default="mixed", choices=["mixed", "nowrite", "write"])
     a = ap.parse_args()
     H, P, N, G = SHAPES[a.shape]
     T, W = a.T, a.W
@@ -98,7 +111,10 @@ def main():
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"# {torch.cuda.get_device_name(0)}  copy {bw / 1e12:.2f} TB/s  {a.shape} T={T} W={W} state={a.state}")
-    for batch in [int(b) for b in a.batches.split(",")]:
+    from specssm.ops import tuning
+    sweep = json.loads(a.sweep) if a.sweep else [{}]
+    for batch, ov in [(int(b), o) for b in a.batches.split(",") for o in sweep]:
+        tuning.OVERRIDE.clear(); tuning.OVERRIDE.update(ov)
         sbytes = torch.tensor([], dtype=sdt).element_size()
         per_set = batch * H * P * N * sbytes
         sets = max(1, min(32, math.ceil(4 * l2 / per_set)))
@@ -115,6 +131,8 @@ def main():
             pn = stationary_pnat(T, cache.W if strategy == "checkpointing" else 0, HIST, gen, batch * sets)
             if strategy == "always_write":
                 pn = stationary_pnat(T, W, {k: v for k, v in HIST.items()}, gen, batch * sets).clamp(max=T)
+            if a.pnat != "mixed" and strategy == "checkpointing":
+                pn = torch.full_like(pn, 0 if a.pnat == "nowrite" else W)
             cache.pnat.copy_(pn.to(dev))
             cache.ring_start.copy_(torch.randint(0, cache.L, (batch * sets,), dtype=torch.int32, generator=gen).to(dev))
             A = -torch.rand(H, device=dev).add(0.1)
@@ -157,9 +175,11 @@ def main():
                             all_states=strategy == "all_states")
             floor = nb / bw * 1e6
             rows.append(dict(batch=batch, mode=mode, us=us, floor_us=floor, pct=100 * floor / us, writes=writes, sets=sets))
-            print(f"batch {batch:5d} {mode:14s} {us:9.2f} us  floor {floor:8.2f} us  {100 * floor / us:5.1f}%  writes {writes:.0f}/{batch}")
+            rows[-1]["cfg"] = ov
+            print(f"{json.dumps(ov):52s} batch {batch:5d} {mode:14s} {us:9.2f} us  floor {floor:8.2f} us  {100 * floor / us:5.1f}%  writes {writes:.0f}/{batch}")
             del cache
             torch.cuda.empty_cache()
+    report_kernels()
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         with open(os.path.join(a.out, f"quick_{a.shape}_{a.state}.json"), "w") as f:

@@ -20,6 +20,17 @@ def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
+def same_device(a, b) -> bool:
+    """'cuda' and 'cuda:0' name the same device when the current device is 0."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        cur = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+        return (a.index if a.index is not None else cur) == (b.index if b.index is not None else cur)
+    return a.index == b.index
+
+
 def check_tensor(name: str, t, *, shape=None, dtype=None, dtypes=None, device=None, ndim=None):
     """Check one tensor argument. `shape` may hold None for free dimensions."""
     if not isinstance(t, torch.Tensor):
@@ -35,7 +46,7 @@ def check_tensor(name: str, t, *, shape=None, dtype=None, dtypes=None, device=No
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
+    if device is not None and not same_device(t.device, device):
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
     return t
 

@@ -168,6 +168,13 @@ class SSMCache:
             a = accepted.detach().cpu().long()
             n = torch.as_tensor(lens).detach().cpu().long().expand_as(a)
             live = slots.detach().cpu() != self.pad_slot_id
+            # a row of more than T tokens would leave pnat > max(W, T): the next step's reads and
+            # appends would overlap in the ring
+            bad = live & ((n < 0) | (n > self.T))
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"num_tokens: expected row lengths in [0, max_tokens={self.T}], got "
+                                 f"{int(n[i])} at row {i}")
             bad = live & ((a < 1) | (a > n))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])

@@ -5,9 +5,11 @@ The plan depends only on per-slot `pnat` and the rows' lengths, so one plan serv
 """
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
-from specssm._checks import check_tensor
+from specssm._checks import MAX_WINDOW, check_slots_host, check_tensor
 
 
 class StepPlan:
@@ -31,14 +33,29 @@ class StepPlan:
     def n_writes(self) -> torch.Tensor:
         return self.counts[0:1]
 
-    def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1):
-        """Fill the buffers for one step. `num_tokens`: an int T or a `(batch,)` tensor of row lengths.
-        Device tensor ops only (no host sync)."""
+    def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
+        """Fill the buffers for one step. `pnat`: the per-slot `(slots,)` int32 counts;
+        `num_tokens`: an int T or a `(batch,)` tensor of row lengths.
+
+        Device tensor ops only (no host sync). Shapes, dtypes, devices and `window` are always checked;
+        slot ids (range, duplicates) are checked on the host when `validate` is True, or when it is
+        None (default) and the tensors are on the CPU, where that costs no sync (CUDA-graph safe).
+        """
         check_tensor("state_batch_indices", state_batch_indices, ndim=1,
                      dtypes=(torch.int32, torch.int64), device=self.device)
         batch = state_batch_indices.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"state_batch_indices: expected at most max_batch={self.max_batch} rows, got {batch}")
+        check_tensor("pnat", pnat, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
+        if isinstance(num_tokens, torch.Tensor):
+            check_tensor("num_tokens", num_tokens, shape=(batch,), dtypes=(torch.int32, torch.int64),
+                         device=self.device)
+        elif not isinstance(num_tokens, Integral) or num_tokens < 1:
+            raise ValueError(f"num_tokens: expected an int >= 1 or a ({batch},) tensor, got {num_tokens!r}")
+        if not isinstance(window, Integral) or not 0 <= window <= MAX_WINDOW:
+            raise ValueError(f"window: expected an int in [0, {MAX_WINDOW}], got {window!r}")
+        if validate or (validate is None and self.device.type == "cpu"):
+            check_slots_host("state_batch_indices", state_batch_indices, pnat.shape[0], pad_slot_id)
         live = state_batch_indices != pad_slot_id
         slot = torch.where(live, state_batch_indices.long(), 0)
         write = live & (pnat[slot] + num_tokens > window)

@@ -1,7 +1,8 @@
 """Checkpointing replay: the SSM state update of one verify step on the ring contract (DESIGN §3–§5).
 
-One program handles one item = (row, head, tile of BLOCK_P state rows): it loads the state tile once,
-the row's history (ring rows) and new tokens, and computes every output of the row in closed form.
+One program handles one row, one tile of BLOCK_P state rows and HC heads of one group: the group's
+keys and C·Bᵀ are loaded and computed once, then per head it loads the state tile once, the head's
+history (ring rows) and new tokens, and computes every output of the row in closed form.
 History and new tokens are two key blocks (KH = 16 history slots, TN >= 16 new-token slots), so every
 matrix product is a tensor-core tile:
 
@@ -12,8 +13,8 @@ with c the running sum of A·dt over history then new tokens. Rows whose history
 (pnat + len > W) store h_K; the others leave the state bit-identical. The replay form (materialize
 h_K, then y = exp(c_t − Λ)·(C·h_Kᵀ) + ...) is kept selectable for comparison.
 
-Launch modes: "dynamic" (one persistent launch, each item branches on its own row), "split" (two
-persistent launches over the write-first StepPlan, each compiled for one branch). Baselines live in
+Launch modes: "dynamic" (one launch, each row branches on its own flush test), "split" (two launches
+over the write-first StepPlan, each compiled for one branch; programs past the plan's count exit). Baselines live in
 specssm/ops/baselines.py.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from specssm.cache.plan import StepPlan
 from specssm.ops import tuning
 from specssm.ops.store import store_state_tile, load_state_tile, STATE_KIND
 
-DYNAMIC, WRITE, NO_WRITE = 0, 1, 2
+DYNAMIC, WRITE, NO_WRITE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -37,89 +38,35 @@ def _softplus(v):
 
 
 @triton.jit
-def _ssu_item(
-    item, state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
-    sbi_ptr, cu_ptr, order_ptr, row_base, seed_ptr,
-    T, W, L, pad_slot_id, H, P, N, HPG, NPT,
-    s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
-    s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
-    s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
+def _ssu_head(
+    h, row_off, tok, slot, K, n_tok, hist_rows, do_write, pt, cbT_new, cbT_hist,
+    state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, x_ptr, dt_ptr, A_ptr, C_ptr, out_ptr, D_ptr, z_ptr,
+    dt_bias_ptr, seed_ptr, P, N, L, rs, g,
+    s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h, s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l,
+    s_dtc_s, s_dtc_h, s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
     s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
-    BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
-    USE_ORDER: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr, KH: tl.constexpr,
+    TN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    row_i = item // (H * NPT)
-    rem = item % (H * NPT)
-    h = rem // NPT
-    pt = rem % NPT
-    if USE_ORDER:
-        row = tl.load(order_ptr + row_base + row_i)
-    else:
-        row = row_i
-    if HAS_SBI:
-        slot = tl.load(sbi_ptr + row).to(tl.int64)
-    else:
-        slot = row.to(tl.int64)
-    if slot != pad_slot_id:
-        _ssu_work(row, slot, h, pt, state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
-                  x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr, cu_ptr, seed_ptr,
-                  T, W, L, H, P, N, HPG,
-                  s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
-                  s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
-                  s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
-                  s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
-                  BRANCH, RECT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, VARLEN,
-                  KIND, SR, PHILOX_ROUNDS, BLOCK_P, BLOCK_N, KH, TN, DOT_PREC)
+    """One head of one row: decays, outputs, the state store (write rows) and the x/dt appends.
 
-
-@triton.jit
-def _ssu_work(
-    row, slot, h, pt, state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr, cu_ptr, seed_ptr,
-    T, W, L, H, P, N, HPG,
-    s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
-    s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
-    s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
-    s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
-    BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
-    KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    if VARLEN:
-        tok0 = tl.load(cu_ptr + row).to(tl.int64)
-        n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
-        row_off = 0
-    else:
-        tok0 = 0
-        n_tok = T
-        row_off = row.to(tl.int64)
-    K = tl.load(pnat_ptr + slot)
-    rs = tl.load(ring_start_ptr + slot)
-    if BRANCH == DYNAMIC:
-        do_write = K + n_tok > W
-    else:
-        do_write = BRANCH == WRITE
-    g = h // HPG
-
-    jh = tl.arange(0, KH)                      # history key slots
-    jn = tl.arange(0, TN)                      # new-token key slots (and output rows)
+    Everything is transposed, (state rows, tokens): the state tile is the A operand of its products in
+    its stored (N-contiguous) layout. The state is visited in column chunks of NCH so that a chunk,
+    not the whole (BLOCK_P, N) tile, lives in registers."""
+    jh = tl.arange(0, KH)
+    jn = tl.arange(0, TN)
     offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
     p_ok = offs_p < P
-    n_ok = offs_n < N
     h_ok = jh < K
     t_ok = jn < n_tok
-    hist_rows = (rs + jh) % L
-    new_rows = (rs + K + jn) % L
-    tok = tok0 + jn
+    X_hist = tl.load(xc_ptr + slot * s_xc_s + h * s_xc_h + hist_rows[None, :] * s_xc_l + offs_p[:, None],
+                     mask=p_ok[:, None] & h_ok[None, :], other=0.0)                     # (BLOCK_P, KH)
+    X_new = tl.load(x_ptr + row_off * s_x_b + tok[None, :] * s_x_t + h * s_x_h + offs_p[:, None],
+                    mask=p_ok[:, None] & t_ok[None, :], other=0.0)                      # (BLOCK_P, TN)
 
-    # ---- decays: c over history, then Λ + c over new tokens --------------------------------------
+    # decays: c over the history, then Λ + c over the new tokens
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_hist = tl.load(dtc_ptr + slot * s_dtc_s + h * s_dtc_h + hist_rows, mask=h_ok, other=0.0)
     dt_new = tl.load(dt_ptr + row_off * s_dt_b + tok * s_dt_t + h * s_dt_h, mask=t_ok, other=0.0)
@@ -133,71 +80,66 @@ def _ssu_work(
     lam = tl.sum(A * dt_hist, axis=0)
     c_new = lam + tl.cumsum(A * dt_new, axis=0)
 
-    # ---- inputs of the keys -------------------------------------------------------------------
-    B_hist = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + hist_rows[:, None] * s_Bc_l + offs_n[None, :],
-                     mask=h_ok[:, None] & n_ok[None, :], other=0.0)
-    B_new = tl.load(B_ptr + row_off * s_B_b + tok[:, None] * s_B_t + g * s_B_g + offs_n[None, :],
-                    mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-    C_new = tl.load(C_ptr + row_off * s_B_b + tok[:, None] * s_B_t + g * s_B_g + offs_n[None, :],
-                    mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-    X_hist = tl.load(xc_ptr + slot * s_xc_s + h * s_xc_h + hist_rows[:, None] * s_xc_l + offs_p[None, :],
-                     mask=h_ok[:, None] & p_ok[None, :], other=0.0)
-    X_new = tl.load(x_ptr + row_off * s_x_b + tok[:, None] * s_x_t + h * s_x_h + offs_p[None, :],
-                    mask=t_ok[:, None] & p_ok[None, :], other=0.0)
-    Cf = C_new.to(tl.float32)
-    Bhf = B_hist.to(tl.float32)
     Xhf = X_hist.to(tl.float32)
     Xnf = X_new.to(tl.float32)
-
-    # ---- new-token keys: the causal triangle ----------------------------------------------------
-    cb_new = tl.dot(Cf, tl.trans(B_new.to(tl.float32)), input_precision=DOT_PREC)     # (TN, TN)
-    causal = (jn[None, :] <= jn[:, None]) & t_ok[None, :]
-    seg = tl.where(causal, c_new[:, None] - c_new[None, :], float("-inf"))
-    coef_new = cb_new * tl.exp(seg) * dt_new[None, :]
-    y = tl.dot(coef_new, Xnf, input_precision=DOT_PREC)                                 # (TN, BLOCK_P)
-
-    # ---- state tile ---------------------------------------------------------------------------
-    st_off = slot * s_st_s + h * s_st_h + offs_p[:, None] * s_st_p + offs_n[None, :]
-    st_mask = p_ok[:, None] & n_ok[None, :]
-    S = load_state_tile(state_ptr, scale_ptr, st_off, st_mask,
-                        slot * s_sc_s + h * s_sc_h + offs_p, p_ok, KIND)
-    need_hK = do_write or (not RECT)
-    if need_hK:
-        w_hist = tl.where(h_ok, tl.exp(lam - c_hist) * dt_hist, 0.0)
-        hK = tl.exp(lam) * S + tl.dot(tl.trans(Xhf * w_hist[:, None]), Bhf, input_precision=DOT_PREC)
+    causal = (jn[:, None] <= jn[None, :]) & t_ok[:, None]
+    coef_new = cbT_new * tl.exp(tl.where(causal, c_new[None, :] - c_new[:, None], float("-inf")))
+    y = tl.dot(Xnf, coef_new * dt_new[:, None], input_precision=DOT_PREC)             # (BLOCK_P, TN)
     if RECT:
-        cb_hist = tl.dot(Cf, tl.trans(Bhf), input_precision=DOT_PREC)                  # (TN, KH)
-        vis = t_ok[:, None] & h_ok[None, :]
-        coef_hist = cb_hist * tl.exp(tl.where(vis, c_new[:, None] - c_hist[None, :], float("-inf")))
-        coef_hist = coef_hist * dt_hist[None, :]
-        y += tl.dot(coef_hist, Xhf, input_precision=DOT_PREC)
-        y += tl.exp(c_new)[:, None] * tl.dot(Cf, tl.trans(S), input_precision=DOT_PREC)
-    else:
-        y += tl.exp(c_new - lam)[:, None] * tl.dot(Cf, tl.trans(hK), input_precision=DOT_PREC)
-    if do_write:
-        store_state_tile(hK, state_ptr, scale_ptr, st_off, st_mask,
-                         slot * s_sc_s + h * s_sc_h + offs_p, p_ok, seed_ptr, slot,
-                         KIND, SR, PHILOX_ROUNDS)
+        vis = h_ok[:, None] & t_ok[None, :]
+        coef_hist = cbT_hist * tl.exp(tl.where(vis, c_new[None, :] - c_hist[:, None], float("-inf")))
+        y += tl.dot(Xhf, coef_hist * dt_hist[:, None], input_precision=DOT_PREC)
+    # x_k weighted by its decay to the end of the history: the fold's left factor
+    Xw = Xhf * tl.where(h_ok, tl.exp(lam - c_hist) * dt_hist, 0.0)[None, :]
+    decay_hist = tl.exp(lam)
 
-    # ---- outputs: skip, gate --------------------------------------------------------------------
+    # the state, chunk by chunk: C·Sᵀ (rectangle) or C·h_Kᵀ (replay), and h_K for write rows
+    cs = tl.zeros((BLOCK_P, TN), dtype=tl.float32)
+    for n0 in tl.static_range(0, BLOCK_N, NCH):
+        offs_n = n0 + tl.arange(0, NCH)
+        n_ok = offs_n < N
+        st_off = slot * s_st_s + h * s_st_h + offs_p[:, None] * s_st_p + offs_n[None, :]
+        st_mask = p_ok[:, None] & n_ok[None, :]
+        sc_off = slot * s_sc_s + h * s_sc_h + offs_p
+        S = load_state_tile(state_ptr, scale_ptr, st_off, st_mask, sc_off, p_ok, KIND)
+        Ct = tl.load(C_ptr + row_off * s_B_b + tok[None, :] * s_B_t + g * s_B_g + offs_n[:, None],
+                     mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)     # (NCH, TN)
+        if RECT:
+            cs += tl.dot(S, Ct, input_precision=DOT_PREC)
+            if do_write:
+                Bh = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + hist_rows[:, None] * s_Bc_l + offs_n[None, :],
+                             mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+                hK = decay_hist * S + tl.dot(Xw, Bh, input_precision=DOT_PREC)
+                store_state_tile(hK, state_ptr, scale_ptr, st_off, st_mask, sc_off, p_ok, seed_ptr, slot,
+                                 KIND, SR, PHILOX_ROUNDS)
+        else:
+            Bh = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + hist_rows[:, None] * s_Bc_l + offs_n[None, :],
+                         mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            hK = decay_hist * S + tl.dot(Xw, Bh, input_precision=DOT_PREC)
+            cs += tl.dot(hK, Ct, input_precision=DOT_PREC)
+            if do_write:
+                store_state_tile(hK, state_ptr, scale_ptr, st_off, st_mask, sc_off, p_ok, seed_ptr, slot,
+                                 KIND, SR, PHILOX_ROUNDS)
+    if RECT:
+        y += tl.exp(c_new)[None, :] * cs
+    else:
+        y += tl.exp(c_new - lam)[None, :] * cs
     if HAS_D:
         y += tl.load(D_ptr + h).to(tl.float32) * Xnf
+    io_mask = p_ok[:, None] & t_ok[None, :]
     if HAS_Z:
-        zt = tl.load(z_ptr + row_off * s_z_b + tok[:, None] * s_z_t + h * s_z_h + offs_p[None, :],
-                     mask=t_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+        zt = tl.load(z_ptr + row_off * s_z_b + tok[None, :] * s_z_t + h * s_z_h + offs_p[:, None],
+                     mask=io_mask, other=0.0).to(tl.float32)
         y = y * zt * tl.sigmoid(zt)
-    io_mask = t_ok[:, None] & p_ok[None, :]
-    tl.store(out_ptr + row_off * s_o_b + tok[:, None] * s_o_t + h * s_o_h + offs_p[None, :],
+    tl.store(out_ptr + row_off * s_o_b + tok[None, :] * s_o_t + h * s_o_h + offs_p[:, None],
              y.to(out_ptr.dtype.element_ty), mask=io_mask)
 
-    # ---- ring appends (disjoint from the history rows read above) ------------------------------
-    tl.store(xc_ptr + slot * s_xc_s + h * s_xc_h + new_rows[:, None] * s_xc_l + offs_p[None, :],
+    # ring appends (disjoint from the history rows read above)
+    new_rows = (rs + K + jn) % L
+    tl.store(xc_ptr + slot * s_xc_s + h * s_xc_h + new_rows[None, :] * s_xc_l + offs_p[:, None],
              X_new, mask=io_mask)
     if pt == 0:
         tl.store(dtc_ptr + slot * s_dtc_s + h * s_dtc_h + new_rows, dt_new, mask=t_ok)
-        if h % HPG == 0:
-            tl.store(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + new_rows[:, None] * s_Bc_l + offs_n[None, :],
-                     B_new, mask=t_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -205,7 +147,7 @@ def _ssu_kernel(
     state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
     sbi_ptr, cu_ptr, order_ptr, counts_ptr, seed_ptr,
-    batch, T, W, L, pad_slot_id, H, P, N, HPG, NPT,
+    batch, T, W, L, pad_slot_id, H, P, N, HPG, NPT, NHC,
     s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
     s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
     s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
@@ -213,49 +155,81 @@ def _ssu_kernel(
     BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
     USE_ORDER: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
-    DOT_PREC: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr, KH: tl.constexpr,
+    TN: tl.constexpr, HC: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
 ):
-    # rows of this launch: all rows, or one group of the write-first plan (counts from the device)
+    # one program: one row, one tile of state rows, HC heads of one group
+    pid = tl.program_id(0)
+    row_i = pid // (NPT * NHC)
+    pt = (pid // NHC) % NPT
+    h0 = (pid % NHC) * HC
     if not USE_ORDER:
         row_base = 0
         n_rows = batch
     elif BRANCH == WRITE:
         row_base = 0
         n_rows = tl.load(counts_ptr)
-    elif BRANCH == NO_WRITE:
+    else:
         row_base = tl.load(counts_ptr)
         n_rows = tl.load(counts_ptr + 1) - row_base
-    else:
-        row_base = 0
-        n_rows = batch
-    n_items = n_rows * H * NPT
-    pid = tl.program_id(0)
-    if PERSISTENT:
-        nprog = tl.num_programs(0)
-        for item in tl.range(pid, n_items, nprog):
-            _ssu_item(item, state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
-                      x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
-                      sbi_ptr, cu_ptr, order_ptr, row_base, seed_ptr,
-                      T, W, L, pad_slot_id, H, P, N, HPG, NPT,
-                      s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
-                      s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
-                      s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
-                      s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
-                      BRANCH, RECT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, VARLEN, HAS_SBI, USE_ORDER,
-                      KIND, SR, PHILOX_ROUNDS, BLOCK_P, BLOCK_N, KH, TN, DOT_PREC)
-    else:
-        if pid < n_items:
-            _ssu_item(pid, state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
-                      x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
-                      sbi_ptr, cu_ptr, order_ptr, row_base, seed_ptr,
-                      T, W, L, pad_slot_id, H, P, N, HPG, NPT,
-                      s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
-                      s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
-                      s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
-                      s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
-                      BRANCH, RECT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, VARLEN, HAS_SBI, USE_ORDER,
-                      KIND, SR, PHILOX_ROUNDS, BLOCK_P, BLOCK_N, KH, TN, DOT_PREC)
+    if row_i < n_rows:
+        if USE_ORDER:
+            row = tl.load(order_ptr + row_base + row_i)
+        else:
+            row = row_i
+        if HAS_SBI:
+            slot = tl.load(sbi_ptr + row).to(tl.int64)
+        else:
+            slot = row.to(tl.int64)
+        if slot != pad_slot_id:
+            if VARLEN:
+                tok0 = tl.load(cu_ptr + row).to(tl.int64)
+                n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
+                row_off = 0
+            else:
+                tok0 = 0
+                n_tok = T
+                row_off = row.to(tl.int64)
+            K = tl.load(pnat_ptr + slot)
+            rs = tl.load(ring_start_ptr + slot)
+            if BRANCH == DYNAMIC:
+                do_write = K + n_tok > W
+            else:
+                do_write = BRANCH == WRITE
+            g = h0 // HPG
+            jh = tl.arange(0, KH)
+            jn = tl.arange(0, TN)
+            h_ok = jh < K
+            t_ok = jn < n_tok
+            hist_rows = (rs + jh) % L
+            new_rows = (rs + K + jn) % L
+            tok = tok0 + jn
+            # the group's Bᵀ·C over the keys, shared by the HC heads of this program; B ring append
+            cbT_new = tl.zeros((TN, TN), dtype=tl.float32)
+            cbT_hist = tl.zeros((KH, TN), dtype=tl.float32)
+            for n0 in tl.static_range(0, BLOCK_N, NCH):
+                offs_n = n0 + tl.arange(0, NCH)
+                n_ok = offs_n < N
+                Ct = tl.load(C_ptr + row_off * s_B_b + tok[None, :] * s_B_t + g * s_B_g + offs_n[:, None],
+                             mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
+                B_new = tl.load(B_ptr + row_off * s_B_b + tok[:, None] * s_B_t + g * s_B_g + offs_n[None, :],
+                                mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+                B_hist = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + hist_rows[:, None] * s_Bc_l + offs_n[None, :],
+                                 mask=h_ok[:, None] & n_ok[None, :], other=0.0)
+                cbT_new += tl.dot(B_new.to(tl.float32), Ct, input_precision=DOT_PREC)
+                cbT_hist += tl.dot(B_hist.to(tl.float32), Ct, input_precision=DOT_PREC)
+                if pt == 0 and h0 % HPG == 0:
+                    tl.store(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + new_rows[:, None] * s_Bc_l + offs_n[None, :],
+                             B_new, mask=t_ok[:, None] & n_ok[None, :])
+            for hh in tl.range(0, HC, num_stages=STAGES):
+                _ssu_head(h0 + hh, row_off, tok, slot, K, n_tok, hist_rows, do_write, pt, cbT_new, cbT_hist,
+                          state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, x_ptr, dt_ptr, A_ptr, C_ptr,
+                          out_ptr, D_ptr, z_ptr, dt_bias_ptr, seed_ptr, P, N, L, rs, g,
+                          s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h, s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g,
+                          s_Bc_l, s_dtc_s, s_dtc_h, s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h,
+                          s_B_b, s_B_t, s_B_g, s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
+                          RECT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, KIND, SR, PHILOX_ROUNDS,
+                          BLOCK_P, BLOCK_N, NCH, KH, TN, DOT_PREC)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,11 +239,12 @@ LAUNCHES = ("auto", "dynamic", "split")
 PRECISIONS = {"fast": "tf32", "exact": "ieee"}
 
 
-def _launch(branch, grid, persistent, a, cfg, order, counts, use_order):
+def _launch(branch, grid, a, cfg, order, counts, use_order):
     _ssu_kernel[grid](
         *a["ptrs"], order, counts, a["seed"], *a["sizes"], *a["strides"],
-        BRANCH=branch, USE_ORDER=use_order, PERSISTENT=persistent, **a["flags"],
-        BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BRANCH=branch, USE_ORDER=use_order, **a["flags"], BLOCK_P=cfg["BLOCK_P"], HC=cfg["HC"],
+        NCH=cfg["NCH"],
+        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
 
 
 def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,
@@ -339,6 +314,13 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     block_p = min(cfg["BLOCK_P"], max(16, triton.next_power_of_2(sh.P)))
     cfg["BLOCK_P"] = block_p
     npt = triton.cdiv(sh.P, block_p)
+    # heads per program: a divisor of the heads of one group, at most the table's HC
+    hpg = sh.H // sh.G
+    hc = max(d for d in range(1, min(cfg["HC"], hpg) + 1) if hpg % d == 0)
+    cfg["HC"] = hc
+    # quantized states need a whole row of N in registers for its scale
+    block_n = triton.next_power_of_2(sh.N)
+    cfg["NCH"] = block_n if state.dtype in QUANT_STATE_DTYPES else min(cfg["NCH"], block_n)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     sbi = state_batch_indices if state_batch_indices is not None else dummy
     scale = state_scale if state_scale is not None else dummy
@@ -363,7 +345,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
               bias_h if bias_h is not None else dummy, sbi,
               cu_seqlens if cu_seqlens is not None else dummy),
         seed=seed,
-        sizes=(sh.batch, sh.T, sh.W, sh.L, pad_slot_id, sh.H, sh.P, sh.N, sh.H // sh.G, npt),
+        sizes=(sh.batch, sh.T, sh.W, sh.L, pad_slot_id, sh.H, sh.P, sh.N, sh.H // sh.G, npt, sh.H // hc),
         strides=(state.stride(0), state.stride(1), state.stride(2),
                  scale.stride(0) if state_scale is not None else 0,
                  scale.stride(1) if state_scale is not None else 0,
@@ -379,19 +361,13 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     )
     if launch == "auto":
         launch = "split" if sh.batch >= cfg["split_min_batch"] else "dynamic"
-    n_items = sh.batch * sh.H * npt
-    if dev.type == "cuda" and cfg["programs_per_sm"] > 0:
-        nprog = tuning.num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
-        nprog *= cfg["programs_per_sm"]
-    else:
-        nprog = 0
-    persistent = 0 < nprog < n_items
-    grid = (min(nprog, n_items) if persistent else n_items,)
+    # one program per (row, state-row tile, head chunk); split launches size theirs from device counts
+    grid = (sh.batch * npt * (sh.H // hc),)
     if launch == "always_write":      # the always-write baseline: every row writes, no plan
-        _launch(WRITE, grid, persistent, a, cfg, dummy, dummy, False)
+        _launch(WRITE, grid, a, cfg, dummy, dummy, False)
         return out
     if launch == "dynamic":
-        _launch(DYNAMIC, grid, persistent, a, cfg, dummy, dummy, False)
+        _launch(DYNAMIC, grid, a, cfg, dummy, dummy, False)
         return out
     if plan is None:
         plan = StepPlan(sh.batch, dev)
@@ -402,6 +378,6 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     elif plan.batch != sh.batch:
         raise ValueError(f"plan: expected a plan built for this step's {sh.batch} rows, got one for {plan.batch}")
     # each launch sizes its own work from the device counts; the grid covers the worst case
-    _launch(WRITE, grid, persistent, a, cfg, plan.order, plan.counts, True)
-    _launch(NO_WRITE, grid, persistent, a, cfg, plan.order, plan.counts, True)
+    _launch(WRITE, grid, a, cfg, plan.order, plan.counts, True)
+    _launch(NO_WRITE, grid, a, cfg, plan.order, plan.counts, True)
     return out

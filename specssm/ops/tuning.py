@@ -13,9 +13,10 @@ import torch
 
 TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 
-# BLOCK_P: state rows per program; num_warps; programs_per_sm: persistent-grid size factor;
+# BLOCK_P: state rows per program; NCH: state columns in registers at a time; HC: heads per program (they share the group's C·Bᵀ);
+# num_warps; num_stages: software pipelining of the head loop;
 # split_min_batch: from this batch on, launch="auto" uses the write/no-write split launches.
-DEFAULT = {"BLOCK_P": 64, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "split_min_batch": 64}
+DEFAULT = {"BLOCK_P": 64, "NCH": 64, "HC": 1, "num_warps": 4, "num_stages": 1, "split_min_batch": 128}
 
 
 def card_name(device) -> str:
@@ -38,13 +39,14 @@ def shape_key(kernel: str, P: int, N: int, state_dtype: torch.dtype) -> str:
     return f"{kernel}:P{P}:N{N}:{str(state_dtype).replace('torch.', '')}"
 
 
+# set by the tuner (scripts/tune.py) to try a config without editing tables
+OVERRIDE: dict = {}
+
+
 def config_for(device, kernel: str, P: int, N: int, state_dtype) -> dict:
     cfg = dict(DEFAULT)
     cfg.update(_table(card_name(device)).get(shape_key(kernel, P, N, state_dtype), {}))
-    if device.type != "cuda":          # the interpreter: one program per item, fewest ops
-        cfg["programs_per_sm"] = 0
-    # registers: an fp32 (BLOCK_P x N) tile per program; keep it near 8K elements
-    cfg["BLOCK_P"] = min(cfg["BLOCK_P"], max(16, 8192 // max(N, 1)))
+    cfg.update(OVERRIDE)
     return cfg
 
 

@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from specssm._checks import check_ssu_args, check_tensor, check_slots_host, tied_dt, tied_per_head
+from specssm._checks import (FLOAT_ACT_DTYPES, check_ssu_args, check_tensor, check_slots_host, tied_dt,
+                             tied_per_head)
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
+
+
+# all-states keeps float states only (DESIGN §1: the baselines)
+ALL_STATES_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def row_tokens(b, shapes, cu_seqlens):
@@ -55,6 +60,9 @@ def checkpointing_ssu_ref(state, x_cache, B_cache, dt_cache, ring_start, prev_nu
     """
     if no_write_form not in ("replay", "rectangle"):
         raise ValueError(f"no_write_form: expected 'replay' or 'rectangle', got {no_write_form!r}")
+    # checked here, not when the first row stores: a rejected call must leave every cache untouched
+    if rounding not in ("rn", "sr"):
+        raise ValueError(f"rounding: expected 'rn' or 'sr', got {rounding!r}")
     if rounding == "sr" and rand_seed is None:
         raise ValueError("rand_seed: expected per-slot seeds (slots,) int64 or an int for rounding='sr', got None")
     sh, A_h, dt_c, D_h, bias_h = check_ssu_args(
@@ -109,21 +117,39 @@ def all_states_ssu_ref(states, state_index, x, dt, A, B, C, out, D=None, z=None,
     states `(slots, T, H, P, N)` float (fp32/bf16/fp16), state_index `(slots,)` int32; the commit
     selects the accepted one by setting state_index[s] = accepted - 1 (no copy).
     """
-    check_tensor("x", x, ndim=4)
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_ACT_DTYPES)
     batch, T, H, P = x.shape
-    check_tensor("states", states, ndim=5, device=x.device)
+    dev = x.device
+    check_tensor("states", states, ndim=5, dtypes=ALL_STATES_DTYPES, device=dev)
     slots, Ts, Hs, Ps, N = states.shape
     if (Ts, Hs, Ps) != (T, H, P):
         raise ValueError(f"states: expected shape (slots, {T}, {H}, {P}, N), got {tuple(states.shape)}")
-    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=x.device)
-    check_tensor("B", B, shape=(batch, T, None, N))
-    check_tensor("C", C, shape=tuple(B.shape))
-    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype)
+    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=dev)
+    check_tensor("B", B, shape=(batch, T, None, N), dtypes=FLOAT_ACT_DTYPES, device=dev)
+    G = B.shape[2]
+    if G < 1 or H % G:
+        raise ValueError(f"B: expected ngroups dividing nheads={H}, got {G}")
+    check_tensor("C", C, shape=tuple(B.shape), dtype=B.dtype, device=dev)
+    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    if z is not None:
+        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    dt_c = tied_dt(dt, (batch, T), H, P, device=dev)
+    if dt_c.dtype not in FLOAT_ACT_DTYPES:
+        raise TypeError(f"dt: expected a floating dtype, got {dt_c.dtype}")
+    A_h, D_h = tied_per_head("A", A, H, P, N, device=dev), tied_per_head("D", D, H, P, device=dev)
+    bias_h = tied_per_head("dt_bias", dt_bias, H, P, device=dev)
     if state_batch_indices is not None:
+        check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
+                     dtypes=(torch.int32, torch.int64), device=dev)
         check_slots_host("state_batch_indices", state_batch_indices, slots, pad_slot_id)
-    dt_c = tied_dt(dt, (batch, T), H, P)
-    A_h, D_h = tied_per_head("A", A, H, P, N), tied_per_head("D", D, H, P)
-    bias_h = tied_per_head("dt_bias", dt_bias, H, P)
+    elif batch > slots:
+        raise ValueError(f"x: expected batch <= slots ({slots}) without state_batch_indices, got {batch}")
+    rows = list(range(batch)) if state_batch_indices is None else state_batch_indices.tolist()
+    live = [s for s in rows if s != pad_slot_id]
+    bad = [s for s in live if not 0 <= int(state_index[s]) < T]
+    if bad:
+        raise ValueError(f"state_index: expected values in [0, {T}) for the slots of this step, got "
+                         f"{int(state_index[bad[0]])} for slot {bad[0]}")
     for b in range(batch):
         s = b if state_batch_indices is None else int(state_batch_indices[b])
         if s == pad_slot_id:

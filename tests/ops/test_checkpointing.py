@@ -123,3 +123,13 @@ def test_gpu_deterministic_5_launches(launch):
         for a, b in zip(r, results[0]):
             assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b) or (
                 torch.isnan(a).equal(torch.isnan(b)) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
+
+
+@pytest.mark.parametrize("cfg", [{"NCH": 16, "HC": 2}, {"NCH": 32, "HC": 4, "BLOCK_P": 16}])
+@pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "replay")])
+def test_chunked_state_and_head_groups(cfg, launch, form, monkeypatch):
+    # several state-column chunks and several heads per program (configs the GPU tables use)
+    from specssm.ops import tuning
+    monkeypatch.setattr(tuning, "OVERRIDE", dict(cfg))
+    cache, ins = make_step(batch=3, H=8, P=32, N=64, G=2, T=4, pnat=[14, 3, 13], act=torch.float32, seed=21)
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)

@@ -1,0 +1,46 @@
+"""The all-states baseline: reads states[s, state_index[s]], writes all T intermediate states."""
+import pytest
+import torch
+
+from specssm.reference import all_states_ssu_ref
+from specssm.reference import recurrence as rec
+from tests.reference.ssu_case import PAD, rel_err, same_bits, softplus_dt
+
+
+def make(T, H=4, P=8, N=8, G=2, slots=5, rows=(3, PAD, 0, 4, 1), dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(rows)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)   # noqa: E731
+    A = -torch.exp(torch.empty(H, dtype=torch.float64).uniform_(-1, 1, generator=gen))
+    kw = dict(states=r(slots, T, H, P, N).to(dtype),
+              state_index=torch.randint(0, T, (slots,), generator=gen, dtype=torch.int32),
+              x=r(batch, T, H, P), dt=r(batch, T, H)[..., None].expand(batch, T, H, P),
+              A=A[:, None, None].expand(H, P, N), B=r(batch, T, G, N), C=r(batch, T, G, N),
+              out=torch.full((batch, T, H, P), float("nan"), dtype=torch.float64),
+              D=r(H)[:, None].expand(H, P), z=r(batch, T, H, P), dt_bias=(r(H) - 2)[:, None].expand(H, P),
+              dt_softplus=True, state_batch_indices=torch.tensor(rows, dtype=torch.int32), pad_slot_id=PAD)
+    return kw
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("T", [1, 4, 6])
+def test_all_states_matches_sequential(T, dtype, tol):
+    kw = make(T, dtype=dtype, seed=T)
+    before = {k: kw[k].clone() for k in ("states", "state_index", "out")}
+    all_states_ssu_ref(**kw)
+    rows = kw["state_batch_indices"].tolist()
+    A, D = kw["A"][:, 0, 0], kw["D"][:, 0]
+    for b, s in enumerate(rows):
+        if s == PAD:
+            assert same_bits(kw["out"][b], before["out"][b]), f"pad row {b} wrote outputs"
+            continue
+        h = before["states"][s, int(before["state_index"][s])].double()
+        dt = softplus_dt(kw["dt"][b, ..., 0], kw["dt_bias"][:, 0])
+        y, _ = rec.sequential(h, kw["x"][b], dt, A, kw["B"][b], kw["C"][b], D, kw["z"][b])
+        assert rel_err(kw["out"][b], y) <= tol
+        for t in range(T):
+            _, h = rec.sequential(h, kw["x"][b, t:t + 1], dt[t:t + 1], A, kw["B"][b, t:t + 1], kw["C"][b, t:t + 1])
+            assert rel_err(kw["states"][s, t], h) <= tol, f"row {b} state {t}"
+    others = [s for s in range(kw["states"].shape[0]) if s not in rows]
+    assert same_bits(kw["states"][others], before["states"][others])
+    assert same_bits(kw["state_index"], before["state_index"])
