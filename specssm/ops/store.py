@@ -1,6 +1,9 @@
 """Loading and storing a state tile in its storage format (device functions of the SSM kernels).
 
-KIND codes: 0 fp32, 1 bf16, 2 fp16 (round to nearest, or stochastic rounding).
+KIND codes: 0 fp32, 1 bf16, 2 fp16, 3 int8, 4 fp8 e4m3, 5 int16. The 8/16-bit integer and fp8 kinds
+keep one fp32 decode scale per state row (slot, head, p) over N, so their tiles hold whole rows.
+Rounding (RN or stochastic, with Philox bits keyed by the slot's seed and the element's offset in the
+state pool) is done with integer arithmetic in specssm.quant, identical on sm_90 and the interpreter.
 """
 from __future__ import annotations
 
@@ -8,17 +11,48 @@ import torch
 import triton
 import triton.language as tl
 
-STATE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+from specssm.quant.philox import random_words
+from specssm.quant.rounding import (quantize_fp8_rn, quantize_fp8_sr, quantize_int8_rn, quantize_int8_sr,
+                                    quantize_int16_rn, quantize_int16_sr, round_bf16_rn, round_bf16_sr,
+                                    round_fp16_rn, round_fp16_sr, row_scale)
+
+STATE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
+              torch.float8_e4m3fn: 4, torch.int16: 5}
 
 
 @triton.jit
 def load_state_tile(state_ptr, scale_ptr, off, mask, scale_off, p_ok, KIND: tl.constexpr):
-    """The (BLOCK_P, BLOCK_N) state tile as fp32."""
-    return tl.load(state_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    """The (BLOCK_P, cols) state tile, decoded to fp32."""
+    v = tl.load(state_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    if KIND >= 3:
+        v = v * tl.load(scale_ptr + scale_off, mask=p_ok, other=0.0)[:, None]
+    return v
 
 
 @triton.jit
 def store_state_tile(h, state_ptr, scale_ptr, off, mask, scale_off, p_ok, seed_ptr, slot,
                      KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
-    """Round the fp32 tile h to the storage format and store it."""
-    tl.store(state_ptr + off, h.to(state_ptr.dtype.element_ty), mask=mask)
+    """Round the fp32 tile h to the storage format (and its row scales) and store it."""
+    if SR and KIND != 0:
+        rbits = random_words(tl.load(seed_ptr + slot), off, PHILOX_ROUNDS)
+    if KIND == 0:
+        tl.store(state_ptr + off, h, mask=mask)
+    elif KIND == 1:
+        q = round_bf16_sr(h, rbits) if SR else round_bf16_rn(h)
+        tl.store(state_ptr + off, q, mask=mask)
+    elif KIND == 2:
+        q = round_fp16_sr(h, rbits) if SR else round_fp16_rn(h)
+        tl.store(state_ptr + off, q, mask=mask)
+    else:
+        hz = tl.where(mask, h, 0.0)
+        if KIND == 3:
+            scale, sinv = row_scale(hz, 127.0)
+            q = quantize_int8_sr(hz, sinv[:, None], rbits) if SR else quantize_int8_rn(hz, sinv[:, None])
+        elif KIND == 4:
+            scale, sinv = row_scale(hz, 448.0)
+            q = quantize_fp8_sr(hz, sinv[:, None], rbits) if SR else quantize_fp8_rn(hz, sinv[:, None])
+        else:
+            scale, sinv = row_scale(hz, 32767.0)
+            q = quantize_int16_sr(hz, sinv[:, None], rbits) if SR else quantize_int16_rn(hz, sinv[:, None])
+        tl.store(state_ptr + off, q.to(state_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr + scale_off, scale, mask=p_ok)

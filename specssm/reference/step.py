@@ -25,21 +25,21 @@ def row_tokens(b, shapes, cu_seqlens):
     return (slice(lo, hi),)
 
 
-def sr_bits(seed, slot, shape, state_shape):
-    """The uint32 random words that stochastic rounding of slot `slot` uses: Philox keyed by
-    (seed, flat element offset of the state pool)."""
+def sr_bits(seed, slot, shape, philox_rounds=10):
+    """The uint32 random words (as int64) that stochastic rounding of slot `slot` uses: Philox keyed by
+    (seed, flat element offset of the contiguous state pool), as the kernels draw them."""
     from specssm.quant import reference as qref
     H, P, N = shape
-    base = slot * H * P * N
-    offsets = base + torch.arange(H * P * N, dtype=torch.int64).reshape(H, P, N)
-    return qref.philox_bits(int(seed), offsets)
+    offsets = slot * H * P * N + torch.arange(H * P * N, dtype=torch.int64).reshape(H, P, N)
+    words = qref.random_words_ref(int(seed), offsets.numpy(), philox_rounds)
+    return torch.from_numpy(words.astype("int64"))
 
 
 def store(state, state_scale, slot, h, rounding, rand_seed, philox_rounds=10):
     bits = None
     if rounding == "sr":
         seed = rand_seed[slot] if isinstance(rand_seed, torch.Tensor) else rand_seed
-        bits = sr_bits(seed, slot, tuple(h.shape), tuple(state.shape))
+        bits = sr_bits(seed, slot, tuple(h.shape), philox_rounds)
     q, scale = encode_state(h, state.dtype, rounding, bits)
     state[slot] = q
     if scale is not None:

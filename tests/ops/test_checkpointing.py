@@ -133,3 +133,56 @@ def test_chunked_state_and_head_groups(cfg, launch, form, monkeypatch):
     monkeypatch.setattr(tuning, "OVERRIDE", dict(cfg))
     cache, ins = make_step(batch=3, H=8, P=32, N=64, G=2, T=4, pnat=[14, 3, 13], act=torch.float32, seed=21)
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.int8, torch.float8_e4m3fn, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounding", ["rn", "sr"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])])
+def test_quantized_and_sr_states(state_dtype, rounding, device):
+    """Rounded checkpoints: outputs from the unrounded state, written rows within one grid step of the
+    reference encoding, no-write rows (and scales) bit-identical, same seed -> same bits."""
+    import copy
+    from specssm.reference.storage import decode_state
+    from tests.ops.helpers import to_device
+    shape = dict(H=16, P=64, N=128, G=1) if device == "cuda" else {}
+    cache, ins = make_step(batch=4, T=4, pnat=[14, 3, 13, 9], act=torch.float32, state_dtype=state_dtype,
+                           seed=31, **shape)
+    cache.seeds.copy_(torch.arange(cache.num_slots) * 7919 + 3)
+    kw = dict(rounding=rounding, rand_seed=cache.seeds)
+    ref_cache, ref_ins = copy.deepcopy(cache), dict(ins, out=ins["out"].clone())
+    checkpointing_ssu_ref(**ref_ins, **ref_cache.op_kwargs(0), **kw)
+    runs = []
+    for _ in range(2):
+        c, i = to_device(cache, dict(ins, out=ins["out"].clone()), device)
+        checkpointing_ssu(**i, **c.op_kwargs(0), rounding=rounding, rand_seed=c.seeds, precision="exact")
+        c, i = to_device(c, i, "cpu")
+        runs.append((c, i))
+    (c, i), (c2, i2) = runs
+    lc, lr, l0 = c.layers[0], ref_cache.layers[0], cache.layers[0]
+    assert torch.equal(lc.state.view(torch.uint8) if lc.state.dtype.itemsize == 1 else lc.state,
+                       c2.layers[0].state.view(torch.uint8) if lc.state.dtype.itemsize == 1 else c2.layers[0].state)
+    out, ref = i["out"], ref_ins["out"]
+    live = ~torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert float((out[live] - ref[live]).abs().max() / ref[live].abs().max()) < 1e-5
+    slots = [int(s) for s in ins["state_batch_indices"]]
+    writes = [s for s in slots if int(cache.pnat[s]) + 4 > cache.W]
+    keeps = [s for s in range(cache.num_slots) if s not in writes]
+    raw = (lambda t: t.view(torch.uint8) if t.dtype.itemsize == 1 else t)
+    assert writes and torch.equal(raw(lc.state[keeps]), raw(l0.state[keeps]))
+    if lc.state_scale is not None:
+        assert torch.equal(lc.state_scale[keeps], l0.state_scale[keeps])
+        assert bool((lc.state_scale[writes] > 0).all()) and bool(torch.isfinite(lc.state_scale[writes]).all())
+    S = decode_state(lc.state[writes], None if lc.state_scale is None else lc.state_scale[writes])
+    R = decode_state(lr.state[writes], None if lr.state_scale is None else lr.state_scale[writes])
+    if lc.state_scale is not None:
+        step = lr.state_scale[writes].double()[..., None]               # one code = one scale
+    else:
+        # relative ulp, and the fixed subnormal spacing of fp16 near zero
+        step = R.abs() * (2.0 ** -7 if state_dtype == torch.bfloat16 else 2.0 ** -10) + 2.0 ** -24
+    assert bool(((S - R).abs() <= step * 1.001).all()), "a written state is more than one grid step off"
+    if rounding == "sr":   # stochastic rounding really happened: some elements left the nearest neighbour
+        c_rn, i_rn = to_device(cache, dict(ins, out=ins["out"].clone()), device)
+        checkpointing_ssu(**i_rn, **c_rn.op_kwargs(0), precision="exact")
+        c_rn = to_device(c_rn, i_rn, "cpu")[0]
+        assert not torch.equal(raw(c_rn.layers[0].state[writes]), raw(lc.state[writes]))
