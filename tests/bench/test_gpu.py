@@ -63,7 +63,7 @@ def test_quick_run_end_to_end(tmp_path):
         assert 0 < r["p10_us"] <= r["median_us"] <= r["p90_us"]
         assert 0 < r["pct_floor"] < 200
         assert r["slot_sets"] >= 1 and r["samples"] >= 20
-        if strategy != "all_states":
+        if strategy == "checkpointing":      # the only strategy with a step plan
             assert r["plan_us"] > 0
         if r.get("conv_median_us") is not None:
             assert r["conv_median_us"] > r["p10_us"]

@@ -175,11 +175,13 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
         assert bool((lc.state_scale[writes] > 0).all()) and bool(torch.isfinite(lc.state_scale[writes]).all())
     S = decode_state(lc.state[writes], None if lc.state_scale is None else lc.state_scale[writes])
     R = decode_state(lr.state[writes], None if lr.state_scale is None else lr.state_scale[writes])
-    if lc.state_scale is not None:
-        step = lr.state_scale[writes].double()[..., None]               # one code = one scale
-    else:
-        # relative ulp, and the fixed subnormal spacing of fp16 near zero
-        step = R.abs() * (2.0 ** -7 if state_dtype == torch.bfloat16 else 2.0 ** -10) + 2.0 ** -24
+    # one step of the target grid at the larger of the two magnitudes (in code units for scaled kinds)
+    scale = 1.0 if lr.state_scale is None else lr.state_scale[writes].double()[..., None]
+    mant, emin = {torch.int8: (7, 7), torch.float8_e4m3fn: (3, -6), torch.bfloat16: (7, -126),
+                  torch.float16: (10, -14)}[state_dtype]
+    mag = torch.maximum(S.abs(), R.abs()) / scale
+    e = torch.floor(torch.log2(mag.clamp_min(2.0 ** -149))).clamp_min(emin)
+    step = torch.exp2(e - mant) * scale
     assert bool(((S - R).abs() <= step * 1.001).all()), "a written state is more than one grid step off"
     if rounding == "sr":   # stochastic rounding really happened: some elements left the nearest neighbour
         c_rn, i_rn = to_device(cache, dict(ins, out=ins["out"].clone()), device)
