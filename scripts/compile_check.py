@@ -40,7 +40,19 @@ def compile_one(fn, dtypes, constexprs, num_warps=4, label=""):
     return k
 
 
+def compile_plan():
+    """The StepPlan kernel at its smallest and largest usual blocks, fixed and varlen lengths."""
+    from specssm.cache.plan_kernel import _plan_kernel, _num_warps
+    ptr = {"pnat_ptr": "*i32", "sbi_ptr": "*i32", "lens_ptr": "*i32", "write_flag_ptr": "*i32",
+           "order_ptr": "*i32", "counts_ptr": "*i32"}
+    for block in (1, 4096):
+        for varlen in (False, True):
+            compile_one(_plan_kernel, ptr, dict(VARLEN=varlen, BLOCK=block), num_warps=_num_warps(block),
+                        label=f"plan block={block} varlen={varlen}")
+
+
 def main():
+    compile_plan()
     from specssm.ops.checkpointing import _ssu_kernel
     ptr = {n: "*fp32" for n in _ssu_kernel.arg_names if n.endswith("_ptr")}
     ptr.update({"xc_ptr": "*bf16", "Bc_ptr": "*bf16", "x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16",
@@ -48,7 +60,7 @@ def main():
                 "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "counts_ptr": "*i32", "seed_ptr": "*i64"})
     base = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
                 KIND=0, SR=False, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16, DOT_PREC="tf32",
-                HC=4, STAGES=2, NCH=32)
+                HC=1, STAGES=1, NCH=64)
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
         compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}")

@@ -10,6 +10,7 @@ from numbers import Integral
 import torch
 
 from specssm._checks import MAX_WINDOW, check_slots_host, check_tensor
+from specssm.cache.plan_kernel import kernel_runs_on, launch_plan_kernel
 
 
 class StepPlan:
@@ -34,13 +35,35 @@ class StepPlan:
         return self.counts[0:1]
 
     def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
-        """Fill the buffers for one step. `pnat`: the per-slot `(slots,)` int32 counts;
-        `num_tokens`: an int T or a `(batch,)` tensor of row lengths.
+        """Fill the buffers for one step. `pnat`: the per-slot `(slots,)` int32/int64 counts;
+        `state_batch_indices`: `(batch,)` int32/int64 slot ids, `pad_slot_id` on padding rows;
+        `num_tokens`: an int T or a `(batch,)` int32/int64 tensor of row lengths.
 
-        Device tensor ops only (no host sync). Shapes, dtypes, devices and `window` are always checked;
-        slot ids (range, duplicates) are checked on the host when `validate` is True, or when it is
-        None (default) and the tensors are on the CPU, where that costs no sync (CUDA-graph safe).
+        One Triton launch (specssm/cache/plan_kernel.py), no host sync, so it can be captured in a CUDA
+        graph; on a CPU without the Triton interpreter the torch reference fills the same buffers.
+        Shapes, dtypes, devices and `window` are always checked; slot ids (range, duplicates) are checked
+        on the host when `validate` is True, or when it is None (default) and the tensors are on the
+        CPU, where that costs no sync (CUDA-graph safe).
         """
+        batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
+        if kernel_runs_on(self.device):
+            launch_plan_kernel(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
+                               self.write_flag, self.order, self.counts)
+        else:
+            self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id)
+        self.batch = batch
+        return self
+
+    def build_reference(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
+        """`build` with ~10 small torch ops instead of the Triton kernel (same arguments, checks and
+        result); the reference the kernel is tested against."""
+        batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
+        self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id)
+        self.batch = batch
+        return self
+
+    def _check(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate) -> int:
+        """Validate the arguments of a build before anything is written; returns the batch."""
         check_tensor("state_batch_indices", state_batch_indices, ndim=1,
                      dtypes=(torch.int32, torch.int64), device=self.device)
         batch = state_batch_indices.shape[0]
@@ -56,6 +79,10 @@ class StepPlan:
             raise ValueError(f"window: expected an int in [0, {MAX_WINDOW}], got {window!r}")
         if validate or (validate is None and self.device.type == "cpu"):
             check_slots_host("state_batch_indices", state_batch_indices, pnat.shape[0], pad_slot_id)
+        return batch
+
+    def _fill_with_torch(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id):
+        batch = state_batch_indices.shape[0]
         live = state_batch_indices != pad_slot_id
         slot = torch.where(live, state_batch_indices.long(), 0)
         write = live & (pnat[slot] + num_tokens > window)
@@ -72,5 +99,3 @@ class StepPlan:
         self.write_flag[:batch] = write.to(torch.int32)
         self.counts[0] = n_w
         self.counts[1] = n_live
-        self.batch = batch
-        return self

@@ -1,0 +1,89 @@
+"""The step plan (DESIGN §5, "plan") in one Triton launch.
+
+One program covers the whole batch in a single block of BLOCK = next_power_of_2(batch) rows: it loads
+the rows' slots, their pnat and lengths, forms the write / no-write / padding masks, ranks every row
+inside its group with prefix sums and scatters the row ids to their places in `order`. Ten small
+torch kernels become one launch, with no host sync, so it is captured in a CUDA graph like any other
+kernel. Inputs are checked by `StepPlan.build`; this file only launches.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+# batch, the row length, the window and the pad id change between steps; specializing on their values
+# (== 1, divisible by 16) would compile a new variant mid-serving, possibly during a graph capture.
+@triton.jit(do_not_specialize=["batch", "num_tokens", "window", "pad_slot_id"])
+def _plan_kernel(pnat_ptr, pnat_stride, num_slots, sbi_ptr, sbi_stride, lens_ptr, lens_stride,
+                 write_flag_ptr, order_ptr, counts_ptr, batch, num_tokens, window, pad_slot_id,
+                 VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    rows = tl.arange(0, BLOCK)
+    in_batch = rows < batch
+    slot = tl.load(sbi_ptr + rows * sbi_stride, mask=in_batch, other=pad_slot_id)
+    live = in_batch & (slot != pad_slot_id)
+    # slot ids are only range-checked on the host when asked; never read outside pnat even so
+    slot_ok = live & (slot >= 0) & (slot < num_slots)
+    pnat = tl.load(pnat_ptr + slot * pnat_stride, mask=slot_ok, other=0)
+    if VARLEN:
+        length = tl.load(lens_ptr + rows * lens_stride, mask=in_batch, other=0)
+    else:
+        length = num_tokens
+    write = live & (pnat + length > window)
+    stay = live & ~write
+    pad = in_batch & (slot == pad_slot_id)
+
+    write_i = write.to(tl.int32)
+    stay_i = stay.to(tl.int32)
+    pad_i = pad.to(tl.int32)
+    n_write = tl.sum(write_i, axis=0)
+    n_live = n_write + tl.sum(stay_i, axis=0)
+    # inclusive prefix sums give each row its 1-based rank among the earlier rows of its own group,
+    # which keeps every group in row order; the groups follow each other write, stay, pad
+    rank = tl.where(write, tl.cumsum(write_i, axis=0) - 1,
+                    tl.where(stay, n_write + tl.cumsum(stay_i, axis=0) - 1,
+                             n_live + tl.cumsum(pad_i, axis=0) - 1))
+    tl.store(order_ptr + rank, rows, mask=in_batch)
+    tl.store(write_flag_ptr + rows, write_i, mask=in_batch)
+    tl.store(counts_ptr, n_write)
+    tl.store(counts_ptr + 1, n_live)
+
+
+def interpreting() -> bool:
+    """Whether `_plan_kernel` runs through the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_plan_kernel, InterpretedFunction)
+
+
+def kernel_runs_on(device: torch.device) -> bool:
+    """CUDA devices, and any device under the interpreter; elsewhere Triton has nothing to launch on."""
+    return torch.device(device).type == "cuda" or interpreting()
+
+
+def _num_warps(block: int) -> int:
+    # about 8 rows per thread: the prefix sums stay in registers, small batches use one warp
+    return max(1, min(16, block // 256))
+
+
+def launch_plan_kernel(pnat: torch.Tensor, state_batch_indices: torch.Tensor, window: int, num_tokens,
+                       pad_slot_id: int, write_flag: torch.Tensor, order: torch.Tensor,
+                       counts: torch.Tensor) -> None:
+    """Fill `write_flag[:batch]`, `order[:batch]` and `counts[0:2]` (int32, contiguous) in one launch.
+
+    pnat: (slots,) int32/int64; state_batch_indices: (batch,) int32/int64, pad rows hold pad_slot_id;
+    num_tokens: int T, or a (batch,) int32/int64 tensor of row lengths. Arguments as checked by
+    `StepPlan.build`; 1-D inputs may be strided.
+    """
+    batch = state_batch_indices.shape[0]
+    if batch == 0:
+        counts.zero_()
+        return
+    varlen = isinstance(num_tokens, torch.Tensor)
+    lens = num_tokens if varlen else state_batch_indices   # a placeholder pointer when not VARLEN
+    block = triton.next_power_of_2(batch)
+    _plan_kernel[(1,)](
+        pnat, pnat.stride(0), pnat.shape[0], state_batch_indices, state_batch_indices.stride(0),
+        lens, lens.stride(0), write_flag, order, counts, batch, 0 if varlen else int(num_tokens),
+        int(window), int(pad_slot_id), VARLEN=varlen, BLOCK=block, num_warps=_num_warps(block))
