@@ -182,7 +182,10 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
     mag = torch.maximum(S.abs(), R.abs()) / scale
     e = torch.floor(torch.log2(mag.clamp_min(2.0 ** -149))).clamp_min(emin)
     step = torch.exp2(e - mant) * scale
-    bad = (S - R).abs() > step * 1.001
+    # plus fp32 arithmetic: the fold sums O(row max) terms, so tiny elements carry ~1e-7·row max of
+    # absolute error before rounding (seen on an H200 with bf16/fp16 states: 2 ulps of a 2e-6 element)
+    slack = 1e-6 * R.abs().amax(dim=-1, keepdim=True)
+    bad = (S - R).abs() > step * 1.001 + slack
     if bool(bad.any()):
         i = tuple(int(v) for v in bad.nonzero()[0])
         raise AssertionError(f"{int(bad.sum())} written state elements more than one grid step off; first at {i}: "
