@@ -1,0 +1,42 @@
+"""One checkpointing step at Super TP8 shapes (mixed pnat), for Nsight Compute:
+
+    ncu -k regex:_ssu_kernel --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --section WarpStateStats python3 scripts/profile_step.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from scripts.quick_bench import HIST, stationary_pnat  # noqa: E402
+from specssm.cache import SSMCache, StepPlan  # noqa: E402
+from specssm.ops import checkpointing_ssu  # noqa: E402
+
+
+def main(batch=1024, state=torch.float32):
+    H, P, N, G, T, W = 16, 64, 128, 1, 6, 16
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    cache = SSMCache(1, batch, H, P, N, G, T, W, state_dtype=state, act_dtype=torch.bfloat16, device=dev)
+    lc = cache.layers[0]
+    lc.state.normal_(); lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
+    cache.pnat.copy_(stationary_pnat(T, W, HIST, gen, batch).to(dev))
+    x = torch.randn(batch, T, H, P, device=dev, dtype=torch.bfloat16)
+    Bm = torch.randn(batch, T, G, N, device=dev, dtype=torch.bfloat16)
+    sbi = torch.arange(batch, dtype=torch.int32, device=dev)
+    plan = StepPlan(batch, dev).build(cache.pnat, sbi, W, T)
+    A = -torch.rand(H, device=dev).add(0.1)
+    for _ in range(3):
+        checkpointing_ssu(x=x, dt=torch.randn(batch, T, H, device=dev), A=A, B=Bm, C=torch.randn_like(Bm),
+                          out=torch.empty_like(x), D=torch.randn(H, device=dev), dt_bias=torch.zeros(H, device=dev),
+                          dt_softplus=True, state_batch_indices=sbi, plan=plan, launch="split", validate=False,
+                          **cache.op_kwargs(0))
+    torch.cuda.synchronize()
+    print("writes", int(plan.counts[0]), "of", batch)
+
+
+if __name__ == "__main__":
+    main()
