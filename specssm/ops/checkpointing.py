@@ -244,7 +244,8 @@ def _launch(branch, grid, a, cfg, order, counts, use_order):
         *a["ptrs"], order, counts, a["seed"], *a["sizes"], *a["strides"],
         BRANCH=branch, USE_ORDER=use_order, **a["flags"], BLOCK_P=cfg["BLOCK_P"], HC=cfg["HC"],
         NCH=cfg["NCH"],
-        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and a["cuda"] else {}))
 
 
 def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,
@@ -340,6 +341,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     if C.stride() != B.stride():
         raise ValueError(f"C: expected the same strides as B {tuple(B.stride())}, got {tuple(C.stride())}")
     a = dict(
+        cuda=dev.type == "cuda",
         ptrs=(state, scale, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,
               x, dt_c, A_h, B, C, out, D_h if D_h is not None else dummy, z if z is not None else dummy,
               bias_h if bias_h is not None else dummy, sbi,

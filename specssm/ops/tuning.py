@@ -15,6 +15,7 @@ TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 
 # BLOCK_P: state rows per program; NCH: state columns in registers at a time; HC: heads per program (they share the group's C·Bᵀ);
 # num_warps; num_stages: software pipelining of the head loop;
+# maxnreg: register cap per thread (None: the compiler's choice; a lower cap buys occupancy);
 # split_min_batch: from this batch on, launch="auto" uses the write/no-write split launches.
 DEFAULT = {"BLOCK_P": 64, "NCH": 64, "HC": 1, "num_warps": 4, "num_stages": 1, "split_min_batch": 128}
 

@@ -15,14 +15,18 @@ with dt_bias chosen so that the heads' decay rates |A|·softplus(dt_bias) are lo
 [1e-3, 2] per token (dt centres about 4e-4 .. 5): per token A·dt then spans about [-4, -1e-3], the
 range real models show (the slow heads are the ones that remember rounding errors). x, B, C ~ N(0, 1);
 D = 1 (Mamba init); G = 1.
-The run starts from a random prefill state of the stationary magnitude of each head, stored with RN
-(its rounding is not counted: the truth starts from the stored value).
+The run starts from a random prefill state of the stationary magnitude of each head under unit inputs,
+stored with RN (its rounding is not counted: the truth starts from the stored value). Controlled
+regimes for the bias of RN: --x-scale 0 (no inputs: the state only decays), --x-scale 0.05 (quiet
+inputs next to a large state), --coherent 1 (a persistent part of x and B, as real activations have).
 
 Errors are relative per (row, head) — ‖Δ‖ / ‖reference‖ over (P, N) for the state, over (T, P) for the
 outputs — and a step's value is their RMS over rows and heads. Also recorded: the rounding error of
 each flush alone (stored vs the exact state it rounded), hence the amplification of the run's error
-over one rounding, and the radial bias <Δ, h> / ‖h‖² (mean over the run; RN stagnation shows as a
-persistent sign, SR stays around 0).
+over one rounding; the radial bias <Δ, h> / ‖h‖² (mean over the second half; RN stagnation under
+decay shows as a persistent positive sign, SR stays around 0); and the input gain, the part of the
+input-driven state (the truth minus the decayed prefill) that the run kept: <h − decayed h0, s> / ‖s‖²
+(1: unbiased; below 1: RN swamping, increments below half a grid step dropped).
 
 usage: specssm drift [--steps 2000] [--dtypes fp32,bf16,...] [--roundings rn,sr]
                      [--policies W16,W8,always] [--quick] [--jobs 2] [--out DIR]
@@ -35,9 +39,10 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -100,6 +105,8 @@ class Setup:
     decay_hi: float = 2.0            # ... of the fastest head (log-spaced in between)
     dt_noise: float = 0.5            # std of raw dt around the bias
     x_scale: float = 1.0             # 0: no inputs, the state only decays (controlled bias check)
+    coherent: float = 0.0            # persistent part of x and B: x = x_scale·(coherent·sx + noise),
+                                     # B = coherent·sB + noise, sx / sB fixed ±1 patterns per row
 
     def check(self):
         for nm in ("steps", "rows", "H", "P", "N", "T"):
@@ -116,8 +123,9 @@ class Setup:
         if not 0 < self.decay_lo <= self.decay_hi:
             raise ValueError(f"decay_lo, decay_hi: expected 0 < decay_lo <= decay_hi, got "
                              f"{self.decay_lo}, {self.decay_hi}")
-        if self.dt_noise < 0 or self.x_scale < 0:
-            raise ValueError(f"dt_noise, x_scale: expected >= 0, got {self.dt_noise}, {self.x_scale}")
+        if self.dt_noise < 0 or self.x_scale < 0 or self.coherent < 0:
+            raise ValueError(f"dt_noise, x_scale, coherent: expected >= 0, got {self.dt_noise}, {self.x_scale}, "
+                             f"{self.coherent}")
 
 
 def head_params(setup: Setup):
@@ -154,11 +162,17 @@ class InputStream:
         self.gen = torch.Generator().manual_seed(setup.seed + 2)
         p = acceptance_probs(dict(setup.acceptance), setup.T)
         self.p_acc = torch.tensor(p[1:], dtype=torch.float64)
+        # fixed sign patterns of the persistent input part (own generator: the noise stream is the same
+        # with and without it)
+        g = torch.Generator().manual_seed(setup.seed + 3)
+        s = setup
+        self.sx = torch.randn(s.rows, 1, s.H, s.P, dtype=torch.float64, generator=g).sign() * s.coherent
+        self.sB = torch.randn(s.rows, 1, 1, s.N, dtype=torch.float64, generator=g).sign() * s.coherent
 
     def next(self):
         s, g, f64 = self.s, self.gen, torch.float64
-        x = torch.randn(s.rows, s.T, s.H, s.P, dtype=f64, generator=g) * s.x_scale
-        B = torch.randn(s.rows, s.T, 1, s.N, dtype=f64, generator=g)
+        x = (torch.randn(s.rows, s.T, s.H, s.P, dtype=f64, generator=g) + self.sx) * s.x_scale
+        B = torch.randn(s.rows, s.T, 1, s.N, dtype=f64, generator=g) + self.sB
         C = torch.randn(s.rows, s.T, 1, s.N, dtype=f64, generator=g)
         dt_raw = torch.randn(s.rows, s.T, s.H, dtype=f64, generator=g) * s.dt_noise
         acc = torch.multinomial(self.p_acc, s.rows, replacement=True, generator=g).to(torch.int32) + 1
@@ -193,6 +207,7 @@ class _ConfigRun:
         self.op = always_write_ssu_ref if cfg.window == 0 else checkpointing_ssu_ref
         shp = (s.steps, s.rows, s.H)
         self.state_err, self.out_err, self.radial = torch.zeros(shp), torch.zeros(shp), torch.zeros(shp)
+        self.gain = torch.full(shp, float("nan"))
         self.flush_err = []              # (H,) rounding errors of single flushes
         self.flushes = 0
         self.seconds = 0.0
@@ -229,6 +244,11 @@ class _ConfigRun:
             den = h_true.pow(2).sum((1, 2))
             self.radial[i, r] = torch.where(den > 0, (e * h_true).sum((1, 2)) / torch.where(den > 0, den, 1.0),
                                             torch.zeros_like(den)).float()
+            # input gain: the truth run from a zero state is the input-driven part of the state
+            sig, kept = truth[r], h - torch.exp(loglam[r])[:, None, None] * self.h0[r]
+            ss = sig.pow(2).sum((1, 2))
+            self.gain[i, r] = torch.where(ss > 0, (kept * sig).sum((1, 2)) / torch.where(ss > 0, ss, 1.0),
+                                          float("nan")).float()
             self.implied[r] = h
         self.seconds += time.perf_counter() - t0
 
@@ -243,6 +263,8 @@ class _ConfigRun:
         state_rms = float(st.pow(2).mean().sqrt())
         flush_rms = float(fe.pow(2).mean().sqrt())
         half = s.steps // 2
+        head_gain_all = self.gain[half:].nanmean((0, 1)).tolist()
+        head_gain = [g for g in head_gain_all if not math.isnan(g)]
         summary = dict(
             state_rms=state_rms, state_max=float(st.max()), state_end=float(st[-1]),
             state_max_single=float(self.state_err.max()),
@@ -251,6 +273,7 @@ class _ConfigRun:
             amplification=state_rms / flush_rms if flush_rms > 0 else float("nan"),
             radial_bias=float(self.radial[half:].mean()),
             radial_bias_end=float(self.radial[-1].mean()),
+            input_gain_min_head=min(head_gain) if head_gain else float("nan"),
             growth=growth,
             write_fraction=self.flushes / (s.steps * s.rows),
             tokens_per_flush=tokens_per_row * s.rows / max(self.flushes, 1),
@@ -262,6 +285,7 @@ class _ConfigRun:
             out_rms=self.out_err.pow(2).mean((0, 1)).sqrt().tolist(),
             flush_err_rms=fe.pow(2).mean(0).sqrt().tolist(),
             radial_bias=self.radial[half:].mean((0, 1)).tolist(),
+            input_gain=head_gain_all,
         )
         return dict(config=asdict(self.cfg), name=self.cfg.name, window=self.cfg.window, summary=summary,
                     per_head=per_head, series=dict(state=st.tolist(), out=ot.tolist()))
@@ -349,7 +373,8 @@ def markdown(res: dict) -> str:
         "",
         f"{s['steps']} verify steps, {s['rows']} rows, H={s['H']}, P={s['P']}, N={s['N']}, G=1, T={s['T']}, "
         f"acceptance histogram of DESIGN §6 (mean {res['tokens_per_row'] / s['steps']:.2f} accepted tokens per "
-        f"step), seed {s['seed']}; x scale {s['x_scale']}, raw-dt noise {s['dt_noise']}, head decay rates "
+        f"step), seed {s['seed']}; x scale {s['x_scale']}, persistent input part {s['coherent']}, raw-dt noise "
+        f"{s['dt_noise']}, head decay rates "
         f"log-spaced over [{s['decay_lo']:g}, {s['decay_hi']:g}] per token. "
         "float64 activations and arithmetic (reference step); only the stored "
         "checkpoint is rounded. CPU run, "
@@ -368,11 +393,13 @@ def markdown(res: dict) -> str:
         "largest step, the last step. *flush* = relative error of one rounding of a flush alone; "
         "*ampl.* = state RMS / flush RMS (how much the run accumulates over one rounding); *growth* = "
         "RMS of the last quarter / RMS of the second quarter (≈1: saturated, >1: still growing); "
-        "*radial* = mean ⟨Δ, h⟩/‖h‖² over the second half (persistent sign: biased).",
+        "*radial* = mean ⟨Δ, h⟩/‖h‖² over the second half (persistent sign: biased); *gain* = the "
+        "smallest over heads of the kept fraction of the input-driven state (1: unbiased, < 1: inputs "
+        "dropped by RN swamping; – without inputs).",
         "",
         "| dtype | rnd | policy | writes/step | state RMS | state max | state end | growth | out RMS | "
-        "out max | out end | flush | ampl. | radial | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "out max | out end | flush | ampl. | radial | gain | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["configs"]:
         c, m = r["config"], r["summary"]
@@ -380,7 +407,9 @@ def markdown(res: dict) -> str:
             f"| {c['dtype']} | {c['rounding'].upper()} | {c['policy']} | {m['write_fraction']:.2f} | "
             f"{_fmt(m['state_rms'])} | {_fmt(m['state_max'])} | {_fmt(m['state_end'])} | {m['growth']:.2f} | "
             f"{_fmt(m['out_rms'])} | {_fmt(m['out_max'])} | {_fmt(m['out_end'])} | {_fmt(m['flush_err_rms'])} | "
-            f"{m['amplification']:.1f} | {m['radial_bias']:+.1e} | {m['seconds']:.0f} |")
+            f"{m['amplification']:.1f} | {m['radial_bias']:+.1e} | "
+            f"{'–' if math.isnan(m['input_gain_min_head']) else format(m['input_gain_min_head'], '.4f')} | "
+            f"{m['seconds']:.0f} |")
     lams = heads["decay_per_token"]
     lines += [
         "",
@@ -393,6 +422,23 @@ def markdown(res: dict) -> str:
         c = r["config"]
         lines.append(f"| {c['dtype']} | {c['rounding'].upper()} | {c['policy']} | "
                      + " | ".join(_fmt(v) for v in r["per_head"]["state_rms"]) + " |")
+    lines += [
+        "",
+        "Bounded-drift model: per-head state RMS divided by e_h / sqrt(1 − exp(−2·λ_h·F)), with e_h the "
+        "head's rounding error of one flush, λ_h its decay per token and F the accepted tokens per flush "
+        "(independent unbiased flush errors, each forgotten at rate λ_h). ≈ 1 where the model holds; below 1 "
+        "for fast heads, whose error also decays inside the history before it is measured.",
+        "",
+        "| dtype | rnd | policy | F | " + " | ".join(f"h{h}" for h in range(len(lams))) + " |",
+        "|---|---|---|---|" + "---|" * len(lams),
+    ]
+    for r in res["configs"]:
+        c, F = r["config"], r["summary"]["tokens_per_flush"]
+        cells = []
+        for obs, e, lam in zip(r["per_head"]["state_rms"], r["per_head"]["flush_err_rms"], lams):
+            model = e / math.sqrt(-math.expm1(-2.0 * lam * F)) if e > 0 and lam > 0 else 0.0
+            cells.append(f"{obs / model:.2f}" if model > 0 else "–")
+        lines.append(f"| {c['dtype']} | {c['rounding'].upper()} | {c['policy']} | {F:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -408,7 +454,7 @@ def plot(res: dict, path) -> Path | None:
     policies = [p for p in POLICIES if any(r["config"]["policy"] == p for r in res["configs"])]
     colors = dict(fp32="black", bf16="tab:blue", fp16="tab:green", int8="tab:red", fp8="tab:orange")
     fig, axes = plt.subplots(1, len(policies), figsize=(5.2 * len(policies), 4.4), sharey=True, squeeze=False)
-    win = 20
+    win, lows = 20, []
     for ax, pol in zip(axes[0], policies):
         for r in res["configs"]:
             c = r["config"]
@@ -420,14 +466,21 @@ def plot(res: dict, path) -> Path | None:
             idx = torch.arange(1, len(v) + 1)
             lo = (idx - win).clamp(min=0)
             smooth = ((cs[idx] - cs[lo]) / (idx - lo)).sqrt()
-            steps = idx
-            ax.plot(steps.tolist(), torch.where(smooth > 0, smooth, float('nan')).tolist(), color=colors.get(c["dtype"], "gray"),
+            smooth = torch.where(smooth > 0, smooth, float("nan"))
+            # the y range starts below the settled lines, not at the first flush's tiny values
+            settled = smooth[len(v) // 10:]
+            settled = settled[~torch.isnan(settled)]
+            if settled.numel():
+                lows.append(float(settled.min()))
+            ax.plot(idx.tolist(), smooth.tolist(), color=colors.get(c["dtype"], "gray"),
                     linestyle="-" if c["rounding"] == "rn" else "--", linewidth=1.2,
                     label=f"{c['dtype']} {c['rounding'].upper()}")
         ax.set_yscale("log")
         ax.set_title(f"{pol} ({'flush every step' if POLICIES[pol] == 0 else 'window ' + str(POLICIES[pol])})")
         ax.set_xlabel("verify step")
         ax.grid(True, which="both", alpha=0.3)
+    if lows:
+        axes[0][0].set_ylim(bottom=0.3 * min(lows))
     axes[0][0].set_ylabel("relative error of the implied state")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center right")
@@ -459,7 +512,11 @@ def write_outputs(res: dict, out_dir, make_plot=True) -> list[Path]:
     md, js = out / "results.md", out / "drift.json"
     md.write_text(markdown(res))
     meta = dict(res, platform=platform.platform(), python=platform.python_version(), torch=torch.__version__)
-    js.write_text(json.dumps(_compact(meta), indent=1, allow_nan=True))
+    text = json.dumps(_compact(meta), indent=1, allow_nan=True)
+    # one line per list of numbers (the per-step series): readable and ~3x smaller
+    text = re.sub(r"\[\s*([-+0-9.eE,\sNaInfity]+?)\s*\]",
+                  lambda mm: "[" + ", ".join(v.strip() for v in mm.group(1).split(",")) + "]", text)
+    js.write_text(text)
     paths = [md, js]
     if make_plot:
         p = plot(res, out / "drift.png")
@@ -496,6 +553,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dt-noise", type=float, default=0.5, help="std of raw dt around dt_bias (0: constant dt)")
     ap.add_argument("--x-scale", type=float, default=1.0,
                     help="scale of x (0: no inputs, the state only decays: shows RN stagnation)")
+    ap.add_argument("--coherent", type=float, default=0.0,
+                    help="persistent part of x and B (fixed ±1 patterns times this; 0: zero-mean inputs)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--out", default="drift_out", help="output folder (results.md, drift.json, drift.png)")
     ap.add_argument("--no-plot", action="store_true")
@@ -504,7 +563,8 @@ def main(argv=None) -> int:
     try:
         cfgs = make_configs(_csv(a.dtypes), _csv(a.roundings), _csv(a.policies))
         setup = Setup(steps=steps, rows=a.rows, H=a.heads, P=a.head_dim, N=a.d_state, T=a.T, seed=a.seed,
-                      decay_lo=a.decay_lo, decay_hi=a.decay_hi, dt_noise=a.dt_noise, x_scale=a.x_scale)
+                      decay_lo=a.decay_lo, decay_hi=a.decay_hi, dt_noise=a.dt_noise, x_scale=a.x_scale,
+                      coherent=a.coherent)
         setup.check()
     except ValueError as e:
         ap.error(str(e))
