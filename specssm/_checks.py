@@ -191,13 +191,7 @@ def check_ssu_args(state, x_cache, B_cache, dt_cache, ring_start, pnat, x, dt, A
     # pnat <= max(W, T) after any commit; its reads and the T appends must fit the ring disjointly.
     if max(W, T) + T > L:
         raise ValueError(f"x: expected max(window, T) + T <= ring length {L} (window={W}), got T={T}")
-    if state_batch_indices is not None:
-        check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
-                     dtypes=(torch.int32, torch.int64), device=dev)
-        if check_slots:
-            check_slots_host("state_batch_indices", state_batch_indices, num_slots, pad_slot_id)
-    elif batch > num_slots:
-        raise ValueError(f"x: expected batch <= slots ({num_slots}) without state_batch_indices, got {batch}")
+    check_slot_rows(state_batch_indices, batch, num_slots, pad_slot_id, dev, check_slots)
     if varlen and check_slots:
         cs = cu_seqlens.detach().cpu().to(torch.int64)
         lens = cs[1:] - cs[:-1]
@@ -205,3 +199,58 @@ def check_ssu_args(state, x_cache, B_cache, dt_cache, ring_start, pnat, x, dt, A
             raise ValueError(f"cu_seqlens: expected 0 = c[0] <= ... <= c[-1] = {lead[0]} tokens with each "
                              f"row's length in [0, max_seqlen={T}], got {cs.tolist()}")
     return (SSUShapes(batch, T, H, P, N, G, L, W, num_slots, varlen), A_h, dt_c, D_h, dt_bias_h)
+
+
+# all-states keeps float states only (float64 for reference runs)
+ALL_STATES_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_slot_rows(state_batch_indices, batch, num_slots, pad_slot_id, device, check_slots=True):
+    """state_batch_indices: `(batch,)` int32/int64 slot ids (or None: row b uses slot b)."""
+    if state_batch_indices is not None:
+        check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
+                     dtypes=(torch.int32, torch.int64), device=device)
+        if check_slots:
+            check_slots_host("state_batch_indices", state_batch_indices, num_slots, pad_slot_id)
+    elif batch > num_slots:
+        raise ValueError(f"x: expected batch <= slots ({num_slots}) without state_batch_indices, got {batch}")
+
+
+def check_all_states_args(states, state_index, x, dt, A, B, C, out, D, z, dt_bias, state_batch_indices,
+                          pad_slot_id, check_slots=True):
+    """Validate the arguments of one all-states step. Returns (N, G, dt_c, A_h, D_h, dt_bias_h), the
+    per-head parameters as compact (H,) views and dt as (batch, T, H), without copying."""
+    check_tensor("x", x, ndim=4, dtypes=FLOAT_ACT_DTYPES)
+    batch, T, H, P = x.shape
+    dev = x.device
+    check_tensor("states", states, ndim=5, dtypes=ALL_STATES_DTYPES, device=dev)
+    slots, Ts, Hs, Ps, N = states.shape
+    if (Ts, Hs, Ps) != (T, H, P):
+        raise ValueError(f"states: expected shape (slots, {T}, {H}, {P}, N), got {tuple(states.shape)}")
+    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=dev)
+    check_tensor("B", B, shape=(batch, T, None, N), dtypes=FLOAT_ACT_DTYPES, device=dev)
+    G = B.shape[2]
+    if G < 1 or H % G:
+        raise ValueError(f"B: expected ngroups dividing nheads={H}, got {G}")
+    check_tensor("C", C, shape=tuple(B.shape), dtype=B.dtype, device=dev)
+    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    if z is not None:
+        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    dt_c = tied_dt(dt, (batch, T), H, P, device=dev)
+    if dt_c.dtype not in FLOAT_ACT_DTYPES:
+        raise TypeError(f"dt: expected a floating dtype, got {dt_c.dtype}")
+    A_h, D_h = tied_per_head("A", A, H, P, N, device=dev), tied_per_head("D", D, H, P, device=dev)
+    bias_h = tied_per_head("dt_bias", dt_bias, H, P, device=dev)
+    check_slot_rows(state_batch_indices, batch, slots, pad_slot_id, dev, check_slots)
+    return N, G, dt_c, A_h, D_h, bias_h
+
+
+def check_kernel_layout(x, B, C, out, z):
+    """What the Triton kernels need beyond the shapes: unit stride in the last dimension (vector
+    loads) and C laid out like B (one set of strides for both)."""
+    for name, t in (("x", x), ("B", B), ("C", C), ("out", out), ("z", z)):
+        if t is not None and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got strides "
+                             f"{tuple(t.stride())}")
+    if C.stride() != B.stride():
+        raise ValueError(f"C: expected the same strides as B {tuple(B.stride())}, got {tuple(C.stride())}")

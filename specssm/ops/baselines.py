@@ -11,11 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
-from specssm._checks import check_slots_host, check_tensor, tied_dt, tied_per_head
+from specssm._checks import check_all_states_args, check_kernel_layout
 from specssm.ops import tuning
 from specssm.ops.checkpointing import _softplus, _ssu
 
-ALL_STATES_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # of states and activations
 
 
 def always_write_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A,
@@ -89,39 +89,17 @@ def all_states_ssu(states, state_index, x, dt, A, B, C, out, D=None, z=None, dt_
     accepted - 1); x, z, out (batch, T, H, P); dt (batch, T, H, P) tied or (batch, T, H);
     A (H, P, N) tied or (H,); D, dt_bias (H, P) tied or (H,); B, C (batch, T, G, N).
     """
-    check_tensor("x", x, ndim=4, dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    N, G, dt_c, A_h, D_h, bias_h = check_all_states_args(
+        states, state_index, x, dt, A, B, C, out, D, z, dt_bias, state_batch_indices, pad_slot_id,
+        check_slots=validate)
     batch, T, H, P = x.shape
     dev = x.device
-    check_tensor("states", states, ndim=5, dtypes=ALL_STATES_DTYPES, device=dev)
-    slots, Ts, Hs, Ps, N = states.shape
-    if (Ts, Hs, Ps) != (T, H, P):
-        raise ValueError(f"states: expected shape (slots, {T}, {H}, {P}, N), got {tuple(states.shape)}")
+    for name, t in (("states", states), ("x", x)):
+        if t.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{name}: expected dtype in {[str(d) for d in KERNEL_DTYPES]}, got {t.dtype}")
     if states.stride(-1) != 1 or states.stride(-2) != N:
         raise ValueError(f"states: expected the last two dimensions packed, got strides {tuple(states.stride())}")
-    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=dev)
-    check_tensor("B", B, shape=(batch, T, None, N), dtype=x.dtype, device=dev)
-    G = B.shape[2]
-    if H % G:
-        raise ValueError(f"B: expected ngroups dividing nheads={H}, got {G}")
-    check_tensor("C", C, shape=tuple(B.shape), dtype=x.dtype, device=dev)
-    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev)
-    if z is not None:
-        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev)
-    for name, t in (("x", x), ("B", B), ("C", C), ("out", out), ("z", z)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected a contiguous last dimension, got strides {tuple(t.stride())}")
-    if C.stride() != B.stride():
-        raise ValueError(f"C: expected the same strides as B {tuple(B.stride())}, got {tuple(C.stride())}")
-    if state_batch_indices is not None:
-        check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
-                     dtypes=(torch.int32, torch.int64), device=dev)
-        if validate:
-            check_slots_host("state_batch_indices", state_batch_indices, slots, pad_slot_id)
-    elif batch > slots:
-        raise ValueError(f"x: expected batch <= slots ({slots}) without state_batch_indices, got {batch}")
-    dt_c = tied_dt(dt, (batch, T), H, P, device=dev)
-    A_h = tied_per_head("A", A, H, P, N, device=dev)
-    D_h, bias_h = tied_per_head("D", D, H, P, device=dev), tied_per_head("dt_bias", dt_bias, H, P, device=dev)
+    check_kernel_layout(x, B, C, out, z)
     if batch == 0:
         return out
     cfg = tuning.config_for(dev, "all_states", P, N, states.dtype)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specssm._checks import QUANT_STATE_DTYPES, check_ssu_args
+from specssm._checks import QUANT_STATE_DTYPES, check_kernel_layout, check_ssu_args
 from specssm.cache.plan import StepPlan
 from specssm.ops import tuning
 from specssm.ops.store import store_state_tile, load_state_tile, STATE_KIND
@@ -335,11 +335,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     else:
         s_x, s_dt, s_B, s_o = x.stride()[:3], dt_c.stride(), B.stride()[:3], out.stride()[:3]
         s_z = z.stride()[:3] if z is not None else (0, 0, 0)
-    for name, t in (("x", x), ("B", B), ("C", C), ("out", out), ("z", z)):
-        if t is not None and t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got strides {tuple(t.stride())}")
-    if C.stride() != B.stride():
-        raise ValueError(f"C: expected the same strides as B {tuple(B.stride())}, got {tuple(C.stride())}")
+    check_kernel_layout(x, B, C, out, z)
     a = dict(
         cuda=dev.type == "cuda",
         ptrs=(state, scale, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,

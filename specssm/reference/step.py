@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from specssm._checks import (FLOAT_ACT_DTYPES, check_ssu_args, check_tensor, check_slots_host, tied_dt,
-                             tied_per_head)
+from specssm._checks import check_all_states_args, check_ssu_args
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
-
-
-# all-states keeps float states only (DESIGN §1: the baselines)
-ALL_STATES_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def row_tokens(b, shapes, cu_seqlens):
@@ -117,33 +112,9 @@ def all_states_ssu_ref(states, state_index, x, dt, A, B, C, out, D=None, z=None,
     states `(slots, T, H, P, N)` float (fp32/bf16/fp16), state_index `(slots,)` int32; the commit
     selects the accepted one by setting state_index[s] = accepted - 1 (no copy).
     """
-    check_tensor("x", x, ndim=4, dtypes=FLOAT_ACT_DTYPES)
+    N, G, dt_c, A_h, D_h, bias_h = check_all_states_args(
+        states, state_index, x, dt, A, B, C, out, D, z, dt_bias, state_batch_indices, pad_slot_id)
     batch, T, H, P = x.shape
-    dev = x.device
-    check_tensor("states", states, ndim=5, dtypes=ALL_STATES_DTYPES, device=dev)
-    slots, Ts, Hs, Ps, N = states.shape
-    if (Ts, Hs, Ps) != (T, H, P):
-        raise ValueError(f"states: expected shape (slots, {T}, {H}, {P}, N), got {tuple(states.shape)}")
-    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=dev)
-    check_tensor("B", B, shape=(batch, T, None, N), dtypes=FLOAT_ACT_DTYPES, device=dev)
-    G = B.shape[2]
-    if G < 1 or H % G:
-        raise ValueError(f"B: expected ngroups dividing nheads={H}, got {G}")
-    check_tensor("C", C, shape=tuple(B.shape), dtype=B.dtype, device=dev)
-    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev)
-    if z is not None:
-        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev)
-    dt_c = tied_dt(dt, (batch, T), H, P, device=dev)
-    if dt_c.dtype not in FLOAT_ACT_DTYPES:
-        raise TypeError(f"dt: expected a floating dtype, got {dt_c.dtype}")
-    A_h, D_h = tied_per_head("A", A, H, P, N, device=dev), tied_per_head("D", D, H, P, device=dev)
-    bias_h = tied_per_head("dt_bias", dt_bias, H, P, device=dev)
-    if state_batch_indices is not None:
-        check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
-                     dtypes=(torch.int32, torch.int64), device=dev)
-        check_slots_host("state_batch_indices", state_batch_indices, slots, pad_slot_id)
-    elif batch > slots:
-        raise ValueError(f"x: expected batch <= slots ({slots}) without state_batch_indices, got {batch}")
     rows = list(range(batch)) if state_batch_indices is None else state_batch_indices.tolist()
     live = [s for s in rows if s != pad_slot_id]
     bad = [s for s in live if not 0 <= int(state_index[s]) < T]
