@@ -2,4 +2,5 @@ import sys
 
 from specssm.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":      # worker processes (drift, TP) re-import this module
+    sys.exit(main())

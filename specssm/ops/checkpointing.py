@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specssm._checks import QUANT_STATE_DTYPES, check_kernel_layout, check_ssu_args
+from specssm._checks import QUANT_STATE_DTYPES, check_kernel_layout, check_ssu_args, check_tensor
 from specssm.cache.plan import StepPlan
 from specssm.ops import tuning
 from specssm.ops.store import store_state_tile, load_state_tile, STATE_KIND
@@ -248,45 +248,12 @@ def _launch(branch, grid, a, cfg, order, counts, use_order):
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and a["cuda"] else {}))
 
 
-def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,
-                      x, dt, A, B, C, out, D=None, z=None, dt_bias=None, dt_softplus=False,
-                      state_batch_indices=None, pad_slot_id=-1, state_scale=None, rand_seed=None,
-                      philox_rounds=10, cu_seqlens=None, max_seqlen=None, window=None, rounding="rn",
-                      no_write_form="rectangle", plan=None, launch="auto", precision="fast",
-                      validate=True):
-    """One verify step of checkpointing replay (Triton). Mutates the caches; returns `out`.
-
-    Shapes (batch rows, T tokens per row, H heads, P head_dim, N d_state, G groups, L ring rows):
-        state (slots, H, P, N) fp32/bf16/fp16 (int8/fp8 with state_scale (slots, H, P) fp32)
-        x_cache (slots, H, L, P), B_cache (slots, G, L, N) in the activation dtype
-        dt_cache (slots, H, L) fp32 (processed dt); ring_start, prev_num_accepted_tokens (slots,) int32
-        x, z, out (batch, T, H, P); dt (batch, T, H, P) tied (stride(-1) = 0) or (batch, T, H)
-        A (H, P, N) tied or (H,); D, dt_bias (H, P) tied or (H,); B, C (batch, T, G, N)
-        varlen: x, z, out (tokens, H, P), dt (tokens, H[, P]), B, C (tokens, G, N) with
-        cu_seqlens (batch + 1,) and max_seqlen.
-        state_batch_indices (batch,) int32 slot of each row (pad_slot_id: padding row, untouched).
-    Rows with pnat + len > W (W = window, default L - T) store their folded state; the others leave
-    it bit-identical. ring_start/pnat are updated by `SSMCache.commit` after verification.
-
-    Options: no_write_form "rectangle" | "replay"; launch "auto" | "dynamic" (one launch, branch per
-    row) | "split" (write and no-write launches over `plan`, a StepPlan built here when None);
-    precision "fast" (tf32 dots) | "exact" (fp32 dots); rounding "rn" | "sr" (needs rand_seed (slots,)
-    int64); validate=False skips the host-side slot checks (needed inside CUDA graphs).
-    """
-    if no_write_form not in ("rectangle", "replay"):
-        raise ValueError(f"no_write_form: expected 'rectangle' or 'replay', got {no_write_form!r}")
-    if launch not in LAUNCHES:
-        raise ValueError(f"launch: expected one of {LAUNCHES}, got {launch!r}")
-    return _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C,
-                out, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
-                philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch,
-                precision, validate)
-
-
 def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C, out,
          D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
          philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch, precision,
          validate):
+    """The launcher shared by checkpointing_ssu and always_write_ssu: checks every argument before
+    anything is written, picks the config from the tuning table, launches."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {tuple(PRECISIONS)}, got {precision!r}")
     if rounding not in ("rn", "sr"):
@@ -303,9 +270,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
         if not isinstance(rand_seed, torch.Tensor):
             raise ValueError(f"rand_seed: expected per-slot seeds (slots,) int64 for rounding='sr', "
                              f"got {type(rand_seed).__name__}")
-        if tuple(rand_seed.shape) != (sh.num_slots,) or rand_seed.dtype != torch.int64:
-            raise ValueError(f"rand_seed: expected shape ({sh.num_slots},) int64, got "
-                             f"{tuple(rand_seed.shape)} {rand_seed.dtype}")
+        check_tensor("rand_seed", rand_seed, shape=(sh.num_slots,), dtype=torch.int64, device=x.device)
     if sh.batch == 0:
         return out
     if sh.T > 16 or sh.L > 2 * 16:
@@ -379,3 +344,38 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     _launch(WRITE, grid, a, cfg, plan.order, plan.counts, True)
     _launch(NO_WRITE, grid, a, cfg, plan.order, plan.counts, True)
     return out
+
+
+def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,
+                      x, dt, A, B, C, out, D=None, z=None, dt_bias=None, dt_softplus=False,
+                      state_batch_indices=None, pad_slot_id=-1, state_scale=None, rand_seed=None,
+                      philox_rounds=10, cu_seqlens=None, max_seqlen=None, window=None, rounding="rn",
+                      no_write_form="rectangle", plan=None, launch="auto", precision="fast",
+                      validate=True):
+    """One verify step of checkpointing replay (Triton). Mutates the caches; returns `out`.
+
+    Shapes (batch rows, T tokens per row, H heads, P head_dim, N d_state, G groups, L ring rows):
+        state (slots, H, P, N) fp32/bf16/fp16 (int8/fp8 with state_scale (slots, H, P) fp32)
+        x_cache (slots, H, L, P), B_cache (slots, G, L, N) in the activation dtype
+        dt_cache (slots, H, L) fp32 (processed dt); ring_start, prev_num_accepted_tokens (slots,) int32
+        x, z, out (batch, T, H, P); dt (batch, T, H, P) tied (stride(-1) = 0) or (batch, T, H)
+        A (H, P, N) tied or (H,); D, dt_bias (H, P) tied or (H,); B, C (batch, T, G, N)
+        varlen: x, z, out (tokens, H, P), dt (tokens, H[, P]), B, C (tokens, G, N) with
+        cu_seqlens (batch + 1,) and max_seqlen.
+        state_batch_indices (batch,) int32 slot of each row (pad_slot_id: padding row, untouched).
+    Rows with pnat + len > W (W = window, default L - T) store their folded state; the others leave
+    it bit-identical. ring_start/pnat are updated by `SSMCache.commit` after verification.
+
+    Options: no_write_form "rectangle" | "replay"; launch "auto" | "dynamic" (one launch, branch per
+    row) | "split" (write and no-write launches over `plan`, a StepPlan built here when None);
+    precision "fast" (tf32 dots) | "exact" (fp32 dots); rounding "rn" | "sr" (needs rand_seed (slots,)
+    int64); validate=False skips the host-side slot checks (needed inside CUDA graphs).
+    """
+    if no_write_form not in ("rectangle", "replay"):
+        raise ValueError(f"no_write_form: expected 'rectangle' or 'replay', got {no_write_form!r}")
+    if launch not in LAUNCHES:
+        raise ValueError(f"launch: expected one of {LAUNCHES}, got {launch!r}")
+    return _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C,
+                out, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
+                philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch,
+                precision, validate)

@@ -2,8 +2,9 @@
 
 An fp32 checkpoint stays at the fp32 rounding level over hundreds of steps and bf16 sits far above it;
 in a controlled decay-only run (every step decays the state by less than half a bf16 ulp) RN stores the
-same value again and again (biased: the state never decays) while SR follows the truth on average; the
-CLI's quick run writes the table, the JSON and the plot of the whole matrix.
+same value again and again (biased: the state never decays) while SR follows the truth on average; int8
+RN drops weak persistent inputs of a slow head that SR keeps; the CLI's quick run writes the table, the
+JSON and the plot of the whole matrix.
 """
 import json
 import math
@@ -53,6 +54,20 @@ def test_sr_mean_error_is_unbiased_where_rn_stagnates():
     # SR: mean over 16 independent slots x 32 elements; its noise is ~0.1% here, RN's bias ~3.8%
     assert abs(sr) < 0.1 * rn, (sr, rn)
     assert m["bf16-sr-always"]["state_end"] > 0     # SR did round (a random walk around the truth)
+
+
+def test_int8_rn_drops_weak_persistent_inputs_sr_keeps_them():
+    # a slow head whose state is large next to weak, persistent inputs: each flush adds less than half
+    # an int8 code step, so RN rounds the increments away (input gain << 1, the error grows) while SR
+    # keeps them on average (gain ~1) with a smaller error
+    setup = drift.Setup(steps=200, rows=2, H=1, P=8, N=16, seed=1, A=(-1.0,), dt_center=(2e-5,), x_scale=0.05,
+                        coherent=1.0)
+    res = drift.run_group(setup, [Config("int8", "rn", "W16"), Config("int8", "sr", "W16")], progress=False)
+    by = {r["name"]: r for r in res["configs"]}
+    g_rn, g_sr = by["int8-rn-W16"]["per_head"]["input_gain"][0], by["int8-sr-W16"]["per_head"]["input_gain"][0]
+    assert g_rn < 0.8, g_rn
+    assert abs(g_sr - 1.0) < 0.1, g_sr
+    assert by["int8-sr-W16"]["summary"]["state_end"] < by["int8-rn-W16"]["summary"]["state_end"]
 
 
 def test_cli_quick_writes_table_json_png(tmp_path, capsys):
