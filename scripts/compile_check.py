@@ -32,7 +32,9 @@ def compile_one(fn, dtypes, constexprs, num_warps=4, label=""):
         import subprocess, tempfile
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(k.asm["cubin"]); f.flush()
-            r = subprocess.run(["cuobjdump", "--dump-resource-usage", f.name], capture_output=True, text=True)
+            tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            tool = tool if os.path.exists(tool) else "cuobjdump"     # Triton ships one
+            r = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
             usage = " ".join(l.strip() for l in r.stdout.splitlines() if "REG" in l)
     except Exception as e:  # noqa: BLE001
         usage = f"(no cuobjdump: {e})"
@@ -64,6 +66,10 @@ def main():
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
         compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}")
+    # the rounded and quantized store paths (write branch)
+    for kind, sdt, sr in ((1, "*bf16", True), (2, "*fp16", False), (3, "*i8", True), (4, "*fp8e4nv", False)):
+        cx = dict(base, BRANCH=1, USE_ORDER=True, KIND=kind, SR=sr, NCH=128)
+        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt), cx, label=f"ssu store kind={kind} sr={sr}")
     from specssm.ops.baselines import _all_states_kernel
     ptr2 = {n: "*fp32" for n in _all_states_kernel.arg_names if n.endswith("_ptr")}
     ptr2.update({"x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "out_ptr": "*bf16", "z_ptr": "*bf16",

@@ -84,7 +84,6 @@ def report_kernels():
     from specssm.ops import checkpointing
     for dev, caches in getattr(checkpointing._ssu_kernel, "device_caches", {}).items():
         for key, k in caches[0].items():
-            c = {n: k.src.constants.get((i,), None) if hasattr(k, "src") else None for i, n in enumerate([])}
             md = k.metadata
             print(f"kernel regs {k.n_regs:4d} spills {k.n_spills:5d} shared {md.shared:6d} warps {md.num_warps} "
                   f"stages {md.num_stages} | {str(key)[-160:]}")

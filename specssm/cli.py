@@ -1,7 +1,6 @@
 """`specssm` command line: `specssm demo | bench | drift | sim` (each with --help)."""
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 

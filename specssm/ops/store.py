@@ -12,9 +12,8 @@ import triton
 import triton.language as tl
 
 from specssm.quant.philox import random_words
-from specssm.quant.rounding import (quantize_fp8_rn, quantize_fp8_sr, quantize_int8_rn, quantize_int8_sr,
-                                    quantize_int16_rn, quantize_int16_sr, round_bf16_rn, round_bf16_sr,
-                                    round_fp16_rn, round_fp16_sr, row_scale)
+from specssm.quant.rounding import (quantize, round_bf16_rn, round_bf16_sr, round_fp16_rn, round_fp16_sr,
+                                    row_scale)
 
 STATE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
               torch.float8_e4m3fn: 4, torch.int16: 5}
@@ -47,12 +46,12 @@ def store_state_tile(h, state_ptr, scale_ptr, off, mask, scale_off, p_ok, seed_p
         hz = tl.where(mask, h, 0.0)
         if KIND == 3:
             scale, sinv = row_scale(hz, 127.0)
-            q = quantize_int8_sr(hz, sinv[:, None], rbits) if SR else quantize_int8_rn(hz, sinv[:, None])
         elif KIND == 4:
             scale, sinv = row_scale(hz, 448.0)
-            q = quantize_fp8_sr(hz, sinv[:, None], rbits) if SR else quantize_fp8_rn(hz, sinv[:, None])
         else:
             scale, sinv = row_scale(hz, 32767.0)
-            q = quantize_int16_sr(hz, sinv[:, None], rbits) if SR else quantize_int16_rn(hz, sinv[:, None])
+        if not SR:
+            rbits = hz
+        q = quantize(hz, sinv[:, None], rbits, KIND - 3, SR)
         tl.store(state_ptr + off, q.to(state_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + scale_off, scale, mask=p_ok)

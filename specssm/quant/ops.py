@@ -14,8 +14,7 @@ import triton.language as tl
 from .philox import random_words as _random_words_dev, random_words_rows as _random_words_rows_dev
 from .rounding import (
     dequantize as _dequantize_dev,
-    quantize_fp8_rn, quantize_fp8_sr, quantize_int8_rn, quantize_int8_sr,
-    quantize_int16_rn, quantize_int16_sr,
+    quantize,
     round_bf16_rn, round_bf16_sr, round_fp16_rn, round_fp16_sr, row_scale,
 )
 
@@ -77,20 +76,9 @@ def _quantize_kernel(x_ptr, codes_ptr, scale_ptr, seed, offset, R, N: tl.constex
     si = scale_inv[:, None]
     if STOCHASTIC:
         r = _words(seed, offset, rows, cols, N, BLOCK_N, ROWWISE, N_ROUNDS)
-        if TARGET == 0:
-            q = quantize_int8_sr(x, si, r)
-        elif TARGET == 1:
-            q = quantize_fp8_sr(x, si, r)
-        else:
-            q = quantize_int16_sr(x, si, r)
     else:
-        if TARGET == 0:
-            q = quantize_int8_rn(x, si)
-        elif TARGET == 1:
-            q = quantize_fp8_rn(x, si)
-        else:
-            q = quantize_int16_rn(x, si)
-    tl.store(codes_ptr + idx, q, mask=mask)
+        r = x
+    tl.store(codes_ptr + idx, quantize(x, si, r, TARGET, STOCHASTIC), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < R)
 
 

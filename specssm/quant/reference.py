@@ -196,7 +196,6 @@ def row_scale_ref(x: torch.Tensor, fmt):
     q = torch.tensor(qmax, dtype=dt)
     amax = torch.where(amax == 0, q, torch.clamp(amax, min=AMAX_FLOOR))
     return amax / q, q / amax
-    return scale, scale_inv
 
 
 def scaled_values_ref(x: torch.Tensor, scale_inv: torch.Tensor, fmt) -> torch.Tensor:

@@ -204,6 +204,19 @@ def quantize_fp8_sr(x, scale_inv, rbits):
 
 
 @triton.jit
+def quantize(x, scale_inv, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Codes of format FMT (0 int8, 1 fp8 e4m3fn, 2 int16) of the fp32 block x; rbits (uint32 words)
+    are read only when STOCHASTIC."""
+    if FMT == 0:
+        q = quantize_int8_sr(x, scale_inv, rbits) if STOCHASTIC else quantize_int8_rn(x, scale_inv)
+    elif FMT == 1:
+        q = quantize_fp8_sr(x, scale_inv, rbits) if STOCHASTIC else quantize_fp8_rn(x, scale_inv)
+    else:
+        q = quantize_int16_sr(x, scale_inv, rbits) if STOCHASTIC else quantize_int16_rn(x, scale_inv)
+    return q
+
+
+@triton.jit
 def sr_to_int8(x, scale_inv, seed, offsets, N_ROUNDS: tl.constexpr = 10):
     """quantize_int8_sr with random words keyed by (seed, element offsets)."""
     return quantize_int8_sr(x, scale_inv, random_words(seed, offsets, N_ROUNDS))

@@ -9,7 +9,7 @@ import torch
 
 from specssm._checks import check_all_states_args, check_ssu_args
 from specssm.reference import recurrence as rec
-from specssm.reference.storage import decode_state, encode_state, is_quantized
+from specssm.reference.storage import decode_state, encode_state
 
 
 def row_tokens(b, shapes, cu_seqlens):
@@ -63,8 +63,7 @@ def checkpointing_ssu_ref(state, x_cache, B_cache, dt_cache, ring_start, prev_nu
     sh, A_h, dt_c, D_h, bias_h = check_ssu_args(
         state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C, out,
         D, z, dt_bias, state_batch_indices, pad_slot_id, state_scale, cu_seqlens, max_seqlen, window)
-    L, W, H = sh.L, sh.W, sh.H
-    gsz = H // sh.G
+    L, W = sh.L, sh.W
     for b in range(sh.batch):
         s = b if state_batch_indices is None else int(state_batch_indices[b])
         if s == pad_slot_id:

@@ -10,8 +10,7 @@ import triton.language as tl
 
 from specssm.quant.philox import philox4x32, random_words, random_words_rows
 from specssm.quant.rounding import (
-    quantize_fp8_rn, quantize_fp8_sr, quantize_int8_rn, quantize_int8_sr, quantize_int16_rn,
-    quantize_int16_sr, round_bf16_rn, round_bf16_sr, round_fp16_rn, round_fp16_sr,
+    quantize, round_bf16_rn, round_bf16_sr, round_fp16_rn, round_fp16_sr,
     sr_to_bf16, sr_to_fp16, sr_to_fp8, sr_to_int8,
 )
 
@@ -121,21 +120,7 @@ def quant_words_kernel(x_ptr, sinv_ptr, w_ptr, out_ptr, M, N: tl.constexpr, TARG
     x = tl.load(x_ptr + idx, mask=m, other=0.0)
     si = tl.load(sinv_ptr + rows, mask=rows < M, other=1.0)[:, None]
     r = tl.load(w_ptr + idx, mask=m, other=0).to(tl.uint32, bitcast=True)
-    if STOCHASTIC:
-        if TARGET == 0:
-            q = quantize_int8_sr(x, si, r)
-        elif TARGET == 1:
-            q = quantize_fp8_sr(x, si, r)
-        else:
-            q = quantize_int16_sr(x, si, r)
-    else:
-        if TARGET == 0:
-            q = quantize_int8_rn(x, si)
-        elif TARGET == 1:
-            q = quantize_fp8_rn(x, si)
-        else:
-            q = quantize_int16_rn(x, si)
-    tl.store(out_ptr + idx, q, mask=m)
+    tl.store(out_ptr + idx, quantize(x, si, r, TARGET, STOCHASTIC), mask=m)
 
 
 @triton.jit

@@ -10,7 +10,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from specssm.cli import main as cli_main
 from specssm.quant import drift
