@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from specssm.conv import conv_state_from_prefill
-from specssm.conv.reference import conv1d_sequential_ref, conv1d_window_ref
+from specssm.conv.reference import conv1d_sequential_ref, conv1d_window_ref, conv_context_ref
 from specssm.model.config import Mamba2Config
 from specssm.reference import recurrence as rec
 
@@ -132,12 +132,11 @@ def resolve_ssu(ssu="auto", device="cpu", precision="exact", validate=True, dtyp
 
 def conv1d_update_torch(xBC, conv_state, conv_offset, weight, bias=None, activation="silu",
                         state_batch_indices=None, pad_slot_id=-1, out=None):
-    """PyTorch version of `specssm.conv.conv1d_update` (same cache contract), for any float dtype and
-    device: float64 model runs and CPUs without the Triton interpreter. Accumulates in float64 for
-    float64 inputs, else in float32 (as the kernel does)."""
-    batch, T, conv_dim = xBC.shape
+    """PyTorch version of `specssm.conv.conv1d_update` (same cache contract, in place), for any float
+    dtype and device: float64 model runs and CPUs without the Triton interpreter. Built from the conv
+    reference's pieces, so it computes in float64."""
+    batch, T, _ = xBC.shape
     d_conv = weight.shape[-1]
-    w = weight.reshape(conv_dim, d_conv)
     if out is None:
         out = torch.empty_like(xBC)
     slots = (torch.arange(batch, device=xBC.device) if state_batch_indices is None
@@ -146,19 +145,9 @@ def conv1d_update_torch(xBC, conv_state, conv_offset, weight, bias=None, activat
     if not bool(live.any()):
         return out
     s = slots[live]
-    rows = conv_offset.long()[s][:, None] + torch.arange(d_conv - 1, device=xBC.device)
-    context = conv_state[s[:, None], rows]                                     # (n, d_conv - 1, C)
-    window = torch.cat([context, xBC[live].to(conv_state.dtype)], dim=1)        # (n, d_conv - 1 + T, C)
-    acc_dtype = torch.float64 if xBC.dtype == torch.float64 else torch.float32
-    acc = torch.zeros(window.shape[0], T, conv_dim, dtype=acc_dtype, device=xBC.device)
-    for k in range(d_conv):
-        acc += w[:, k].to(acc_dtype) * window[:, k:k + T].to(acc_dtype)
-    if bias is not None:
-        acc += bias.to(acc_dtype)
-    if activation is not None:
-        acc = acc * torch.sigmoid(acc)
-    conv_state[s, :d_conv - 1 + T] = window
-    out[live] = acc.to(out.dtype)
+    context = conv_context_ref(conv_state, conv_offset, s, d_conv)             # (n, d_conv - 1, C)
+    out[live] = conv1d_window_ref(xBC[live], context, weight, bias, activation).to(out.dtype)
+    conv_state[s, :d_conv - 1 + T] = torch.cat([context, xBC[live].to(conv_state.dtype)], dim=1)
     return out
 
 
