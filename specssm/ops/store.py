@@ -12,8 +12,7 @@ import triton
 import triton.language as tl
 
 from specssm.quant.philox import random_words
-from specssm.quant.rounding import (quantize, round_bf16_rn, round_bf16_sr, round_fp16_rn, round_fp16_sr,
-                                    row_scale)
+from specssm.quant.rounding import quantize, round_half, row_scale
 
 STATE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
               torch.float8_e4m3fn: 4, torch.int16: 5}
@@ -36,12 +35,10 @@ def store_state_tile(h, state_ptr, scale_ptr, off, mask, scale_off, p_ok, seed_p
         rbits = random_words(tl.load(seed_ptr + slot), off, PHILOX_ROUNDS)
     if KIND == 0:
         tl.store(state_ptr + off, h, mask=mask)
-    elif KIND == 1:
-        q = round_bf16_sr(h, rbits) if SR else round_bf16_rn(h)
-        tl.store(state_ptr + off, q, mask=mask)
-    elif KIND == 2:
-        q = round_fp16_sr(h, rbits) if SR else round_fp16_rn(h)
-        tl.store(state_ptr + off, q, mask=mask)
+    elif KIND == 1 or KIND == 2:
+        if not SR:
+            rbits = h
+        tl.store(state_ptr + off, round_half(h, rbits, 2 - KIND, SR), mask=mask)
     else:
         hz = tl.where(mask, h, 0.0)
         if KIND == 3:

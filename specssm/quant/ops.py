@@ -15,7 +15,7 @@ from .philox import random_words as _random_words_dev, random_words_rows as _ran
 from .rounding import (
     dequantize as _dequantize_dev,
     quantize,
-    round_bf16_rn, round_bf16_sr, round_fp16_rn, round_fp16_sr, row_scale,
+    round_half, row_scale,
 )
 
 QUANT_DTYPES = {torch.int8: (0, 127.0), torch.float8_e4m3fn: (1, 448.0), torch.int16: (2, 32767.0)}
@@ -51,16 +51,9 @@ def _round_kernel(x_ptr, out_ptr, seed, offset, R, N: tl.constexpr, BLOCK_M: tl.
     x = tl.load(x_ptr + idx, mask=mask, other=0.0)
     if STOCHASTIC:
         r = _words(seed, offset, rows, cols, N, BLOCK_N, ROWWISE, N_ROUNDS)
-        if TARGET == 0:
-            y = round_fp16_sr(x, r)
-        else:
-            y = round_bf16_sr(x, r)
     else:
-        if TARGET == 0:
-            y = round_fp16_rn(x)
-        else:
-            y = round_bf16_rn(x)
-    tl.store(out_ptr + idx, y, mask=mask)
+        r = x
+    tl.store(out_ptr + idx, round_half(x, r, TARGET, STOCHASTIC), mask=mask)
 
 
 @triton.jit

@@ -204,6 +204,16 @@ def quantize_fp8_sr(x, scale_inv, rbits):
 
 
 @triton.jit
+def round_half(x, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """x (fp32 block) rounded to FMT (0 fp16, 1 bf16); rbits (uint32 words) read only when STOCHASTIC."""
+    if FMT == 0:
+        y = round_fp16_sr(x, rbits) if STOCHASTIC else round_fp16_rn(x)
+    else:
+        y = round_bf16_sr(x, rbits) if STOCHASTIC else round_bf16_rn(x)
+    return y
+
+
+@triton.jit
 def quantize(x, scale_inv, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Codes of format FMT (0 int8, 1 fp8 e4m3fn, 2 int16) of the fp32 block x; rbits (uint32 words)
     are read only when STOCHASTIC."""

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from specssm.quant.philox import philox4x32, random_words, random_words_rows
 from specssm.quant.rounding import (
-    quantize, round_bf16_rn, round_bf16_sr, round_fp16_rn, round_fp16_sr,
+    quantize, round_half,
     sr_to_bf16, sr_to_fp16, sr_to_fp8, sr_to_int8,
 )
 
@@ -95,17 +95,7 @@ def round_words_kernel(x_ptr, w_ptr, out_ptr, n, TARGET: tl.constexpr, STOCHASTI
     m = i < n
     x = tl.load(x_ptr + i, mask=m, other=0.0)
     r = tl.load(w_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
-    if STOCHASTIC:
-        if TARGET == 0:
-            y = round_fp16_sr(x, r)
-        else:
-            y = round_bf16_sr(x, r)
-    else:
-        if TARGET == 0:
-            y = round_fp16_rn(x)
-        else:
-            y = round_bf16_rn(x)
-    tl.store(out_ptr + i, y, mask=m)
+    tl.store(out_ptr + i, round_half(x, r, TARGET, STOCHASTIC), mask=m)
 
 
 @triton.jit
