@@ -79,8 +79,8 @@ SHAPES = {"super_tp8": dict(H=16, P=64, N=128, G=1), "tp1": dict(H=128, P=64, N=
 @pytest.mark.parametrize("batch", [1, 7, 64, 1024])
 @pytest.mark.parametrize("launch,form", MODES)
 def test_gpu_checkpointing(shape, batch, launch, form):
-    if shape == "tp1" and batch == 1024 and form == "replay":
-        pytest.skip("reference time")
+    if batch == 1024 and form == "replay":
+        pytest.skip("the replay form is covered at batch <= 64; the float64 reference at 1024 costs device time")
     cache, ins = make_step(batch=batch, slots=batch + 3, T=6, pad_rows=(0,) if batch > 1 else (),
                            act=torch.bfloat16, seed=batch, **SHAPES[shape])
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision="fast",
