@@ -8,7 +8,7 @@ SHAPES = {
     "super_tp8": (16, 64, 128, 1),
     "tp1": (128, 64, 128, 8),
 }
-LAUNCHES = ("auto", "split", "dynamic", "fused")
+LAUNCHES = ("auto", "split", "dynamic")      # the launch modes of checkpointing_ssu
 NO_WRITE_FORMS = ("rectangle", "replay")
 STATE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 ROUNDINGS = ("rn", "sr")

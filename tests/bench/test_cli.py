@@ -20,7 +20,7 @@ def test_presets_and_explicit_flags():
     assert q.batches == [4, 8] and q.dtypes == ["fp32", "bf16", "int8"] and q.min_samples == 50
     full = args_of("--all")
     assert full.shapes == ["super_tp8", "tp1"] and full.rounding == ["rn", "sr"]
-    assert full.launch == ["auto", "split", "dynamic", "fused"] and full.no_write_form == ["rectangle", "replay"]
+    assert full.launch == ["auto", "split", "dynamic"] and full.no_write_form == ["rectangle", "replay"]
 
 
 def test_case_lists():
@@ -28,9 +28,9 @@ def test_case_lists():
     # 3 batches x 3 dtypes x (checkpointing + always-write + all-states)
     assert len(quick) == 27
     full = cli.make_cases(args_of("--all"))
-    # per (shape, dtype, batch): checkpointing 2 roundings x (mixed 8 + all_no_write 8 + all_write 4 variants),
-    # always-write 2 roundings, all-states 1
-    assert len(full) == 2 * 5 * 11 * (2 * 20 + 2 + 1)
+    # per (shape, dtype, batch): checkpointing 2 roundings x (mixed 6 + all_no_write 6 + all_write 3 variants:
+    # 3 launches x 2 no-write forms, the form moot when every row writes), always-write 2 roundings, all-states 1
+    assert len(full) == 2 * 5 * 11 * (2 * 15 + 2 + 1)
     keys = {tuple(sorted(c.key().items())) for c in full}
     assert len(keys) == len(full)
     # grouped: consecutive cases share (shape, dtype, batch, strategy) runs
@@ -40,9 +40,9 @@ def test_case_lists():
 
 
 def test_dry_run(capsys):
-    assert cli.main(["--dry-run", "--quick", "--strategies", "checkpointing", "--launch", "auto,fused"]) == 0
+    assert cli.main(["--dry-run", "--quick", "--strategies", "checkpointing", "--launch", "auto,dynamic"]) == 0
     out = capsys.readouterr()
-    assert "super_tp8 ckpt/fused/rect bf16 rn mixed batch=256" in out.out
+    assert "super_tp8 ckpt/dynamic/rect bf16 rn mixed batch=256" in out.out
     assert "18 cases" in out.err
 
 

@@ -26,7 +26,7 @@ def row(strategy, variant, median, batch=1, dtype="fp32", rounding="rn", scenari
 def sample_rows():
     return [
         row("checkpointing", "ckpt/auto/rect", 4.0, conv_median_us=6.0, plan_us=2.0),
-        row("checkpointing", "ckpt/fused/rect", 3.0, launch="fused"),
+        row("checkpointing", "ckpt/dynamic/rect", 3.0, launch="dynamic"),
         row("always_write", "always-write", 6.0, scenario="any"),
         row("all_states", "all-states", 12.0, scenario="any", launch="-"),
         row("checkpointing", "ckpt/auto/rect", 10.0, batch=2),
@@ -73,9 +73,9 @@ def test_rows_and_summary_markdown():
     assert md.startswith("# specssm bench — NVIDIA H100 80GB HBM3")
     assert "copy bandwidth **3000 GB/s**" in md
     assert "## super_tp8 · mixed · state fp32 · RN" in md
-    # batch 1: the fused variant is the best one (3.0 us): 6/3 over always-write, 12/3 over all-states
-    assert "| 1 | 3.00 | ckpt/fused/rect | 2.70–3.30 | 6.00 | - | 2.00x | 4.00x | 1.50 | 50.0 | 0.31 |" in md
-    assert "| batch | ckpt/auto/rect | ckpt/fused/rect |" in md
+    # batch 1: the dynamic variant is the best one (3.0 us): 6/3 over always-write, 12/3 over all-states
+    assert "| 1 | 3.00 | ckpt/dynamic/rect | 2.70–3.30 | 6.00 | - | 2.00x | 4.00x | 1.50 | 50.0 | 0.31 |" in md
+    assert "| batch | ckpt/auto/rect | ckpt/dynamic/rect |" in md
     assert "## Baselines · super_tp8 · state fp32 · RN" in md
     assert "| 1 | 6.00 | - | 50.0 | 12.00 | - | 50.0 |" in md
     assert "## Not measured (1 cases)" in md and "rejected" in md
