@@ -49,8 +49,3 @@ def config_for(device, kernel: str, P: int, N: int, state_dtype) -> dict:
     cfg.update(_table(card_name(device)).get(shape_key(kernel, P, N, state_dtype), {}))
     cfg.update(OVERRIDE)
     return cfg
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
