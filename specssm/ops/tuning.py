@@ -1,7 +1,8 @@
 """Launch configurations from per-GPU tables (specssm/tuning/<card>.json), not kernel signatures.
 
 A table maps a shape key to a config; unknown cards and shapes fall back to `DEFAULT`. Tables are
-written by `specssm tune` runs on the device and shipped with the package.
+written from `scripts/quick_bench.py --sweep` runs on the device (each config timed over graph replays
+in one run) and shipped with the package; the `_source` entry of a table says which run.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def shape_key(kernel: str, P: int, N: int, state_dtype: torch.dtype) -> str:
     return f"{kernel}:P{P}:N{N}:{str(state_dtype).replace('torch.', '')}"
 
 
-# set by the tuner (scripts/tune.py) to try a config without editing tables
+# set by the sweeps (scripts/quick_bench.py --sweep) and tests to try a config without editing tables
 OVERRIDE: dict = {}
 
 
