@@ -1,10 +1,11 @@
 """Checkpointing replay: the SSM state update of one verify step on the ring contract (DESIGN §3–§5).
 
 One program handles one row, one tile of BLOCK_P state rows and HC heads of one group: the group's
-keys and C·Bᵀ are loaded and computed once, then per head it loads the state tile once, the head's
-history (ring rows) and new tokens, and computes every output of the row in closed form.
-History and new tokens are two key blocks (KH = 16 history slots, TN >= 16 new-token slots), so every
-matrix product is a tensor-core tile:
+keys and Bᵀ·C are loaded and computed once, then per head it reads the head's history (ring rows) and
+new tokens, walks its state tile once in column chunks of NCH, and computes every output of the row in
+closed form. History and new tokens are two key blocks (KH = 16 history slots, TN >= 16 new-token
+slots), so every matrix product is a tensor-core tile; the products are computed transposed (state rows
+x tokens), so the state is the left operand in its stored layout:
 
     y      = exp(c_t)·(C·Sᵀ) + coef_hist @ X_hist + coef_new @ X_new + D·x    (rectangle form)
     h_K    = exp(Λ)·S + (X_hist·w)ᵀ @ B_hist                                   (write rows only)
@@ -14,8 +15,8 @@ with c the running sum of A·dt over history then new tokens. Rows whose history
 h_K, then y = exp(c_t − Λ)·(C·h_Kᵀ) + ...) is kept selectable for comparison.
 
 Launch modes: "dynamic" (one launch, each row branches on its own flush test), "split" (two launches
-over the write-first StepPlan, each compiled for one branch; programs past the plan's count exit). Baselines live in
-specssm/ops/baselines.py.
+over the write-first StepPlan, each compiled for one branch; programs past the plan's count exit).
+Baselines live in specssm/ops/baselines.py; why the kernel looks like this: docs/performance.md.
 """
 from __future__ import annotations
 
