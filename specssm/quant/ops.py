@@ -158,6 +158,16 @@ def _rowwise(N: int, offset: int, rowwise) -> bool:
     return bool(rowwise)
 
 
+def _rows_launch_args(x, seed, offset, n_rounds):
+    """The checks and row geometry shared by round_to and quantize_rows: (seed, x contiguous, N, rows)."""
+    seed = _check_seed(seed)
+    _check_offset(offset)
+    _check_rounds(n_rounds)
+    xc = x.contiguous()
+    N = xc.shape[-1]
+    return seed, xc, N, xc.numel() // N
+
+
 def round_to(x: torch.Tensor, dtype: torch.dtype, stochastic: bool = False, seed: int = 0,
              offset: int = 0, n_rounds: int = 10, rowwise=None) -> torch.Tensor:
     """Round an fp32 tensor (..., N), contiguous, to torch.float16 or torch.bfloat16.
@@ -168,12 +178,7 @@ def round_to(x: torch.Tensor, dtype: torch.dtype, stochastic: bool = False, seed
     _check_rows_input(x)
     if dtype not in ROUND_DTYPES:
         raise ValueError(f"dtype: got {dtype}, expected torch.float16 or torch.bfloat16")
-    seed = _check_seed(seed)
-    _check_offset(offset)
-    _check_rounds(n_rounds)
-    xc = x.contiguous()
-    N = xc.shape[-1]
-    R = xc.numel() // N
+    seed, xc, N, R = _rows_launch_args(x, seed, offset, n_rounds)
     out = torch.empty(xc.shape, dtype=dtype, device=x.device)
     block_m, block_n, grid = _row_blocks(R, N)
     _round_kernel[(grid,)](xc, out, seed, offset, R, N=N, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -192,13 +197,8 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype, stochastic: bool = False,
     _check_rows_input(x)
     if dtype not in QUANT_DTYPES:
         raise ValueError(f"dtype: got {dtype}, expected one of {list(QUANT_DTYPES)}")
-    seed = _check_seed(seed)
-    _check_offset(offset)
-    _check_rounds(n_rounds)
+    seed, xc, N, R = _rows_launch_args(x, seed, offset, n_rounds)
     target, qmax = QUANT_DTYPES[dtype]
-    xc = x.contiguous()
-    N = xc.shape[-1]
-    R = xc.numel() // N
     codes = torch.empty(xc.shape, dtype=dtype, device=x.device)
     scale = torch.empty(xc.shape[:-1], dtype=torch.float32, device=x.device)
     block_m, block_n, grid = _row_blocks(R, N)
