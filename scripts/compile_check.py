@@ -13,18 +13,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def signature_of(fn, dtypes: dict, constexprs: dict):
-    sig = {}
-    for name in fn.arg_names:
+def signature_of(fn, dtypes: dict, constexprs: dict, ints: dict | None = None):
+    """Signature, constants and attributes as the JIT would specialize them: pointers 16-byte aligned,
+    the integers in `ints` (realistic values) divisible by 16 where they are, and those equal to 1
+    compiled in as constants. Integers not in `ints` are left unspecialized."""
+    sig, consts, attrs = {}, dict(constexprs), {}
+    ints = ints or {}
+    for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
+        elif name in dtypes:
+            sig[name] = dtypes[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints.get(name) == 1:
+            sig[name] = "constexpr"
+            consts[name] = 1
         else:
-            sig[name] = dtypes.get(name, "i32")
-    return sig
+            sig[name] = "i32"
+            if name in ints and ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
 
 
-def compile_one(fn, dtypes, constexprs, num_warps=4, label=""):
-    src = ASTSource(fn, signature_of(fn, dtypes, constexprs), constexprs=constexprs)
+def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None):
+    sig, consts, attrs = signature_of(fn, dtypes, constexprs, ints)
+    src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
     md = k.metadata
     usage = "?"
@@ -53,8 +66,35 @@ def compile_plan():
                         label=f"plan block={block} varlen={varlen}")
 
 
+def compile_conv():
+    """The conv1d update at the Super TP8 step (bf16, T=6, d_conv 4), without and with PDL."""
+    from specssm.conv.conv1d import _conv1d_update_kernel
+    ptr = {"xbc_ptr": "*bf16", "state_ptr": "*bf16", "offset_ptr": "*i32", "weight_ptr": "*bf16",
+           "bias_ptr": "*bf16", "out_ptr": "*bf16", "slot_idx_ptr": "*i32"}
+    # contiguous (batch, 6, 1280) inputs/outputs, (slots, 3 + 6, 1280) state, (1280, 4) weight
+    ints = dict(conv_dim=1280, pad_slot_id=-1, stride_x_row=7680, stride_x_tok=1280, stride_x_ch=1,
+                stride_s_slot=11520, stride_s_row=1280, stride_s_ch=1, stride_w_ch=4, stride_w_tap=1,
+                stride_o_row=7680, stride_o_tok=1280, stride_o_ch=1)
+    for pdl in (False, True):
+        cx = dict(T=6, D_CONV=4, T_PAD=8, CTX_PAD=4, HAS_BIAS=True, HAS_SLOT_IDX=True, SILU=True, BLOCK_C=128,
+                  PDL=pdl)
+        k = compile_one(_conv1d_update_kernel, ptr, cx, num_warps=4, label=f"conv1d pdl={pdl}", ints=ints)
+        assert ("griddepcontrol.launch_dependents" in k.asm["ptx"]) == pdl, "PDL flag not honoured"
+
+
+# the step kernel's integer arguments at Super TP8 (H=16, P=64, N=128, G=1, T=6, W=16, L=22), batch 1024,
+# contiguous caches, x/z/out (batch, T, H, P), B/C (batch, T, G, N), dt (batch, T, H)
+SSU_INTS = dict(batch=1024, T=6, W=16, L=22, pad_slot_id=-1, H=16, P=64, N=128, HPG=16, NPT=1,
+                s_st_s=131072, s_st_h=8192, s_st_p=128, s_sc_s=1024, s_sc_h=64,
+                s_xc_s=22528, s_xc_h=1408, s_xc_l=64, s_Bc_s=2816, s_Bc_g=2816, s_Bc_l=128,
+                s_dtc_s=352, s_dtc_h=22, s_x_b=6144, s_x_t=1024, s_x_h=64, s_dt_b=96, s_dt_t=16, s_dt_h=1,
+                s_B_b=768, s_B_t=128, s_B_g=128, s_o_b=6144, s_o_t=1024, s_o_h=64,
+                s_z_b=6144, s_z_t=1024, s_z_h=64)
+
+
 def main():
     compile_plan()
+    compile_conv()
     from specssm.ops.checkpointing import _ssu_kernel
     ptr = {n: "*fp32" for n in _ssu_kernel.arg_names if n.endswith("_ptr")}
     ptr.update({"xc_ptr": "*bf16", "Bc_ptr": "*bf16", "x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16",
@@ -62,14 +102,21 @@ def main():
                 "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "counts_ptr": "*i32", "seed_ptr": "*i64"})
     base = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
                 KIND=0, SR=False, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16, DOT_PREC="tf32",
-                HC=1, STAGES=1, NCH=64)
+                NATIVE_CS=False, PDL=False, UPCAST=False)
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
-        compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}")
+        compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}", ints=SSU_INTS)
+    cx = dict(base, BRANCH=2, USE_ORDER=True, PDL=True)
+    compile_one(_ssu_kernel, ptr, cx, label="ssu branch=2 pdl", ints=SSU_INTS)
+    for kind, sdt in ((1, "*bf16"), (3, "*i8"), (4, "*fp8e4nv")):       # the no-write launch, 16-bit C·Sᵀ
+        cx = dict(base, BRANCH=2, USE_ORDER=True, KIND=kind, NATIVE_CS=True)
+        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt), cx, label=f"ssu branch=2 kind={kind} native",
+                    ints=SSU_INTS)
     # the rounded and quantized store paths (write branch)
     for kind, sdt, sr in ((1, "*bf16", True), (2, "*fp16", False), (3, "*i8", True), (4, "*fp8e4nv", False)):
-        cx = dict(base, BRANCH=1, USE_ORDER=True, KIND=kind, SR=sr, NCH=128)
-        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt), cx, label=f"ssu store kind={kind} sr={sr}")
+        cx = dict(base, BRANCH=1, USE_ORDER=True, KIND=kind, SR=sr, NATIVE_CS=kind in (1, 3, 4))
+        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt), cx, label=f"ssu store kind={kind} sr={sr}",
+                    ints=SSU_INTS)
     from specssm.ops.baselines import _all_states_kernel
     ptr2 = {n: "*fp32" for n in _all_states_kernel.arg_names if n.endswith("_ptr")}
     ptr2.update({"x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "out_ptr": "*bf16", "z_ptr": "*bf16",

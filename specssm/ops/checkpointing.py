@@ -20,14 +20,17 @@ Baselines live in specssm/ops/baselines.py; why the kernel looks like this: docs
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
-from specssm._checks import QUANT_STATE_DTYPES, check_kernel_layout, check_ssu_args, check_tensor
+from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, check_tensor
 from specssm.cache.plan import StepPlan
 from specssm.ops import tuning
-from specssm.ops.store import store_state_tile, load_state_tile, STATE_KIND
+from specssm.ops.store import STATE_KIND, decode_state_tile, store_state_tile
 
 DYNAMIC, WRITE, NO_WRITE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -39,108 +42,23 @@ def _softplus(v):
 
 
 @triton.jit
-def _ssu_head(
-    h, row_off, tok, slot, K, n_tok, hist_rows, do_write, pt, cbT_new, cbT_hist,
-    state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, x_ptr, dt_ptr, A_ptr, C_ptr, out_ptr, D_ptr, z_ptr,
-    dt_bias_ptr, seed_ptr, P, N, L, rs, g,
-    s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h, s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l,
-    s_dtc_s, s_dtc_h, s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
-    s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
-    RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr, KH: tl.constexpr,
-    TN: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    """One head of one row: decays, outputs, the state store (write rows) and the x/dt appends.
+def _dot16(a, b, UPCAST: tl.constexpr):
+    """a @ b on 16-bit operands, fp32 accumulation (products of 16-bit floats are exact in fp32).
+    UPCAST (the CPU interpreter, whose bf16 dot is wrong) computes the same products in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
 
-    Everything is transposed, (state rows, tokens): the state tile is the A operand of its products in
-    its stored (N-contiguous) layout. The state is visited in column chunks of NCH so that a chunk,
-    not the whole (BLOCK_P, N) tile, lives in registers."""
-    jh = tl.arange(0, KH)
-    jn = tl.arange(0, TN)
-    offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_ok = offs_p < P
-    h_ok = jh < K
-    t_ok = jn < n_tok
-    X_hist = tl.load(xc_ptr + slot * s_xc_s + h * s_xc_h + hist_rows[None, :] * s_xc_l + offs_p[:, None],
-                     mask=p_ok[:, None] & h_ok[None, :], other=0.0)                     # (BLOCK_P, KH)
-    X_new = tl.load(x_ptr + row_off * s_x_b + tok[None, :] * s_x_t + h * s_x_h + offs_p[:, None],
-                    mask=p_ok[:, None] & t_ok[None, :], other=0.0)                      # (BLOCK_P, TN)
 
-    # decays: c over the history, then Λ + c over the new tokens
-    A = tl.load(A_ptr + h).to(tl.float32)
-    dt_hist = tl.load(dtc_ptr + slot * s_dtc_s + h * s_dtc_h + hist_rows, mask=h_ok, other=0.0)
-    dt_new = tl.load(dt_ptr + row_off * s_dt_b + tok * s_dt_t + h * s_dt_h, mask=t_ok, other=0.0)
-    dt_new = dt_new.to(tl.float32)
-    if HAS_BIAS:
-        dt_new += tl.load(dt_bias_ptr + h).to(tl.float32)
-    if SOFTPLUS:
-        dt_new = _softplus(dt_new)
-    dt_new = tl.where(t_ok, dt_new, 0.0)
-    c_hist = tl.cumsum(A * dt_hist, axis=0)
-    lam = tl.sum(A * dt_hist, axis=0)
-    c_new = lam + tl.cumsum(A * dt_new, axis=0)
-
-    Xhf = X_hist.to(tl.float32)
-    Xnf = X_new.to(tl.float32)
-    causal = (jn[:, None] <= jn[None, :]) & t_ok[:, None]
-    coef_new = cbT_new * tl.exp(tl.where(causal, c_new[None, :] - c_new[:, None], float("-inf")))
-    y = tl.dot(Xnf, coef_new * dt_new[:, None], input_precision=DOT_PREC)             # (BLOCK_P, TN)
-    if RECT:
-        vis = h_ok[:, None] & t_ok[None, :]
-        coef_hist = cbT_hist * tl.exp(tl.where(vis, c_new[None, :] - c_hist[:, None], float("-inf")))
-        y += tl.dot(Xhf, coef_hist * dt_hist[:, None], input_precision=DOT_PREC)
-    # x_k weighted by its decay to the end of the history: the fold's left factor
-    Xw = Xhf * tl.where(h_ok, tl.exp(lam - c_hist) * dt_hist, 0.0)[None, :]
-    decay_hist = tl.exp(lam)
-
-    # the state, chunk by chunk: C·Sᵀ (rectangle) or C·h_Kᵀ (replay), and h_K for write rows
-    cs = tl.zeros((BLOCK_P, TN), dtype=tl.float32)
-    for n0 in tl.static_range(0, BLOCK_N, NCH):
-        offs_n = n0 + tl.arange(0, NCH)
-        n_ok = offs_n < N
-        st_off = slot * s_st_s + h * s_st_h + offs_p[:, None] * s_st_p + offs_n[None, :]
-        st_mask = p_ok[:, None] & n_ok[None, :]
-        sc_off = slot * s_sc_s + h * s_sc_h + offs_p
-        S = load_state_tile(state_ptr, scale_ptr, st_off, st_mask, sc_off, p_ok, KIND)
-        Ct = tl.load(C_ptr + row_off * s_B_b + tok[None, :] * s_B_t + g * s_B_g + offs_n[:, None],
-                     mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)     # (NCH, TN)
-        if RECT:
-            cs += tl.dot(S, Ct, input_precision=DOT_PREC)
-            if do_write:
-                Bh = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + hist_rows[:, None] * s_Bc_l + offs_n[None, :],
-                             mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-                hK = decay_hist * S + tl.dot(Xw, Bh, input_precision=DOT_PREC)
-                store_state_tile(hK, state_ptr, scale_ptr, st_off, st_mask, sc_off, p_ok, seed_ptr, slot,
-                                 KIND, SR, PHILOX_ROUNDS)
-        else:
-            Bh = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + hist_rows[:, None] * s_Bc_l + offs_n[None, :],
-                         mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-            hK = decay_hist * S + tl.dot(Xw, Bh, input_precision=DOT_PREC)
-            cs += tl.dot(hK, Ct, input_precision=DOT_PREC)
-            if do_write:
-                store_state_tile(hK, state_ptr, scale_ptr, st_off, st_mask, sc_off, p_ok, seed_ptr, slot,
-                                 KIND, SR, PHILOX_ROUNDS)
-    if RECT:
-        y += tl.exp(c_new)[None, :] * cs
-    else:
-        y += tl.exp(c_new - lam)[None, :] * cs
-    if HAS_D:
-        y += tl.load(D_ptr + h).to(tl.float32) * Xnf
-    io_mask = p_ok[:, None] & t_ok[None, :]
-    if HAS_Z:
-        zt = tl.load(z_ptr + row_off * s_z_b + tok[None, :] * s_z_t + h * s_z_h + offs_p[:, None],
-                     mask=io_mask, other=0.0).to(tl.float32)
-        y = y * zt * tl.sigmoid(zt)
-    tl.store(out_ptr + row_off * s_o_b + tok[None, :] * s_o_t + h * s_o_h + offs_p[:, None],
-             y.to(out_ptr.dtype.element_ty), mask=io_mask)
-
-    # ring appends (disjoint from the history rows read above)
-    new_rows = (rs + K + jn) % L
-    tl.store(xc_ptr + slot * s_xc_s + h * s_xc_h + new_rows[None, :] * s_xc_l + offs_p[:, None],
-             X_new, mask=io_mask)
-    if pt == 0:
-        tl.store(dtc_ptr + slot * s_dtc_s + h * s_dtc_h + new_rows, dt_new, mask=t_ok)
+@triton.jit
+def _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    """h_K = exp(Λ)·S + Σ_k exp(Λ − c_k)·dt_k · x_k ⊗ B_k: the checkpoint with the history folded in
+    (w_fold holds exp(Λ − c_k)·dt_k on history keys, 0 on new ones). The state tile is read again
+    (from L2: it was read at the top): holding the first copy in registers through the whole program
+    would cost 64 registers per thread and half the write launch's occupancy."""
+    S = tl.load(st_base + st_off, mask=st_mask, other=0.0, volatile=True)
+    return tl.dot(Xf * w_fold[None, :], Keys.to(tl.float32),
+                  acc=tl.exp(lam) * decode_state_tile(S, S_scale, KIND), input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -148,7 +66,7 @@ def _ssu_kernel(
     state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
     sbi_ptr, cu_ptr, order_ptr, counts_ptr, seed_ptr,
-    batch, T, W, L, pad_slot_id, H, P, N, HPG, NPT, NHC,
+    batch, T, W, L, pad_slot_id, H, P, N, HPG, NPT,
     s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
     s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
     s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
@@ -156,14 +74,18 @@ def _ssu_kernel(
     BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
     USE_ORDER: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, NCH: tl.constexpr, KH: tl.constexpr,
-    TN: tl.constexpr, HC: tl.constexpr, DOT_PREC: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
+    DOT_PREC: tl.constexpr, NATIVE_CS: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # one program: one row, one tile of state rows, HC heads of one group
+    """One program: one row, one head, one tile of BLOCK_P state rows (all N columns).
+
+    Everything is transposed, (state rows, tokens), so the state tile is the left operand of its
+    products in its stored (N-contiguous) layout. The state load is issued first: it is the only large
+    read, and everything else (slot metadata, ring rows, coefficients) overlaps with it."""
     pid = tl.program_id(0)
-    row_i = pid // (NPT * NHC)
-    pt = (pid // NHC) % NPT
-    h0 = (pid % NHC) * HC
+    h = pid % H
+    pt = (pid // H) % NPT
+    row_i = pid // (H * NPT)
     if not USE_ORDER:
         row_base = 0
         n_rows = batch
@@ -183,6 +105,22 @@ def _ssu_kernel(
         else:
             slot = row.to(tl.int64)
         if slot != pad_slot_id:
+            offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
+            offs_n = tl.arange(0, BLOCK_N)
+            p_ok = offs_p < P
+            # 64-bit scalar bases, 32-bit offsets inside the tile: fewer registers per element
+            st_pool = slot * s_st_s + h * s_st_h
+            st_base = state_ptr + st_pool
+            sc_base = scale_ptr + slot * s_sc_s + h * s_sc_h
+            st_off = offs_p[:, None] * s_st_p + offs_n[None, :]
+            st_mask = p_ok[:, None] & (offs_n < N)[None, :]
+            S_raw = tl.load(st_base + st_off, mask=st_mask, other=0.0)
+            if KIND >= 3:
+                S_scale = tl.load(sc_base + offs_p, mask=p_ok, other=0.0)
+            else:
+                S_scale = 1.0
+            K = tl.load(pnat_ptr + slot)
+            rs = tl.load(ring_start_ptr + slot)
             if VARLEN:
                 tok0 = tl.load(cu_ptr + row).to(tl.int64)
                 n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
@@ -191,68 +129,146 @@ def _ssu_kernel(
                 tok0 = 0
                 n_tok = T
                 row_off = row.to(tl.int64)
-            K = tl.load(pnat_ptr + slot)
-            rs = tl.load(ring_start_ptr + slot)
             if BRANCH == DYNAMIC:
                 do_write = K + n_tok > W
             else:
                 do_write = BRANCH == WRITE
-            g = h0 // HPG
-            jh = tl.arange(0, KH)
+            g = h // HPG
+            # one key axis: KH history slots (ring rows rs + k), then TN new-token slots
+            jk = tl.arange(0, KH + TN)
             jn = tl.arange(0, TN)
-            h_ok = jh < K
+            is_hist = jk < KH
+            j_new = jk - KH
             t_ok = jn < n_tok
-            hist_rows = (rs + jh) % L
-            new_rows = (rs + K + jn) % L
+            hist_ok = is_hist & (jk < K)
+            key_ok = hist_ok | (~is_hist & (j_new < n_tok))
+            ring_row = (rs + jk) % L
+            key_tok = tok0 + tl.where(is_hist, 0, j_new)
             tok = tok0 + jn
-            # the group's Bᵀ·C over the keys, shared by the HC heads of this program; B ring append
-            cbT_new = tl.zeros((TN, TN), dtype=tl.float32)
-            cbT_hist = tl.zeros((KH, TN), dtype=tl.float32)
-            for n0 in tl.static_range(0, BLOCK_N, NCH):
-                offs_n = n0 + tl.arange(0, NCH)
-                n_ok = offs_n < N
-                Ct = tl.load(C_ptr + row_off * s_B_b + tok[None, :] * s_B_t + g * s_B_g + offs_n[:, None],
-                             mask=n_ok[:, None] & t_ok[None, :], other=0.0).to(tl.float32)
-                B_new = tl.load(B_ptr + row_off * s_B_b + tok[:, None] * s_B_t + g * s_B_g + offs_n[None, :],
-                                mask=t_ok[:, None] & n_ok[None, :], other=0.0)
-                B_hist = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + hist_rows[:, None] * s_Bc_l + offs_n[None, :],
-                                 mask=h_ok[:, None] & n_ok[None, :], other=0.0)
-                cbT_new += tl.dot(B_new.to(tl.float32), Ct, input_precision=DOT_PREC)
-                cbT_hist += tl.dot(B_hist.to(tl.float32), Ct, input_precision=DOT_PREC)
-                if pt == 0 and h0 % HPG == 0:
-                    tl.store(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + new_rows[:, None] * s_Bc_l + offs_n[None, :],
-                             B_new, mask=t_ok[:, None] & n_ok[None, :])
-            for hh in tl.range(0, HC, num_stages=STAGES):
-                _ssu_head(h0 + hh, row_off, tok, slot, K, n_tok, hist_rows, do_write, pt, cbT_new, cbT_hist,
-                          state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, x_ptr, dt_ptr, A_ptr, C_ptr,
-                          out_ptr, D_ptr, z_ptr, dt_bias_ptr, seed_ptr, P, N, L, rs, g,
-                          s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h, s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g,
-                          s_Bc_l, s_dtc_s, s_dtc_h, s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h,
-                          s_B_b, s_B_t, s_B_g, s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
-                          RECT, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, KIND, SR, PHILOX_ROUNDS,
-                          BLOCK_P, BLOCK_N, NCH, KH, TN, DOT_PREC)
+            xc_base = xc_ptr + slot * s_xc_s + h * s_xc_h
+            Bc_base = Bc_ptr + slot * s_Bc_s + g * s_Bc_g
+            x_base = x_ptr + row_off * s_x_b + h * s_x_h
+            B_base = B_ptr + row_off * s_B_b + g * s_B_g
+            n_ok = offs_n < N
+            dt_hist = tl.load(dtc_ptr + slot * s_dtc_s + h * s_dtc_h + ring_row, mask=hist_ok, other=0.0)
+            if PDL:
+                # the new tokens' inputs come from the kernel launched before this one (conv1d)
+                gdc_wait()
+            # keys (B of history and new tokens) and values (x), each in one load from two sources
+            Keys = tl.load(tl.where(is_hist, Bc_base + ring_row * s_Bc_l, B_base + key_tok * s_B_t)[:, None]
+                           + offs_n[None, :], mask=key_ok[:, None] & n_ok[None, :], other=0.0)   # (KH+TN, BLOCK_N)
+            X_all = tl.load(tl.where(is_hist, xc_base + ring_row * s_xc_l, x_base + key_tok * s_x_t)[None, :]
+                            + offs_p[:, None], mask=p_ok[:, None] & key_ok[None, :], other=0.0)  # (BLOCK_P, KH+TN)
+            X_new = tl.load(x_base + tok[None, :] * s_x_t + offs_p[:, None],
+                            mask=p_ok[:, None] & t_ok[None, :], other=0.0)                      # (BLOCK_P, TN)
+            Ct = tl.load(C_ptr + row_off * s_B_b + g * s_B_g + tok[None, :] * s_B_t + offs_n[:, None],
+                         mask=n_ok[:, None] & t_ok[None, :], other=0.0)                         # (BLOCK_N, TN)
+            dt_raw = tl.load(dt_ptr + row_off * s_dt_b + key_tok * s_dt_t + h * s_dt_h,
+                             mask=~is_hist & key_ok, other=0.0).to(tl.float32)
+
+            # decays: c over the key axis (history, then new tokens); Λ = c at the end of the history
+            A = tl.load(A_ptr + h).to(tl.float32)
+            if HAS_BIAS:
+                dt_raw += tl.load(dt_bias_ptr + h).to(tl.float32)
+            if SOFTPLUS:
+                dt_raw = _softplus(dt_raw)
+            dt_key = tl.where(is_hist, dt_hist, tl.where(key_ok, dt_raw, 0.0))
+            c_key = tl.cumsum(A * dt_key, axis=0)
+            lam = tl.sum(tl.where(is_hist, A * dt_key, 0.0), axis=0)
+            # the queries' c and dt are the new keys' (the same sums, so the diagonal decays are exactly 1)
+            pick = jk[None, :] == (jn + KH)[:, None]
+            c_new = tl.sum(tl.where(pick, c_key[None, :], 0.0), axis=1)
+            dt_new = tl.sum(tl.where(pick, dt_key[None, :], 0.0), axis=1)
+
+            # Bᵀ·C over the keys (16-bit operands give exact products), decayed and masked
+            cbT = _dot16(Keys, Ct, UPCAST)                                                   # (KH+TN, TN)
+            vis = (~is_hist[:, None] & (j_new[:, None] <= jn[None, :])) & t_ok[None, :]
+            if RECT:
+                vis = vis | (hist_ok[:, None] & t_ok[None, :])
+            coef = cbT * tl.exp(tl.where(vis & key_ok[:, None], c_new[None, :] - c_key[:, None], float("-inf")))
+            Xf = X_all.to(tl.float32)
+            y = tl.dot(Xf, coef * dt_key[:, None], input_precision=DOT_PREC)                # (BLOCK_P, TN)
+            Xnf = X_new.to(tl.float32)
+            # the fold's weights: x_k decayed to the end of the history (history keys only)
+            w_fold = tl.where(hist_ok, tl.exp(lam - c_key) * dt_key, 0.0)
+            if RECT:
+                if NATIVE_CS:
+                    # 16-bit state, or 8-bit codes (exact in 16 bits): the row scale applies after the sum
+                    cs = _dot16(S_raw.to(Ct.dtype), Ct, UPCAST)
+                    if KIND >= 3:
+                        cs = cs * S_scale[:, None]
+                else:
+                    cs = tl.dot(decode_state_tile(S_raw, S_scale, KIND), Ct.to(tl.float32),
+                                input_precision=DOT_PREC)
+                y += tl.exp(c_new)[None, :] * cs
+                if do_write:
+                    hK = _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
+                    store_state_tile(hK, st_base, sc_base, st_off, st_mask, offs_p, p_ok, seed_ptr, slot, st_pool,
+                                     KIND, SR, PHILOX_ROUNDS)
+            else:
+                # replay: materialize h_K, then y from it
+                hK = _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
+                y += tl.exp(c_new - lam)[None, :] * tl.dot(hK, Ct.to(tl.float32), input_precision=DOT_PREC)
+                if do_write:
+                    store_state_tile(hK, st_base, sc_base, st_off, st_mask, offs_p, p_ok, seed_ptr, slot, st_pool,
+                                     KIND, SR, PHILOX_ROUNDS)
+            if HAS_D:
+                y += tl.load(D_ptr + h).to(tl.float32) * Xnf
+            io_mask = p_ok[:, None] & t_ok[None, :]
+            if HAS_Z:
+                zt = tl.load(z_ptr + row_off * s_z_b + tok[None, :] * s_z_t + h * s_z_h + offs_p[:, None],
+                             mask=io_mask, other=0.0).to(tl.float32)
+                y = y * zt * tl.sigmoid(zt)
+            tl.store(out_ptr + row_off * s_o_b + tok[None, :] * s_o_t + h * s_o_h + offs_p[:, None],
+                     y.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+            # ring appends of the new keys, disjoint from the history rows read above (pnat + T <= L)
+            new_ring_row = (rs + K + j_new) % L
+            new_ok = ~is_hist & key_ok
+            tl.store(xc_base + new_ring_row[None, :] * s_xc_l + offs_p[:, None], X_all,
+                     mask=p_ok[:, None] & new_ok[None, :])
+            if pt == 0:
+                tl.store(dtc_ptr + slot * s_dtc_s + h * s_dtc_h + new_ring_row, dt_key, mask=new_ok)
+                if h % HPG == 0:
+                    tl.store(Bc_base + new_ring_row[:, None] * s_Bc_l + offs_n[None, :], Keys,
+                             mask=new_ok[:, None] & n_ok[None, :])
+        elif PDL:
+            gdc_wait()      # padding row: nothing to do, but the launch must not finish before its producer
+    elif PDL:
+        gdc_wait()          # past the plan's count: likewise
 
 
 # ------------------------------------------------------------------------------------------------
 # launcher
 # ------------------------------------------------------------------------------------------------
 LAUNCHES = ("auto", "dynamic", "split")
+MAX_TILE = 8192      # state elements per program (64 x 128): 64 fp32 registers per thread at 4 warps
 PRECISIONS = {"fast": "tf32", "exact": "ieee"}
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _pdl_supported(dev) -> bool:
+    # griddepcontrol is sm_90+; the interpreter cannot run it
+    return dev.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(dev)[0] >= 9
+
+
 def _launch(branch, grid, a, cfg, order, counts, use_order):
+    if branch == WRITE:     # the write launch holds more live state: its own warps / register cap
+        cfg = {**cfg, **cfg.get("write", {})}
     _ssu_kernel[grid](
         *a["ptrs"], order, counts, a["seed"], *a["sizes"], *a["strides"],
-        BRANCH=branch, USE_ORDER=use_order, **a["flags"], BLOCK_P=cfg["BLOCK_P"], HC=cfg["HC"],
-        NCH=cfg["NCH"],
-        STAGES=cfg["num_stages"], num_warps=cfg["num_warps"],
+        BRANCH=branch, USE_ORDER=use_order, **a["flags"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"],
+        **({"launch_pdl": True} if a["flags"]["PDL"] else {}),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and a["cuda"] else {}))
 
 
 def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C, out,
          D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
          philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch, precision,
-         validate):
+         validate, pdl=False):
     """The launcher shared by checkpointing_ssu and always_write_ssu: checks every argument before
     anything is written, picks the config from the tuning table, launches."""
     if precision not in PRECISIONS:
@@ -278,16 +294,16 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
         raise ValueError(f"x: expected at most 16 tokens per row and ring length <= 32, got T={sh.T}, L={sh.L}")
     dev = x.device
     cfg = tuning.config_for(dev, "ssu", sh.P, sh.N, state.dtype)
-    block_p = min(cfg["BLOCK_P"], max(16, triton.next_power_of_2(sh.P)))
+    # a program holds whole state rows (the quantized kinds need a row's amax); cap its tile's size
+    block_n = triton.next_power_of_2(sh.N)
+    block_p = min(cfg["BLOCK_P"], max(16, triton.next_power_of_2(sh.P)), max(16, MAX_TILE // block_n))
     cfg["BLOCK_P"] = block_p
     npt = triton.cdiv(sh.P, block_p)
-    # heads per program: a divisor of the heads of one group, at most the table's HC
-    hpg = sh.H // sh.G
-    hc = max(d for d in range(1, min(cfg["HC"], hpg) + 1) if hpg % d == 0)
-    cfg["HC"] = hc
-    # quantized states need a whole row of N in registers for its scale
-    block_n = triton.next_power_of_2(sh.N)
-    cfg["NCH"] = block_n if state.dtype in QUANT_STATE_DTYPES else min(cfg["NCH"], block_n)
+    kind = STATE_KIND[state.dtype]
+    rect = no_write_form == "rectangle"
+    # C·Sᵀ on 16-bit operands when that is exact: a state in C's dtype, or 8-bit codes (|q| <= 448)
+    native_cs = rect and C.dtype in (torch.float16, torch.bfloat16) and (
+        state.dtype == C.dtype or state.dtype in (torch.int8, torch.float8_e4m3fn))
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     sbi = state_batch_indices if state_batch_indices is not None else dummy
     scale = state_scale if state_scale is not None else dummy
@@ -309,24 +325,26 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
               bias_h if bias_h is not None else dummy, sbi,
               cu_seqlens if cu_seqlens is not None else dummy),
         seed=seed,
-        sizes=(sh.batch, sh.T, sh.W, sh.L, pad_slot_id, sh.H, sh.P, sh.N, sh.H // sh.G, npt, sh.H // hc),
+        sizes=(sh.batch, sh.T, sh.W, sh.L, pad_slot_id, sh.H, sh.P, sh.N, sh.H // sh.G, npt),
         strides=(state.stride(0), state.stride(1), state.stride(2),
                  scale.stride(0) if state_scale is not None else 0,
                  scale.stride(1) if state_scale is not None else 0,
                  x_cache.stride(0), x_cache.stride(1), x_cache.stride(2),
                  B_cache.stride(0), B_cache.stride(1), B_cache.stride(2),
                  dt_cache.stride(0), dt_cache.stride(1), *s_x, *s_dt, *s_B, *s_o, *s_z),
-        flags=dict(RECT=no_write_form == "rectangle", HAS_D=D_h is not None, HAS_Z=z is not None,
+        flags=dict(RECT=rect, HAS_D=D_h is not None, HAS_Z=z is not None,
                    HAS_BIAS=bias_h is not None, SOFTPLUS=bool(dt_softplus), VARLEN=sh.varlen,
-                   HAS_SBI=state_batch_indices is not None, KIND=STATE_KIND[state.dtype],
+                   HAS_SBI=state_batch_indices is not None, KIND=kind,
                    SR=rounding == "sr", PHILOX_ROUNDS=int(philox_rounds),
-                   BLOCK_N=triton.next_power_of_2(sh.N), KH=16,
-                   TN=max(16, triton.next_power_of_2(sh.T)), DOT_PREC=PRECISIONS[precision]),
+                   BLOCK_N=block_n, KH=MAX_WINDOW, TN=max(16, triton.next_power_of_2(sh.T)),
+                   DOT_PREC=PRECISIONS[precision], NATIVE_CS=native_cs,
+                   PDL=bool(pdl) and _pdl_supported(dev),
+                   UPCAST=_interpreting() or B.dtype == torch.float32),
     )
     if launch == "auto":
         launch = "split" if sh.batch >= cfg["split_min_batch"] else "dynamic"
-    # one program per (row, state-row tile, head chunk); split launches size theirs from device counts
-    grid = (sh.batch * npt * (sh.H // hc),)
+    # one program per (row, state-row tile, head); split launches size theirs from device counts
+    grid = (sh.batch * npt * sh.H,)
     if launch == "always_write":      # the always-write baseline: every row writes, no plan
         _launch(WRITE, grid, a, cfg, dummy, dummy, False)
         return out
@@ -352,7 +370,7 @@ def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_ac
                       state_batch_indices=None, pad_slot_id=-1, state_scale=None, rand_seed=None,
                       philox_rounds=10, cu_seqlens=None, max_seqlen=None, window=None, rounding="rn",
                       no_write_form="rectangle", plan=None, launch="auto", precision="fast",
-                      validate=True):
+                      validate=True, pdl=False):
     """One verify step of checkpointing replay (Triton). Mutates the caches; returns `out`.
 
     Shapes (batch rows, T tokens per row, H heads, P head_dim, N d_state, G groups, L ring rows):
@@ -370,7 +388,10 @@ def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_ac
     Options: no_write_form "rectangle" | "replay"; launch "auto" | "dynamic" (one launch, branch per
     row) | "split" (write and no-write launches over `plan`, a StepPlan built here when None);
     precision "fast" (tf32 dots) | "exact" (fp32 dots); rounding "rn" | "sr" (needs rand_seed (slots,)
-    int64); validate=False skips the host-side slot checks (needed inside CUDA graphs).
+    int64); validate=False skips the host-side slot checks (needed inside CUDA graphs);
+    pdl=True (CUDA) launches with Programmatic Dependent Launch: the kernel may start while the previous
+    kernel (e.g. conv1d_update(pdl=True)) finishes, loading the state and the ring history before it
+    waits for the new tokens' inputs. Ignored on the CPU.
     """
     if no_write_form not in ("rectangle", "replay"):
         raise ValueError(f"no_write_form: expected 'rectangle' or 'replay', got {no_write_form!r}")
@@ -379,4 +400,4 @@ def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_ac
     return _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C,
                 out, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
                 philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch,
-                precision, validate)
+                precision, validate, pdl)

@@ -19,20 +19,23 @@ STATE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8:
 
 
 @triton.jit
-def load_state_tile(state_ptr, scale_ptr, off, mask, scale_off, p_ok, KIND: tl.constexpr):
-    """The (BLOCK_P, cols) state tile, decoded to fp32."""
-    v = tl.load(state_ptr + off, mask=mask, other=0.0).to(tl.float32)
+def decode_state_tile(raw, scale, KIND: tl.constexpr):
+    """A loaded (BLOCK_P, cols) state tile decoded to fp32 (`scale`: the rows' decode scales, 8/16-bit
+    integer and fp8 kinds only)."""
+    v = raw.to(tl.float32)
     if KIND >= 3:
-        v = v * tl.load(scale_ptr + scale_off, mask=p_ok, other=0.0)[:, None]
+        v = v * scale[:, None]
     return v
 
 
 @triton.jit
-def store_state_tile(h, state_ptr, scale_ptr, off, mask, scale_off, p_ok, seed_ptr, slot,
+def store_state_tile(h, state_ptr, scale_ptr, off, mask, scale_off, p_ok, seed_ptr, slot, pool_off,
                      KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
-    """Round the fp32 tile h to the storage format (and its row scales) and store it."""
+    """Round the fp32 tile h to the storage format (and its row scales) and store it at state_ptr + off.
+    Stochastic rounding keys its bits on the slot's seed and each element's offset in the state pool,
+    pool_off + off."""
     if SR and KIND != 0:
-        rbits = random_words(tl.load(seed_ptr + slot), off, PHILOX_ROUNDS)
+        rbits = random_words(tl.load(seed_ptr + slot), pool_off + off, PHILOX_ROUNDS)
     if KIND == 0:
         tl.store(state_ptr + off, h, mask=mask)
     elif KIND == 1 or KIND == 2:

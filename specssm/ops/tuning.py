@@ -14,11 +14,12 @@ import torch
 
 TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 
-# BLOCK_P: state rows per program; NCH: state columns in registers at a time; HC: heads per program (they share the group's C·Bᵀ);
-# num_warps; num_stages: software pipelining of the head loop;
-# maxnreg: register cap per thread (None: the compiler's choice; a lower cap buys occupancy);
+# BLOCK_P: state rows per program (a program holds whole rows of N); num_warps;
+# write: {num_warps, maxnreg} for launches where every row writes (split write launch, always-write);
+# maxnreg: register cap per thread (None: the compiler's choice; a lower cap buys occupancy: 128 gives
+#   4 blocks of 4 warps per SM, 168 gives 3);
 # split_min_batch: from this batch on, launch="auto" uses the write/no-write split launches.
-DEFAULT = {"BLOCK_P": 64, "NCH": 64, "HC": 1, "num_warps": 4, "num_stages": 1, "split_min_batch": 128}
+DEFAULT = {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "write": {"maxnreg": 168}, "split_min_batch": 128}
 
 
 def card_name(device) -> str:
