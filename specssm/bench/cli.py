@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--conv-all", action="store_true", help="conv1d figure for every variant, not just the "
                    "default one (auto/rectangle/RN) and the baselines")
     g.add_argument("--d-conv", type=int, default=4, help="conv1d width (default 4)")
+    g.add_argument("--pdl", action="store_true", help="conv1d figure with Programmatic Dependent Launch: "
+                   "conv1d_update and checkpointing_ssu with pdl=True (rows get pdl = true; compare with a run "
+                   "without it, in another --out)")
     t = ap.add_argument_group("timing")
     t.add_argument("--min-samples", type=int, help="steps timed per case (default 200; --quick 50)")
     t.add_argument("--cold-factor", type=float, default=4.0, help="state bytes between visits of a slot, x L2")

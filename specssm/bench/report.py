@@ -15,14 +15,16 @@ CSV_COLUMNS = [
     "card", "torch", "triton", "date", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z",
     "strategy", "launch", "no_write_form", "variant", "state_dtype", "rounding", "scenario", "batch",
     "status", "reason", "median_us", "p10_us", "p90_us", "mean_us", "busy_us", "samples",
-    "kernels_per_step", "plan_us", "conv_median_us", "conv_p10_us", "conv_p90_us",
+    "kernels_per_step", "plan_us", "pdl", "conv_median_us", "conv_p10_us", "conv_p90_us",
     "speedup_vs_always_write", "speedup_vs_all_states", "write_frac", "mean_pnat", "bytes_per_step",
     "floor_us", "pct_floor", "conv_floor_us", "conv_pct_floor", "copy_bw_GBps", "slot_sets", "cold_x_L2",
 ]
 
 # What makes two rows the same measurement (used by --resume and to find baselines).
 IDENTITY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "strategy", "launch",
-            "no_write_form", "state_dtype", "rounding", "scenario", "batch")
+            "no_write_form", "state_dtype", "rounding", "scenario", "batch", "pdl")
+# Values of identity keys that rows written before the key existed lack.
+_IDENTITY_DEFAULTS = {"pdl": False}
 
 
 def card_slug(name: str) -> str:
@@ -34,7 +36,7 @@ def card_slug(name: str) -> str:
 
 
 def row_id(row: dict) -> tuple:
-    return tuple(row.get(k) for k in IDENTITY)
+    return tuple(row.get(k, _IDENTITY_DEFAULTS.get(k)) for k in IDENTITY)
 
 
 def _ok(row) -> bool:
@@ -147,7 +149,8 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
         f"copy bandwidth **{fmt(meta.get('copy_bw_GBps'), 0)} GB/s** (device-to-device copy, bytes read + written)\n"
         f"- torch {meta.get('torch')}, triton {meta.get('triton')}, CUDA {meta.get('cuda')}, date {meta.get('date')}\n"
         f"- T = {meta.get('T')}, W = {meta.get('W')}, activations {meta.get('act_dtype')}, z gate "
-        f"{'on' if meta.get('z') else 'off'}, conv1d d_conv = {meta.get('d_conv')}; state cold "
+        f"{'on' if meta.get('z') else 'off'}, conv1d d_conv = {meta.get('d_conv')}"
+        f"{' (with conv: conv1d and checkpointing launched with PDL)' if meta.get('pdl') else ''}; state cold "
         f"(≥ {meta.get('cold_factor')}× L2 of states between visits of a slot), inputs hot\n"
         f"- command: `{meta.get('command')}`\n")
     out.append(COLUMN_NOTES)
@@ -213,7 +216,8 @@ Columns:
 - **µs** (median, p10–p90): per step, from the start of the first kernel of the step to the end of its last
   kernel (CUPTI timestamps via torch.profiler), over many steps replayed from one CUDA graph; one layer.
 - **with conv µs**: the span of the conv1d update launched before the step plus the step (default
-  variant auto/rectangle/RN and the baselines).
+  variant auto/rectangle/RN and the baselines). Rows with `pdl` true (`--pdl`): conv1d and the
+  checkpointing step chained with Programmatic Dependent Launch (the baselines' rows are unchanged).
 - **plan µs**: building the per-step plan (once per step, shared by all layers), timed on its own; not
   included in µs.
 - **× always-write / × all-states**: baseline median / this median (same card, shape, dtype, batch).

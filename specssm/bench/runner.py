@@ -195,8 +195,8 @@ class Env:
                                              act_dtype=o.act_dtype, d_conv=o.d_conv)
 
     # ---- one step ------------------------------------------------------------------------------
-    def step_fn(self, case: Case):
-        """fn(i, validate) running the op of `case` on slot set i."""
+    def step_fn(self, case: Case, pdl: bool = False):
+        """fn(i, validate) running the op of `case` on slot set i (pdl: checkpointing only)."""
         from specssm import ops
         name = OP_NAMES[self.strategy]
         op = getattr(ops, name, None)
@@ -210,6 +210,8 @@ class Env:
             kw.update(rounding=case.rounding, precision=o.precision)
             if self.strategy == "checkpointing":   # always-write has its own launch and no no-write rows
                 kw.update(launch=case.variant.launch, no_write_form=case.variant.no_write_form)
+                if pdl:
+                    kw["pdl"] = True
             if case.rounding == "sr":
                 kw["rand_seed"] = self.cache.seeds
         plans, sets = self.plans, self.slot_sets
@@ -232,13 +234,14 @@ class Env:
             raise Skip(f"{OP_NAMES[self.strategy]} rejected it: {str(e).splitlines()[0][:300]}") from None
         return step
 
-    def conv_fn(self):
+    def conv_fn(self, pdl: bool = False):
         c, upd = self.conv, self.bench.conv_update
         sets = self.slot_sets
+        kw = {"pdl": True} if pdl else {}
 
         def fn(i):
             upd(c["xBC"], c["conv_state"], c["conv_offset"], c["weight"], c["bias"], "silu",
-                state_batch_indices=sets[i], out=c["out"])
+                state_batch_indices=sets[i], out=c["out"], **kw)
         return fn
 
     def plan_fn(self):
@@ -283,7 +286,7 @@ class GpuBench:
                 "python": platform.python_version(),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "copy_bw_GBps": self.copy["copy_bw_GBps"], "copy_bytes": self.copy["copy_bytes"],
-                "T": o.T, "W": o.W, "act_dtype": o.act_dtype, "z": o.z, "d_conv": o.d_conv,
+                "T": o.T, "W": o.W, "act_dtype": o.act_dtype, "z": o.z, "d_conv": o.d_conv, "pdl": o.pdl,
                 "cold_factor": o.cold_factor, "histogram": {str(k): v for k, v in self.hist.items()},
                 "command": "specssm bench " + " ".join(o.argv)}
 
@@ -347,10 +350,14 @@ class GpuBench:
             on_group_done(rows)
         return rows, 0
 
+    def uses_pdl(self, case: Case) -> bool:
+        """--pdl chains conv1d and the step only where the step op can wait for it (checkpointing)."""
+        return self.opts.pdl and case.variant.strategy == "checkpointing"
+
     def base_row(self, case: Case) -> dict:
         return {"card": self.card, "torch": self.meta["torch"], "triton": self.meta["triton"],
                 "date": self.meta["date"], **case.key(), "act_dtype": self.opts.act_dtype, "z": self.opts.z,
-                "copy_bw_GBps": round(self.copy["copy_bw_GBps"], 1)}
+                "pdl": self.uses_pdl(case), "copy_bw_GBps": round(self.copy["copy_bw_GBps"], 1)}
 
     def _graph_stats(self, env: Env, one_step, max_steps=None):
         """Capture [begin, one_step(i), end] for the slot sets (all, or the first max_steps), replay,
@@ -392,8 +399,9 @@ class GpuBench:
                 env.plan_us[env.scenario] = self._graph_stats(env, env.plan_fn(), max_steps=32).median_us
             res["plan_us"] = env.plan_us[env.scenario]
         if env.conv is not None and self.wants_conv(case):
-            conv = env.conv_fn()
-            cst = self._graph_stats(env, lambda i: (conv(i), step(i, False)))
+            pdl = self.uses_pdl(case)
+            conv, cstep = env.conv_fn(pdl), env.step_fn(case, pdl) if pdl else step
+            cst = self._graph_stats(env, lambda i: (conv(i), cstep(i, False)))
             res.update(conv_median_us=cst.median_us, conv_p10_us=cst.p10_us, conv_p90_us=cst.p90_us)
             cbytes = nbytes + env.conv_bytes
             res["conv_floor_us"] = fl.floor_us(cbytes, bw)

@@ -9,13 +9,21 @@ block barrier, then stores: the rows it stores overlap the rows it read, and wit
 alias ``xBC`` the same holds for the outputs, while different threads of the block hold the loaded and
 the stored elements. Programs never share memory: each row owns one slot (live rows must name
 distinct slots) and each program a disjoint block of channels.
+
+With ``pdl=True`` (sm_90+) every program first signals ``griddepcontrol.launch_dependents``: the next
+kernel of the stream, the SSM step launched with Programmatic Dependent Launch, may then start while
+the conv runs, load its state tile (which the conv does not touch) and wait (``gdc_wait``) only
+before it reads the conv's outputs.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from specssm._checks import check_slots_host
 
@@ -38,7 +46,12 @@ def _conv1d_update_kernel(
     stride_o_row, stride_o_tok, stride_o_ch,
     T: tl.constexpr, D_CONV: tl.constexpr, T_PAD: tl.constexpr, CTX_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SLOT_IDX: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        # First thing: the dependent step may be scheduled as soon as every program got here, so its
+        # state load overlaps this kernel (it waits for our completion before reading our outputs).
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     ch_block = tl.program_id(1)
 
@@ -102,6 +115,12 @@ def _interpreting() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_conv1d_update_kernel, InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device: torch.device) -> bool:
+    """griddepcontrol needs sm_90+; the interpreter has no inline PTX."""
+    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _tensor(name, t, expected):
@@ -224,7 +243,7 @@ def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _launch(xBC, conv_state, conv_offset, weight, bias, silu, state_batch_indices, pad_slot_id, out,
-            block_c=None):
+            pdl=False, block_c=None):
     batch, T, conv_dim = xBC.shape
     d_conv = weight.shape[1]
     if block_c is None:
@@ -245,7 +264,7 @@ def _launch(xBC, conv_state, conv_offset, weight, bias, silu, state_batch_indice
         out.stride(0), out.stride(1), out.stride(2),
         T=T, D_CONV=d_conv, T_PAD=t_pad, CTX_PAD=triton.next_power_of_2(d_conv - 1),
         HAS_BIAS=bias is not None, HAS_SLOT_IDX=has_idx, SILU=silu, BLOCK_C=block_c,
-        num_warps=num_warps,
+        PDL=pdl and _pdl_supported(xBC.device), num_warps=num_warps,
     )
     return out
 
@@ -256,7 +275,7 @@ def _launch(xBC, conv_state, conv_offset, weight, bias, silu, state_batch_indice
 def conv1d_update(xBC: torch.Tensor, conv_state: torch.Tensor, conv_offset: torch.Tensor,
                   weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = "silu",
                   state_batch_indices: torch.Tensor | None = None, pad_slot_id: int = -1,
-                  out: torch.Tensor | None = None, *, validate: bool = False) -> torch.Tensor:
+                  out: torch.Tensor | None = None, *, validate: bool = False, pdl: bool = False) -> torch.Tensor:
     """Causal depthwise conv1d over the ``T`` new tokens of each row, with rollback-free conv state.
 
     Args:
@@ -278,6 +297,12 @@ def conv1d_update(xBC: torch.Tensor, conv_state: torch.Tensor, conv_offset: torc
         out: optional (batch, T, conv_dim) output in ``xBC.dtype``; may be ``xBC`` itself (in place).
         validate: also run the value checks that need a host sync on GPU (slot ids in range and
             distinct, offsets in ``[0, T_max]``). On CPU (interpreter) they always run.
+        pdl: Programmatic Dependent Launch towards the next kernel (sm_90+; ignored elsewhere and in
+            the interpreter). The kernel lets its dependent start at once, so a step op launched next
+            with PDL (``checkpointing_ssu(..., pdl=True)``) loads its state, which does not depend on
+            the conv, while the conv finishes, and waits for the conv only before reading x/B/C. The
+            conv itself is launched normally: its producer (in_proj) must have finished. Outputs and
+            state are the same as with ``pdl=False``.
 
     Returns:
         ``out`` (batch, T, conv_dim) in ``xBC.dtype``: ``act(bias + sum_k weight[:, k] * u[t + k - d_conv
@@ -292,4 +317,4 @@ def conv1d_update(xBC: torch.Tensor, conv_state: torch.Tensor, conv_offset: torc
     if xBC.shape[0] == 0:
         return out
     return _launch(xBC, conv_state, conv_offset, weight, bias, activation is not None,
-                   state_batch_indices, pad_slot_id, out)
+                   state_batch_indices, pad_slot_id, out, pdl)

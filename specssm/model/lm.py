@@ -27,11 +27,13 @@ class TinyMamba2LM(torch.nn.Module):
         ssu: the SSM step op ("auto", "op", "reference" or a callable; see `resolve_ssu`), with
             `precision` ("exact" or "fast") and `validate` for the Triton op.
         conv: the conv update ("auto", "triton", "torch" or a callable; see `resolve_conv`).
+        pdl: chain the Triton conv and step op with Programmatic Dependent Launch (sm_90+; ignored
+            by the other ops and in the interpreter). Same results; off by default.
     """
 
     def __init__(self, cfg: Mamba2Config, seed: int = 0, dtype=torch.float32, device="cpu", tp_rank: int = 0,
                  tp_size: int = 1, tp_group=None, ssu="auto", conv="auto", precision: str = "exact",
-                 validate: bool = True):
+                 validate: bool = True, pdl: bool = False):
         super().__init__()
         cfg.check_tp(tp_size)
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
@@ -52,13 +54,14 @@ class TinyMamba2LM(torch.nn.Module):
         self.final_norm = param(torch.ones(cfg.d_model, dtype=f64))
         self.lm_head = param(torch.randn(cfg.vocab_size, cfg.d_model, dtype=f64, generator=gen)
                              / math.sqrt(cfg.d_model))
-        self.set_ops(ssu, conv, precision, validate)
+        self.set_ops(ssu, conv, precision, validate, pdl)
 
-    def set_ops(self, ssu="auto", conv="auto", precision: str = "exact", validate: bool = True) -> None:
+    def set_ops(self, ssu="auto", conv="auto", precision: str = "exact", validate: bool = True,
+                pdl: bool = False) -> None:
         """Choose the SSM step op and the conv update used by `step`."""
-        self.ssu, self.ssu_name = resolve_ssu(ssu, self.device, precision, validate, self.dtype)
-        self.conv, self.conv_name = resolve_conv(conv, self.device, self.dtype)
-        self.precision = precision
+        self.ssu, self.ssu_name = resolve_ssu(ssu, self.device, precision, validate, self.dtype, pdl)
+        self.conv, self.conv_name = resolve_conv(conv, self.device, self.dtype, pdl)
+        self.precision, self.pdl = precision, pdl
 
     @property
     def local_cfg(self) -> Mamba2Config:

@@ -102,13 +102,14 @@ def _triton_usable(device) -> bool:
     return torch.device(device).type == "cuda" or interpreting()
 
 
-def resolve_ssu(ssu="auto", device="cpu", precision="exact", validate=True, dtype=torch.float32):
+def resolve_ssu(ssu="auto", device="cpu", precision="exact", validate=True, dtype=torch.float32, pdl=False):
     """The SSM step callable (checkpointing_ssu signature) and a name for it.
 
     ssu: a callable (used as is), "reference" (float64 reference, any device and dtype), "op" (the
     Triton `specssm.ops.checkpointing_ssu` with `precision` and `validate`; error if it is missing),
     or "auto" (the op where Triton runs, the op exists and takes `dtype` activations (not float64),
-    else the reference).
+    else the reference). pdl: launch the Triton op with Programmatic Dependent Launch after the conv
+    (see `specssm.conv.conv1d_update`); the reference and callables never get it.
     """
     if callable(ssu):
         return ssu, getattr(ssu, "__name__", type(ssu).__name__)
@@ -124,8 +125,10 @@ def resolve_ssu(ssu="auto", device="cpu", precision="exact", validate=True, dtyp
                 raise ValueError(f"ssu: 'op' asked for specssm.ops.checkpointing_ssu, which is not "
                                  f"available ({e})") from e
         else:
-            fn = functools.partial(checkpointing_ssu, precision=precision, validate=validate)
-            return fn, f"checkpointing_ssu(precision={precision!r})"
+            # pdl only when asked: the op's default, so pdl=False runs any version of the op
+            fn = functools.partial(checkpointing_ssu, precision=precision, validate=validate,
+                                   **({"pdl": True} if pdl else {}))
+            return fn, f"checkpointing_ssu(precision={precision!r}{', pdl' if pdl else ''})"
     from specssm.reference import checkpointing_ssu_ref
     return checkpointing_ssu_ref, "checkpointing_ssu_ref (float64)"
 
@@ -151,15 +154,18 @@ def conv1d_update_torch(xBC, conv_state, conv_offset, weight, bias=None, activat
     return out
 
 
-def resolve_conv(conv="auto", device="cpu", dtype=torch.float32):
+def resolve_conv(conv="auto", device="cpu", dtype=torch.float32, pdl=False):
     """The conv update callable and its name: "triton" (`specssm.conv.conv1d_update`), "torch"
-    (`conv1d_update_torch`) or "auto" (Triton where it runs and supports the dtype)."""
+    (`conv1d_update_torch`) or "auto" (Triton where it runs and supports the dtype). pdl: the Triton
+    conv lets the next kernel (the step op, launched with PDL) start early."""
     if callable(conv):
         return conv, getattr(conv, "__name__", type(conv).__name__)
     if conv not in ("auto", "triton", "torch"):
         raise ValueError(f"conv: expected a callable or one of 'auto', 'triton', 'torch', got {conv!r}")
     if conv == "triton" or (conv == "auto" and _triton_usable(device) and dtype in TRITON_DTYPES):
         from specssm.conv import conv1d_update
+        if pdl:
+            return functools.partial(conv1d_update, pdl=True), "conv1d_update (Triton, pdl)"
         return conv1d_update, "conv1d_update (Triton)"
     return conv1d_update_torch, "conv1d_update_torch"
 
@@ -263,12 +269,14 @@ class Mamba2Mixer(torch.nn.Module):
         H, P, N, G, di, cd = self.sizes
         batch, T, _ = hidden.shape
         z, xbc, dt = self._split_in_proj(F.linear(hidden, self.in_proj))
+        # Whatever the step op needs besides the conv's output is made first, so that no kernel sits
+        # between the conv and the step (with PDL the step overlaps the conv's tail).
+        y = torch.zeros(batch, T, H, P, dtype=hidden.dtype, device=hidden.device)
+        A, D, dt_bias = self.tied_params()
         xbc = conv(xbc, cache.conv_states[self.layer_idx], cache.conv_offset, self.conv_weight, self.conv_bias,
                    activation="silu", state_batch_indices=slots, pad_slot_id=cache.pad_slot_id,
                    out=torch.zeros(xbc.shape, dtype=xbc.dtype, device=xbc.device))
         x, B, C = self._split_xbc(xbc)
-        y = torch.zeros(batch, T, H, P, dtype=hidden.dtype, device=hidden.device)
-        A, D, dt_bias = self.tied_params()
         ssu(**cache.ssm.op_kwargs(self.layer_idx), x=x, dt=dt[..., None].expand(batch, T, H, P), A=A,
             B=B, C=C, out=y, D=D, z=None, dt_bias=dt_bias, dt_softplus=True, state_batch_indices=slots,
             pad_slot_id=cache.pad_slot_id)

@@ -95,7 +95,8 @@ def generate_worker(rank, world_size, spec: dict):
     """Build rank `rank`'s shard of `TinyMamba2LM(spec['cfg'], spec['seed'])` and decode.
 
     spec keys: cfg, seed, dtype ("fp64" | "fp32" | ...), device ("cpu" | "cuda"), prompts (lists of
-    ints), max_new_tokens, T, drafter ("ngram" | "random"), ssu, conv, precision, window, state_dtype.
+    ints), max_new_tokens, T, drafter ("ngram" | "random"), ssu, conv, precision, pdl, window,
+    state_dtype.
     Returns dict(tokens, mean_accepted, flush_fraction, tokens_per_s, prefill_logits (first prompt,
     numpy float64), step_logits (one verify step of the first prompt's continuation, numpy float64)).
     """
@@ -104,7 +105,8 @@ def generate_worker(rank, world_size, spec: dict):
     device = "cpu" if spec["device"] == "cpu" else f"cuda:{torch.cuda.current_device()}"
     model = TinyMamba2LM(spec["cfg"], seed=spec["seed"], dtype=DTYPES[spec["dtype"]], device=device,
                          tp_rank=rank, tp_size=world_size, ssu=spec.get("ssu", "auto"),
-                         conv=spec.get("conv", "auto"), precision=spec.get("precision", "exact"))
+                         conv=spec.get("conv", "auto"), precision=spec.get("precision", "exact"),
+                         pdl=spec.get("pdl", False))
     prompts = [torch.tensor(p, dtype=torch.int64) for p in spec["prompts"]]
     T = spec["T"]
     drafter = (NgramDrafter() if spec.get("drafter", "ngram") == "ngram"

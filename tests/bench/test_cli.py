@@ -23,6 +23,11 @@ def test_presets_and_explicit_flags():
     assert full.launch == ["auto", "split", "dynamic"] and full.no_write_form == ["rectangle", "replay"]
 
 
+def test_pdl_flag():
+    assert args_of().pdl is False and args_of("--quick", "--pdl").pdl is True
+    assert cli.main(["--dry-run", "--quick", "--pdl"]) == 0
+
+
 def test_case_lists():
     quick = cli.make_cases(args_of("--quick"))
     # 3 batches x 3 dtypes x (checkpointing + always-write + all-states)

@@ -110,6 +110,9 @@ def test_row_identity_ignores_results():
     a, b = row("checkpointing", "v", 1.0), row("checkpointing", "v", 2.0, date="other")
     assert report.row_id(a) == report.row_id(b)
     assert report.row_id(a) != report.row_id(row("checkpointing", "v", 1.0, batch=4))
+    # a --pdl row is another measurement; rows from before the field read as pdl = false
+    assert report.row_id(row("checkpointing", "v", 1.0, pdl=True)) != report.row_id(a)
+    assert report.row_id(row("checkpointing", "v", 1.0, pdl=False)) == report.row_id(a)
 
 
 @pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"),

@@ -16,7 +16,7 @@ from specssm.bench.runner import Env, Skip, slot_set_count
 from specssm.cache import StepPlan
 
 TINY = Shape("tiny", 2, 4, 8, 1)
-OP_ONLY = ("plan", "launch", "precision", "validate")
+OP_ONLY = ("plan", "launch", "precision", "validate", "pdl")
 
 
 def fake_bench(argv=(), conv_update=None):
@@ -118,6 +118,37 @@ def test_conv_wiring(fake_ops):
     env.conv["out"].fill_(float("nan"))
     env.conv_fn()(1)
     assert torch.isfinite(env.conv["out"].float()).all()
+
+
+@pytest.mark.parametrize("strategy", ["checkpointing", "always_write", "all_states"])
+def test_pdl_goes_to_the_checkpointing_op_only(fake_ops, strategy):
+    from specssm.bench.runner import GpuBench
+    bench = fake_bench(["--pdl"])
+    case = Case(TINY, Variant(strategy), "fp32", "rn", "mixed" if strategy == "checkpointing" else "any",
+                batch=2, T=2, W=4)
+    pdl = GpuBench.uses_pdl(bench, case)
+    assert pdl == (strategy == "checkpointing")
+    assert not GpuBench.uses_pdl(fake_bench(), case)
+    env = Env(bench, case)
+    env.set_scenario(case.scenario)
+    env.step_fn(case, pdl)(0, False)
+    env.step_fn(case)(0, False)
+    assert [c["pdl"] for c in fake_ops] == [True if pdl else None, None]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conv1d on CPU needs TRITON_INTERPRET=1")
+def test_conv_with_pdl_gives_the_same_outputs(fake_ops):
+    from specssm.conv import conv1d_update
+    bench = fake_bench(["--pdl"], conv_update=conv1d_update)
+    case = Case(TINY, Variant("checkpointing"), "fp32", "rn", "mixed", batch=2, T=2, W=4)
+    env = Env(bench, case)
+    state0 = env.conv["conv_state"].clone()
+    results = []
+    for pdl in (False, True):
+        env.conv["conv_state"].copy_(state0)
+        env.conv_fn(pdl)(1)
+        results.append((env.conv["out"].clone(), env.conv["conv_state"].clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_slot_set_count():

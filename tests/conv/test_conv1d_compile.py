@@ -14,8 +14,9 @@ import sys
 
 import pytest
 
-CONFIGS = [  # (activation dtype, T, d_conv, has_bias, has_slot_indices)
-    ("bf16", 6, 4, True, True), ("fp16", 1, 2, False, False), ("fp32", 4, 3, True, True),
+CONFIGS = [  # (activation dtype, T, d_conv, has_bias, has_slot_indices, pdl)
+    ("bf16", 6, 4, True, True, False), ("fp16", 1, 2, False, False, False), ("fp32", 4, 3, True, True, False),
+    ("bf16", 6, 4, True, True, True),
 ]
 
 _COMPILE_SCRIPT = r"""
@@ -26,7 +27,7 @@ from triton.compiler import ASTSource
 from specssm.conv.conv1d import _conv1d_update_kernel as kernel
 
 results = []
-for act, T, d_conv, has_bias, has_idx in json.loads(sys.argv[1]):
+for act, T, d_conv, has_bias, has_idx, pdl in json.loads(sys.argv[1]):
     names = kernel.arg_names
     sig = dict(xbc_ptr="*" + act, state_ptr="*" + act, offset_ptr="*i32", weight_ptr="*fp32",
                bias_ptr="*fp32", out_ptr="*" + act, slot_idx_ptr="*i32", conv_dim="i32", pad_slot_id="i32")
@@ -36,7 +37,7 @@ for act, T, d_conv, has_bias, has_idx in json.loads(sys.argv[1]):
     # Unit channel strides become constants on a real launch (Triton specialises the value 1).
     const = dict(stride_x_ch=1, stride_s_ch=1, stride_w_tap=1, stride_o_ch=1, T=T, D_CONV=d_conv,
                  T_PAD=triton.next_power_of_2(T), CTX_PAD=triton.next_power_of_2(d_conv - 1),
-                 HAS_BIAS=has_bias, HAS_SLOT_IDX=has_idx, SILU=True, BLOCK_C=128)
+                 HAS_BIAS=has_bias, HAS_SLOT_IDX=has_idx, SILU=True, BLOCK_C=128, PDL=pdl)
     sig.update({n: "constexpr" for n in const})
     # Pointers, conv_dim and row strides divisible by 16 (conv_dim = 1280), as Triton detects them.
     div16 = ("xbc_ptr", "state_ptr", "offset_ptr", "weight_ptr", "bias_ptr", "out_ptr", "slot_idx_ptr",
@@ -46,7 +47,8 @@ for act, T, d_conv, has_bias, has_idx in json.loads(sys.argv[1]):
     num_warps = max(1, min(8, triton.next_power_of_2(T) * 128 // 256))
     src = ASTSource(fn=kernel, signature=sig, constexprs=const, attrs=attrs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps)).asm["ptx"]
-    results.append(dict(barrier="bar.sync" in ptx or "barrier.sync" in ptx, vector_loads="ld.global.v" in ptx))
+    results.append(dict(barrier="bar.sync" in ptx or "barrier.sync" in ptx, vector_loads="ld.global.v" in ptx,
+                        launch_dependents="griddepcontrol.launch_dependents" in ptx))
 print("RESULT " + json.dumps(results))
 """
 
@@ -71,3 +73,4 @@ def test_kernel_compiles_for_sm90():
         assert res["barrier"], f"{cfg}: the barrier between loads and stores is missing"
         # 16-byte aligned contiguous channels must give vector loads (coalesced token rows).
         assert res["vector_loads"], f"{cfg}: no vectorised global loads"
+        assert res["launch_dependents"] == cfg[-1], f"{cfg}: griddepcontrol.launch_dependents iff pdl"

@@ -134,6 +134,23 @@ def test_strided_input_and_in_place_output():
 
 
 @interp
+def test_pdl_gives_the_same_outputs_and_state():
+    """pdl=True only adds a launch hint (off in the interpreter and below sm_90): same results."""
+    import specssm.conv.conv1d as mod
+
+    assert not mod._pdl_supported(torch.device("cpu"))
+    case = make_case(3, 4, 150, 4, T_max=6, num_slots=5, dtype=torch.bfloat16, device="cpu", pad_rows=(1,))
+    xBC, conv_state, conv_offset, weight, bias, idx = case
+    check_step(xBC, conv_state.clone(), conv_offset, weight, bias, "silu", idx, pdl=True)
+    results = []
+    for pdl in (False, True):
+        state, out = conv_state.clone(), torch.zeros_like(xBC)
+        conv1d_update(xBC, state, conv_offset, weight, bias, "silu", idx, out=out, pdl=pdl)
+        results.append((out, state))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@interp
 def test_empty_batch():
     _, conv_state, conv_offset, weight, bias, _ = make_case(1, 2, 8, 2, 2, 2, torch.float32, "cpu")
     out = conv1d_update(torch.empty(0, 2, 8), conv_state, conv_offset, weight, bias)
