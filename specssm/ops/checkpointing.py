@@ -1,18 +1,17 @@
 """Checkpointing replay: the SSM state update of one verify step on the ring contract (DESIGN §3–§5).
 
-One program handles one row, one tile of BLOCK_P state rows and HC heads of one group: the group's
-keys and Bᵀ·C are loaded and computed once, then per head it reads the head's history (ring rows) and
-new tokens, walks its state tile once in column chunks of NCH, and computes every output of the row in
-closed form. History and new tokens are two key blocks (KH = 16 history slots, TN >= 16 new-token
-slots), so every matrix product is a tensor-core tile; the products are computed transposed (state rows
-x tokens), so the state is the left operand in its stored layout:
+One program handles one row, one head and one tile of BLOCK_P whole state rows. It issues the state
+tile's load first, then puts the history (KH = 16 ring slots) and the new tokens (TN = 16 slots) on one
+key axis, so every product is a tensor-core tile; the products are computed transposed (state rows x
+tokens), so the state is the left operand in its stored layout:
 
-    y      = exp(c_t)·(C·Sᵀ) + coef_hist @ X_hist + coef_new @ X_new + D·x    (rectangle form)
-    h_K    = exp(Λ)·S + (X_hist·w)ᵀ @ B_hist                                   (write rows only)
+    y      = exp(c_t)·(C·Sᵀ) + X_keys @ coef + D·x                 (rectangle form, no-write rows)
+    h_K    = exp(Λ)·S + (X_keys·w) @ B_keys                          (write rows)
 
-with c the running sum of A·dt over history then new tokens. Rows whose history would overflow
-(pnat + len > W) store h_K; the others leave the state bit-identical. The replay form (materialize
-h_K, then y = exp(c_t − Λ)·(C·h_Kᵀ) + ...) is kept selectable for comparison.
+with c the running sum of A·dt over the key axis, coef the decayed B·C over visible keys (history:
+all, new tokens: causal) and w the history's decay to the end of the history. Rows whose history
+would overflow (pnat + len > W) store h_K; the others leave the state bit-identical. The replay form
+(materialize h_K, then y = exp(c_t − Λ)·(C·h_Kᵀ) + new-token terms) is kept selectable.
 
 Launch modes: "dynamic" (one launch, each row branches on its own flush test), "split" (two launches
 over the write-first StepPlan, each compiled for one branch; programs past the plan's count exit).
@@ -175,10 +174,9 @@ def _ssu_kernel(
             dt_key = tl.where(is_hist, dt_hist, tl.where(key_ok, dt_raw, 0.0))
             c_key = tl.cumsum(A * dt_key, axis=0)
             lam = tl.sum(tl.where(is_hist, A * dt_key, 0.0), axis=0)
-            # the queries' c and dt are the new keys' (the same sums, so the diagonal decays are exactly 1)
+            # the queries' c is the new keys' (the same sums, so the diagonal decays are exactly 1)
             pick = jk[None, :] == (jn + KH)[:, None]
             c_new = tl.sum(tl.where(pick, c_key[None, :], 0.0), axis=1)
-            dt_new = tl.sum(tl.where(pick, dt_key[None, :], 0.0), axis=1)
 
             # Bᵀ·C over the keys (16-bit operands give exact products), decayed and masked
             cbT = _dot16(Keys, Ct, UPCAST)                                                   # (KH+TN, TN)
