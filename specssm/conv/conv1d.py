@@ -18,14 +18,13 @@ before it reads the conv's outputs.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from specssm._checks import check_slots_host
+from specssm._runtime import pdl_supported as _pdl_supported
 
 __all__ = ["conv1d_update"]
 
@@ -115,12 +114,6 @@ def _interpreting() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_conv1d_update_kernel, InterpretedFunction)
-
-
-@functools.lru_cache(maxsize=None)
-def _pdl_supported(device: torch.device) -> bool:
-    """griddepcontrol needs sm_90+; the interpreter has no inline PTX."""
-    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _tensor(name, t, expected):

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
+from specssm._runtime import interpreting
 from specssm.conv import conv_state_from_prefill
 from specssm.conv.reference import conv1d_sequential_ref, conv1d_window_ref, conv_context_ref
 from specssm.model.config import Mamba2Config
@@ -93,10 +93,6 @@ def shard_mixer_params(cfg: Mamba2Config, params: dict, rank: int, tp: int) -> d
 
 
 # ---- pluggable pieces: the SSM step op and the conv update ------------------------------------------
-def interpreting() -> bool:
-    """Whether Triton kernels run through the CPU interpreter in this process."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 
 def _triton_usable(device) -> bool:
     return torch.device(device).type == "cuda" or interpreting()

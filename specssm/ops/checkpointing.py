@@ -19,14 +19,13 @@ Baselines live in specssm/ops/baselines.py; why the kernel looks like this: docs
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, check_tensor
+from specssm._runtime import interpreting, pdl_supported
 from specssm.cache.plan import StepPlan
 from specssm.ops import tuning
 from specssm.ops.store import STATE_KIND, decode_state_tile, store_state_tile
@@ -244,15 +243,6 @@ MAX_TILE = 8192      # state elements per program (64 x 128): 64 fp32 registers 
 PRECISIONS = {"fast": "tf32", "exact": "ieee"}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _pdl_supported(dev) -> bool:
-    # griddepcontrol is sm_90+; the interpreter cannot run it
-    return dev.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(dev)[0] >= 9
-
-
 def _launch(branch, grid, a, cfg, order, counts, use_order):
     if branch == WRITE:     # the write launch holds more live state: its own warps / register cap
         cfg = {**cfg, **cfg.get("write", {})}
@@ -336,8 +326,8 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
                    SR=rounding == "sr", PHILOX_ROUNDS=int(philox_rounds),
                    BLOCK_N=block_n, KH=MAX_WINDOW, TN=max(16, triton.next_power_of_2(sh.T)),
                    DOT_PREC=PRECISIONS[precision], NATIVE_CS=native_cs,
-                   PDL=bool(pdl) and _pdl_supported(dev),
-                   UPCAST=_interpreting() or B.dtype == torch.float32),
+                   PDL=bool(pdl) and pdl_supported(dev),
+                   UPCAST=interpreting() or B.dtype == torch.float32),
     )
     if launch == "auto":
         launch = "split" if sh.batch >= cfg["split_min_batch"] else "dynamic"
