@@ -35,10 +35,10 @@ def signature_of(fn, dtypes: dict, constexprs: dict, ints: dict | None = None):
     return sig, consts, attrs
 
 
-def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None):
+def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None, maxnreg=None):
     sig, consts, attrs = signature_of(fn, dtypes, constexprs, ints)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps))
+    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {})))
     md = k.metadata
     usage = "?"
     try:  # cuobjdump reads registers / spill stores off the cubin
@@ -59,7 +59,7 @@ def compile_plan():
     """The StepPlan kernel at its smallest and largest usual blocks, fixed and varlen lengths."""
     from specssm.cache.plan_kernel import _plan_kernel, _num_warps
     ptr = {"pnat_ptr": "*i32", "sbi_ptr": "*i32", "lens_ptr": "*i32", "write_flag_ptr": "*i32",
-           "order_ptr": "*i32", "counts_ptr": "*i32"}
+           "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32"}
     for block in (1, 4096):
         for varlen in (False, True):
             compile_one(_plan_kernel, ptr, dict(VARLEN=varlen, BLOCK=block), num_warps=_num_warps(block),
@@ -95,13 +95,15 @@ SSU_INTS = dict(batch=1024, T=6, W=16, L=22, pad_slot_id=-1, H=16, P=64, N=128, 
 def main():
     compile_plan()
     compile_conv()
+    from specssm.ops import tuning
     from specssm.ops.checkpointing import _ssu_kernel
     ptr = {n: "*fp32" for n in _ssu_kernel.arg_names if n.endswith("_ptr")}
     ptr.update({"xc_ptr": "*bf16", "Bc_ptr": "*bf16", "x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16",
                 "out_ptr": "*bf16", "z_ptr": "*bf16", "ring_start_ptr": "*i32", "pnat_ptr": "*i32",
-                "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "counts_ptr": "*i32", "seed_ptr": "*i64"})
+                "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32",
+                "seed_ptr": "*i64"})
     base = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
-                KIND=0, SR=False, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16, DOT_PREC="tf32",
+                KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16, DOT_PREC="tf32",
                 NATIVE_CS=False, PDL=False, UPCAST=False)
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
@@ -112,11 +114,15 @@ def main():
         cx = dict(base, BRANCH=2, USE_ORDER=True, KIND=kind, NATIVE_CS=True)
         compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt), cx, label=f"ssu branch=2 kind={kind} native",
                     ints=SSU_INTS)
-    # the rounded and quantized store paths (write branch)
-    for kind, sdt, sr in ((1, "*bf16", True), (2, "*fp16", False), (3, "*i8", True), (4, "*fp8e4nv", False)):
-        cx = dict(base, BRANCH=1, USE_ORDER=True, KIND=kind, SR=sr, NATIVE_CS=kind in (1, 3, 4))
-        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt), cx, label=f"ssu store kind={kind} sr={sr}",
-                    ints=SSU_INTS)
+    # the rounded and quantized store paths (write branch), under the write launch's register cap;
+    # SR by rows (one Philox per four elements, the default) and by element (unaligned pools)
+    cap = tuning.DEFAULT["write"]["maxnreg"]
+    for kind, sdt, sr, rows in ((1, "*bf16", True, True), (1, "*bf16", True, False), (2, "*fp16", False, True),
+                                (3, "*i8", True, True), (3, "*i8", True, False), (4, "*fp8e4nv", False, True),
+                                (4, "*fp8e4nv", True, True)):
+        cx = dict(base, BRANCH=1, USE_ORDER=True, KIND=kind, SR=sr, SR_ROWS=rows, NATIVE_CS=kind in (1, 3, 4))
+        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt), cx, ints=SSU_INTS, maxnreg=cap,
+                    label=f"ssu store kind={kind} sr={sr}{' by element' if sr and not rows else ''}")
     from specssm.ops.baselines import _all_states_kernel
     ptr2 = {n: "*fp32" for n in _all_states_kernel.arg_names if n.endswith("_ptr")}
     ptr2.update({"x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "out_ptr": "*bf16", "z_ptr": "*bf16",

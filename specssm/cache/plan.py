@@ -17,8 +17,13 @@ class StepPlan:
     """Preallocated plan buffers for up to `max_batch` rows.
 
     After `build`: `write_flag[b]` (int32 0/1) for rows b < batch; `order[:batch]` lists the rows
-    that write, then the rows that do not, then padding rows, each group in row order (stable);
+    that write, then padding rows, then the rows that do not write, each group in row order (stable);
+    `slots[:batch]` the state slot of each entry of `order` (pad_slot_id on padding entries);
     `counts[0]` = rows that write, `counts[1]` = live (non-padding) rows. All on the device.
+
+    Why this layout: the step's write launch finds its j-th row at entry j and the no-write launch at
+    entry batch - 1 - j, so neither needs the counts to know where to look, and the slot comes with
+    the row: a program reaches its state tile after one round of (parallel) metadata loads.
     """
 
     def __init__(self, max_batch: int, device="cpu"):
@@ -27,6 +32,7 @@ class StepPlan:
         self.max_batch, self.device = max_batch, torch.device(device)
         self.write_flag = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         self.order = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.slots = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         self.counts = torch.zeros(2, dtype=torch.int32, device=self.device)
         self.batch = 0
 
@@ -48,7 +54,7 @@ class StepPlan:
         batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
         if kernel_runs_on(self.device):
             launch_plan_kernel(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
-                               self.write_flag, self.order, self.counts)
+                               self.write_flag, self.order, self.slots, self.counts)
         else:
             self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id)
         self.batch = batch
@@ -90,12 +96,14 @@ class StepPlan:
         pad = ~live
         n_w = write.sum(dtype=torch.int32)
         n_live = live.sum(dtype=torch.int32)
+        n_pad = batch - n_live
         # rank of each row inside its group, offset by the sizes of the groups before it
         rank = torch.where(write, torch.cumsum(write, 0, dtype=torch.int32) - 1,
-                           torch.where(nowrite, n_w + torch.cumsum(nowrite, 0, dtype=torch.int32) - 1,
-                                       n_live + torch.cumsum(pad, 0, dtype=torch.int32) - 1))
+                           torch.where(pad, n_w + torch.cumsum(pad, 0, dtype=torch.int32) - 1,
+                                       n_w + n_pad + torch.cumsum(nowrite, 0, dtype=torch.int32) - 1))
         rows = torch.arange(batch, dtype=torch.int32, device=self.device)
         self.order[:batch].scatter_(0, rank.long(), rows)
+        self.slots[:batch].scatter_(0, rank.long(), state_batch_indices.to(torch.int32))
         self.write_flag[:batch] = write.to(torch.int32)
         self.counts[0] = n_w
         self.counts[1] = n_live

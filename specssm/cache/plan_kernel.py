@@ -2,9 +2,9 @@
 
 One program covers the whole batch in a single block of BLOCK = next_power_of_2(batch) rows: it loads
 the rows' slots, their pnat and lengths, forms the write / no-write / padding masks, ranks every row
-inside its group with prefix sums and scatters the row ids to their places in `order`. Ten small
-torch kernels become one launch, with no host sync, so it is captured in a CUDA graph like any other
-kernel. Inputs are checked by `StepPlan.build`; this file only launches.
+inside its group with prefix sums and scatters the row ids and their slots to their places in `order`
+and `slots` (writes, padding, no-writes). Ten small torch kernels become one launch, with no host
+sync, so it is captured in a CUDA graph like any other kernel. Inputs are checked by `StepPlan.build`; this file only launches.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import triton.language as tl
 # (== 1, divisible by 16) would compile a new variant mid-serving, possibly during a graph capture.
 @triton.jit(do_not_specialize=["batch", "num_tokens", "window", "pad_slot_id"])
 def _plan_kernel(pnat_ptr, pnat_stride, num_slots, sbi_ptr, sbi_stride, lens_ptr, lens_stride,
-                 write_flag_ptr, order_ptr, counts_ptr, batch, num_tokens, window, pad_slot_id,
+                 write_flag_ptr, order_ptr, slots_ptr, counts_ptr, batch, num_tokens, window, pad_slot_id,
                  VARLEN: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.arange(0, BLOCK)
     in_batch = rows < batch
@@ -38,13 +38,16 @@ def _plan_kernel(pnat_ptr, pnat_stride, num_slots, sbi_ptr, sbi_stride, lens_ptr
     stay_i = stay.to(tl.int32)
     pad_i = pad.to(tl.int32)
     n_write = tl.sum(write_i, axis=0)
-    n_live = n_write + tl.sum(stay_i, axis=0)
+    n_pad = tl.sum(pad_i, axis=0)
     # inclusive prefix sums give each row its 1-based rank among the earlier rows of its own group,
-    # which keeps every group in row order; the groups follow each other write, stay, pad
+    # which keeps every group in row order; the groups follow each other write, pad, stay (the step's
+    # no-write launch reads the stay group from the end)
     rank = tl.where(write, tl.cumsum(write_i, axis=0) - 1,
-                    tl.where(stay, n_write + tl.cumsum(stay_i, axis=0) - 1,
-                             n_live + tl.cumsum(pad_i, axis=0) - 1))
+                    tl.where(pad, n_write + tl.cumsum(pad_i, axis=0) - 1,
+                             n_write + n_pad + tl.cumsum(stay_i, axis=0) - 1))
+    n_live = n_write + tl.sum(stay_i, axis=0)
     tl.store(order_ptr + rank, rows, mask=in_batch)
+    tl.store(slots_ptr + rank, slot.to(tl.int32), mask=in_batch)
     tl.store(write_flag_ptr + rows, write_i, mask=in_batch)
     tl.store(counts_ptr, n_write)
     tl.store(counts_ptr + 1, n_live)
@@ -68,9 +71,10 @@ def _num_warps(block: int) -> int:
 
 
 def launch_plan_kernel(pnat: torch.Tensor, state_batch_indices: torch.Tensor, window: int, num_tokens,
-                       pad_slot_id: int, write_flag: torch.Tensor, order: torch.Tensor,
+                       pad_slot_id: int, write_flag: torch.Tensor, order: torch.Tensor, slots: torch.Tensor,
                        counts: torch.Tensor) -> None:
-    """Fill `write_flag[:batch]`, `order[:batch]` and `counts[0:2]` (int32, contiguous) in one launch.
+    """Fill `write_flag[:batch]`, `order[:batch]`, `slots[:batch]` and `counts[0:2]` (int32, contiguous)
+    in one launch.
 
     pnat: (slots,) int32/int64; state_batch_indices: (batch,) int32/int64, pad rows hold pad_slot_id;
     num_tokens: int T, or a (batch,) int32/int64 tensor of row lengths. Arguments as checked by
@@ -85,5 +89,5 @@ def launch_plan_kernel(pnat: torch.Tensor, state_batch_indices: torch.Tensor, wi
     block = triton.next_power_of_2(batch)
     _plan_kernel[(1,)](
         pnat, pnat.stride(0), pnat.shape[0], state_batch_indices, state_batch_indices.stride(0),
-        lens, lens.stride(0), write_flag, order, counts, batch, 0 if varlen else int(num_tokens),
+        lens, lens.stride(0), write_flag, order, slots, counts, batch, 0 if varlen else int(num_tokens),
         int(window), int(pad_slot_id), VARLEN=varlen, BLOCK=block, num_warps=_num_warps(block))

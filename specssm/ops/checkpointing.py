@@ -63,7 +63,7 @@ def _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND: tl.con
 def _ssu_kernel(
     state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
-    sbi_ptr, cu_ptr, order_ptr, counts_ptr, seed_ptr,
+    sbi_ptr, cu_ptr, order_ptr, slots_ptr, counts_ptr, seed_ptr,
     batch, T, W, L, pad_slot_id, H, P, N, HPG, NPT,
     s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
     s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
@@ -71,7 +71,8 @@ def _ssu_kernel(
     s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
     BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
-    USE_ORDER: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
+    USE_ORDER: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr,
+    PHILOX_ROUNDS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
     DOT_PREC: tl.constexpr, NATIVE_CS: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -84,24 +85,24 @@ def _ssu_kernel(
     h = pid % H
     pt = (pid // H) % NPT
     row_i = pid // (H * NPT)
-    if not USE_ORDER:
-        row_base = 0
-        n_rows = batch
-    elif BRANCH == WRITE:
-        row_base = 0
-        n_rows = tl.load(counts_ptr)
-    else:
-        row_base = tl.load(counts_ptr)
-        n_rows = tl.load(counts_ptr + 1) - row_base
-    if row_i < n_rows:
-        if USE_ORDER:
-            row = tl.load(order_ptr + row_base + row_i)
+    if USE_ORDER:
+        # the plan's entry of this program (write rows from the front, no-write rows from the end),
+        # loaded together with the counts: the slot comes with the row
+        entry = row_i if BRANCH == WRITE else batch - 1 - row_i
+        row = tl.load(order_ptr + entry)
+        slot = tl.load(slots_ptr + entry).to(tl.int64)
+        if BRANCH == WRITE:
+            n_rows = tl.load(counts_ptr)
         else:
-            row = row_i
+            n_rows = tl.load(counts_ptr + 1) - tl.load(counts_ptr)
+    else:
+        row = row_i
+        n_rows = batch
         if HAS_SBI:
             slot = tl.load(sbi_ptr + row).to(tl.int64)
         else:
             slot = row.to(tl.int64)
+    if row_i < n_rows:
         if slot != pad_slot_id:
             offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
             offs_n = tl.arange(0, BLOCK_N)
@@ -110,7 +111,8 @@ def _ssu_kernel(
             st_pool = slot * s_st_s + h * s_st_h
             st_base = state_ptr + st_pool
             sc_base = scale_ptr + slot * s_sc_s + h * s_sc_h
-            st_off = offs_p[:, None] * s_st_p + offs_n[None, :]
+            st_row = offs_p * s_st_p
+            st_off = st_row[:, None] + offs_n[None, :]
             st_mask = p_ok[:, None] & (offs_n < N)[None, :]
             S_raw = tl.load(st_base + st_off, mask=st_mask, other=0.0)
             if KIND >= 3:
@@ -200,15 +202,15 @@ def _ssu_kernel(
                 y += tl.exp(c_new)[None, :] * cs
                 if do_write:
                     hK = _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
-                    store_state_tile(hK, st_base, sc_base, st_off, st_mask, offs_p, p_ok, seed_ptr, slot, st_pool,
-                                     KIND, SR, PHILOX_ROUNDS)
+                    store_state_tile(hK, st_base, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr, slot,
+                                     st_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
             else:
                 # replay: materialize h_K, then y from it
                 hK = _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
                 y += tl.exp(c_new - lam)[None, :] * tl.dot(hK, Ct.to(tl.float32), input_precision=DOT_PREC)
                 if do_write:
-                    store_state_tile(hK, st_base, sc_base, st_off, st_mask, offs_p, p_ok, seed_ptr, slot, st_pool,
-                                     KIND, SR, PHILOX_ROUNDS)
+                    store_state_tile(hK, st_base, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr, slot,
+                                     st_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
             if HAS_D:
                 y += tl.load(D_ptr + h).to(tl.float32) * Xnf
             io_mask = p_ok[:, None] & t_ok[None, :]
@@ -243,11 +245,17 @@ MAX_TILE = 8192      # state elements per program (64 x 128): 64 fp32 registers 
 PRECISIONS = {"fast": "tf32", "exact": "ieee"}
 
 
-def _launch(branch, grid, a, cfg, order, counts, use_order):
+def sr_by_rows(state, block_n):
+    """Whether every state row starts on a multiple of 4 in the pool, so the SR store can draw its bits
+    at one Philox evaluation per four elements (the same bits as one per element)."""
+    return block_n % 4 == 0 and all(st % 4 == 0 for st in state.stride()[:3])
+
+
+def _launch(branch, grid, a, cfg, order, slots, counts, use_order):
     if branch == WRITE:     # the write launch holds more live state: its own warps / register cap
         cfg = {**cfg, **cfg.get("write", {})}
     _ssu_kernel[grid](
-        *a["ptrs"], order, counts, a["seed"], *a["sizes"], *a["strides"],
+        *a["ptrs"], order, slots, counts, a["seed"], *a["sizes"], *a["strides"],
         BRANCH=branch, USE_ORDER=use_order, **a["flags"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"],
         **({"launch_pdl": True} if a["flags"]["PDL"] else {}),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and a["cuda"] else {}))
@@ -323,7 +331,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
         flags=dict(RECT=rect, HAS_D=D_h is not None, HAS_Z=z is not None,
                    HAS_BIAS=bias_h is not None, SOFTPLUS=bool(dt_softplus), VARLEN=sh.varlen,
                    HAS_SBI=state_batch_indices is not None, KIND=kind,
-                   SR=rounding == "sr", PHILOX_ROUNDS=int(philox_rounds),
+                   SR=rounding == "sr", SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=int(philox_rounds),
                    BLOCK_N=block_n, KH=MAX_WINDOW, TN=max(16, triton.next_power_of_2(sh.T)),
                    DOT_PREC=PRECISIONS[precision], NATIVE_CS=native_cs,
                    PDL=bool(pdl) and pdl_supported(dev),
@@ -334,10 +342,10 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     # one program per (row, state-row tile, head); split launches size theirs from device counts
     grid = (sh.batch * npt * sh.H,)
     if launch == "always_write":      # the always-write baseline: every row writes, no plan
-        _launch(WRITE, grid, a, cfg, dummy, dummy, False)
+        _launch(WRITE, grid, a, cfg, dummy, dummy, dummy, False)
         return out
     if launch == "dynamic":
-        _launch(DYNAMIC, grid, a, cfg, dummy, dummy, False)
+        _launch(DYNAMIC, grid, a, cfg, dummy, dummy, dummy, False)
         return out
     if plan is None:
         plan = StepPlan(sh.batch, dev)
@@ -348,8 +356,8 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     elif plan.batch != sh.batch:
         raise ValueError(f"plan: expected a plan built for this step's {sh.batch} rows, got one for {plan.batch}")
     # each launch sizes its own work from the device counts; the grid covers the worst case
-    _launch(WRITE, grid, a, cfg, plan.order, plan.counts, True)
-    _launch(NO_WRITE, grid, a, cfg, plan.order, plan.counts, True)
+    _launch(WRITE, grid, a, cfg, plan.order, plan.slots, plan.counts, True)
+    _launch(NO_WRITE, grid, a, cfg, plan.order, plan.slots, plan.counts, True)
     return out
 
 

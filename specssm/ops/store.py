@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specssm.quant.philox import random_words
+from specssm.quant.philox import random_words, random_words_rows
 from specssm.quant.rounding import quantize, round_half, row_scale
 
 STATE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
@@ -29,13 +29,18 @@ def decode_state_tile(raw, scale, KIND: tl.constexpr):
 
 
 @triton.jit
-def store_state_tile(h, state_ptr, scale_ptr, off, mask, scale_off, p_ok, seed_ptr, slot, pool_off,
-                     KIND: tl.constexpr, SR: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
-    """Round the fp32 tile h to the storage format (and its row scales) and store it at state_ptr + off.
-    Stochastic rounding keys its bits on the slot's seed and each element's offset in the state pool,
-    pool_off + off."""
+def store_state_tile(h, state_ptr, scale_ptr, off, row_off, mask, scale_off, p_ok, seed_ptr, slot, pool_off,
+                     KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
+    """Round the fp32 tile h to the storage format (and its row scales) and store it at state_ptr + off
+    (off = row_off[:, None] + column). Stochastic rounding keys its bits on the slot's seed and each
+    element's offset in the state pool, pool_off + off. SR_ROWS (every pool_off + row_off a multiple of
+    4, columns contiguous) draws them at one Philox evaluation per four elements, the same bits."""
     if SR and KIND != 0:
-        rbits = random_words(tl.load(seed_ptr + slot), pool_off + off, PHILOX_ROUNDS)
+        seed = tl.load(seed_ptr + slot)
+        if SR_ROWS:
+            rbits = random_words_rows(seed, pool_off + row_off, h.shape[1], PHILOX_ROUNDS)
+        else:
+            rbits = random_words(seed, pool_off + off, PHILOX_ROUNDS)
     if KIND == 0:
         tl.store(state_ptr + off, h, mask=mask)
     elif KIND == 1 or KIND == 2:

@@ -1,5 +1,5 @@
-"""StepPlan: per-row write flags, the stable write-first order, the counts, padding rows last, and one
-plan object reused across steps of different batch sizes."""
+"""StepPlan: per-row write flags, the stable order (writes, padding, no-writes), the slot of each entry,
+the counts, and one plan object reused across steps of different batch sizes."""
 import pytest
 import torch
 
@@ -9,13 +9,13 @@ PAD = -1
 
 
 def expected_plan(pnat, rows, W, lens):
-    """DESIGN §5 in plain Python: writes (pnat + len > W) first, then no-writes, then padding, each
-    group in row order."""
+    """DESIGN §5 in plain Python: writes (pnat + len > W) first, then padding, then no-writes (which the
+    step's no-write launch reads from the end), each group in row order."""
     flags = [int(s != PAD and pnat[s] + n > W) for s, n in zip(rows, lens)]
     writes = [b for b, s in enumerate(rows) if s != PAD and flags[b]]
     stays = [b for b, s in enumerate(rows) if s != PAD and not flags[b]]
     pads = [b for b, s in enumerate(rows) if s == PAD]
-    return flags, writes + stays + pads, [len(writes), len(writes) + len(stays)]
+    return flags, writes + pads + stays, [len(writes), len(writes) + len(stays)]
 
 
 def random_step(gen, num_slots, batch, T, W, p_pad):
@@ -32,9 +32,10 @@ def check(plan, pnat, rows, W, lens):
     assert plan.batch == b
     assert plan.write_flag[:b].tolist() == flags
     assert plan.order[:b].tolist() == order
+    assert plan.slots[:b].tolist() == [rows.tolist()[r] for r in order]
     assert plan.counts.tolist() == counts
     assert plan.n_writes.tolist() == counts[:1]
-    for t in (plan.write_flag, plan.order, plan.counts):
+    for t in (plan.write_flag, plan.order, plan.slots, plan.counts):
         assert t.dtype == torch.int32
 
 
@@ -67,7 +68,8 @@ def test_boundary_and_stable_order():
     rows = torch.tensor([PAD, 0, 1, 2, PAD, 3, 4], dtype=torch.int32)
     plan = StepPlan(8).build(pnat, rows, W, T)
     assert plan.write_flag[:7].tolist() == [0, 0, 1, 0, 0, 1, 0]
-    assert plan.order[:7].tolist() == [2, 5, 1, 3, 6, 0, 4]
+    assert plan.order[:7].tolist() == [2, 5, 0, 4, 1, 3, 6]
+    assert plan.slots[:7].tolist() == [1, 3, PAD, PAD, 0, 2, 4]
     assert plan.counts.tolist() == [2, 5]
 
 

@@ -16,7 +16,7 @@ interpreter = pytest.mark.skipif(not interpreting(), reason="the kernel on CPU n
 
 def poisoned(max_batch, device="cpu"):
     plan = StepPlan(max_batch, device)
-    for t in (plan.write_flag, plan.order, plan.counts):
+    for t in (plan.write_flag, plan.order, plan.slots, plan.counts):
         t.fill_(POISON)
     return plan
 
@@ -38,12 +38,13 @@ def assert_same_as_reference(pnat, rows, W, lens, pad_slot_id=PAD, kernel_plan=N
     batch = rows.shape[0]
     kernel_plan = kernel_plan or poisoned(max(batch, 1), device)
     ref_plan = ref_plan or poisoned(max(batch, 1), device)
-    for a, b in ((kernel_plan.write_flag, ref_plan.write_flag), (kernel_plan.order, ref_plan.order)):
+    for a, b in ((kernel_plan.write_flag, ref_plan.write_flag), (kernel_plan.order, ref_plan.order),
+                 (kernel_plan.slots, ref_plan.slots)):
         assert torch.equal(a[batch:], b[batch:]), "test setup: buffers past the batch must start equal"
     assert kernel_plan.build(pnat, rows, W, lens, pad_slot_id) is kernel_plan
     ref_plan.build_reference(pnat, rows, W, lens, pad_slot_id)
     assert kernel_plan.batch == ref_plan.batch == batch
-    for name in ("write_flag", "order", "counts"):
+    for name in ("write_flag", "order", "slots", "counts"):
         got, want = getattr(kernel_plan, name), getattr(ref_plan, name)
         assert got.dtype == torch.int32
         assert torch.equal(got, want), f"{name}: kernel {got.tolist()} != reference {want.tolist()}"
@@ -59,7 +60,7 @@ def test_kernel_is_what_build_runs(monkeypatch):
     monkeypatch.setattr(StepPlan, "_fill_with_torch", no_torch)
     pnat = torch.tensor([15, 2, 9], dtype=torch.int32)
     plan = StepPlan(4).build(pnat, torch.tensor([1, PAD, 0, 2], dtype=torch.int32), 16, 4)
-    assert plan.write_flag.tolist() == [0, 0, 1, 0] and plan.order.tolist() == [2, 0, 3, 1]
+    assert plan.write_flag.tolist() == [0, 0, 1, 0] and plan.order.tolist() == [2, 1, 0, 3]
     assert plan.counts.tolist() == [1, 3]
 
 
@@ -95,7 +96,8 @@ def test_boundary_and_stable_order():
     rows = torch.tensor([PAD, 0, 1, 2, PAD, 3, 4], dtype=torch.int32)
     plan = assert_same_as_reference(pnat, rows, W, T)
     assert plan.write_flag[:7].tolist() == [0, 0, 1, 0, 0, 1, 0]
-    assert plan.order[:7].tolist() == [2, 5, 1, 3, 6, 0, 4]
+    assert plan.order[:7].tolist() == [2, 5, 0, 4, 1, 3, 6]
+    assert plan.slots[:7].tolist() == [1, 3, PAD, PAD, 0, 2, 4]
     assert plan.counts.tolist() == [2, 5]
 
 
@@ -180,7 +182,7 @@ def test_cpu_without_the_interpreter_uses_the_torch_ops(monkeypatch):
     monkeypatch.setattr(plan_module, "kernel_runs_on", lambda device: False)
     pnat = torch.tensor([15, 2, 9], dtype=torch.int32)
     plan = StepPlan(4).build(pnat, torch.tensor([1, PAD, 0, 2], dtype=torch.int32), 16, 4)
-    assert plan.write_flag.tolist() == [0, 0, 1, 0] and plan.order.tolist() == [2, 0, 3, 1]
+    assert plan.write_flag.tolist() == [0, 0, 1, 0] and plan.order.tolist() == [2, 1, 0, 3]
     assert plan.counts.tolist() == [1, 3]
 
 
@@ -190,7 +192,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from specssm.cache.plan_kernel import _num_warps, _plan_kernel
 pointers = dict(pnat_ptr="*i32", sbi_ptr="*i64", lens_ptr="*i32", write_flag_ptr="*i32", order_ptr="*i32",
-                counts_ptr="*i32")
+                slots_ptr="*i32", counts_ptr="*i32")
 for block in (1, 4096):
     for varlen in (False, True):
         constexprs = dict(VARLEN=varlen, BLOCK=block)
@@ -252,5 +254,5 @@ def test_gpu_build_in_a_cuda_graph(batch):
         lens.copy_(l2)
         graph.replay()
         ref = StepPlan(batch, "cuda").build_reference(pnat, rows, 16, lens)
-        for name in ("write_flag", "order", "counts"):
+        for name in ("write_flag", "order", "slots", "counts"):
             assert torch.equal(getattr(plan, name), getattr(ref, name)), name

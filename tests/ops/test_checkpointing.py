@@ -135,6 +135,26 @@ def test_state_row_tiles(cfg, launch, form, monkeypatch):
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.int8, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])])
+def test_sr_bits_by_rows_equal_bits_by_element(state_dtype, device, monkeypatch):
+    """The SR store's one-Philox-per-four-elements path writes the same bits as one Philox per element."""
+    from specssm.ops import checkpointing
+    from tests.ops.helpers import to_device
+    cache, ins = make_step(batch=4, T=4, pnat=[14, 3, 13, 12], act=torch.float32, state_dtype=state_dtype,
+                           seed=33, H=2, P=16, N=32)
+    cache.seeds.copy_(torch.arange(cache.num_slots) * 104729 - 5)
+    assert checkpointing.sr_by_rows(cache.layers[0].state, 32)      # the default for this pool
+    states = []
+    for by_rows in (True, False):
+        monkeypatch.setattr(checkpointing, "sr_by_rows", lambda state, block_n, v=by_rows: v)
+        c, i = to_device(cache, dict(ins, out=ins["out"].clone()), device)
+        checkpointing_ssu(**i, **c.op_kwargs(0), rounding="sr", rand_seed=c.seeds, precision="exact")
+        states.append(c.layers[0].state.cpu().view(torch.uint8))
+    assert torch.equal(states[0], states[1])
+    assert not torch.equal(states[0], cache.layers[0].state.view(torch.uint8))
+
+
 @pytest.mark.parametrize("state_dtype", [torch.int8, torch.float8_e4m3fn, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rounding", ["rn", "sr"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])])
