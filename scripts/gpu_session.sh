@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a device session runs, in one call (the device tool runs it from the repo root; $OUT comes back).
 #   bash scripts/gpu_session.sh tests      # the GPU suite (~7 min on an H200)
-#   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark (~3.5 min)
+#   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~6 min)
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
 #   bash scripts/gpu_session.sh sweep      # tuning sweep of the step kernel (~2 min)
 set -uo pipefail
@@ -13,10 +13,11 @@ case "${1:-tests}" in
     python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=5 > "$OUT/gpu_tests.log" 2>&1
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20 ;;
   bench)
-    # the committed benchmarks/results/H200.md (~3.5 min on an H200); --dtypes fp32,bf16,fp16,int8,fp8
-    # and --batches 1,2,4,...,1024 for the full matrix (~10 min: use --time-budget and --resume)
-    python3 -m specssm bench --shapes super_tp8,tp1 --dtypes fp32,bf16,int8 --batches 1,8,64,256,1024 \
-      --launch auto --out "$OUT/bench" --results-md "$OUT/results.md" 2> "$OUT/bench_progress.log" | tail -3
+    # the committed benchmarks/results/<card>.md (~6 min on an H200); --batches 1,2,4,...,1024 for the
+    # full matrix (use --time-budget and --resume)
+    python3 -m specssm bench --shapes super_tp8,tp1 --dtypes fp32,bf16,fp16,int8,fp8 --batches 1,8,64,256,1024 \
+      --launch auto --time-budget 480 --out "$OUT/bench" --results-md "$OUT/results.md" \
+      2> "$OUT/bench_progress.log" | tail -3
     (cd "$OUT" && tar czf bench.tgz bench && rm -rf bench) ;;
   pdl)
     python3 scripts/pdl_check.py --out "$OUT" | tail -6 ;;
