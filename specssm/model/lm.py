@@ -8,11 +8,14 @@ replicated on every rank; the mixers are sharded (see `Mamba2Mixer`).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 
+from specssm.cache import StepPlan
 from specssm.model.cache import ModelCache
 from specssm.model.config import Mamba2Config
 from specssm.model.mixer import Mamba2Mixer, init_mixer_params, resolve_conv, resolve_ssu, rmsnorm
@@ -29,6 +32,10 @@ class TinyMamba2LM(torch.nn.Module):
         conv: the conv update ("auto", "triton", "torch" or a callable; see `resolve_conv`).
         pdl: chain the Triton conv and step op with Programmatic Dependent Launch (sm_90+; ignored
             by the other ops and in the interpreter). Same results; off by default.
+
+    A step op that takes a `plan` argument (the Triton op does) gets one `StepPlan` per verify step,
+    built before the first layer and shared by all of them, as an engine would: otherwise every
+    layer's op builds its own, between the conv and the step.
     """
 
     def __init__(self, cfg: Mamba2Config, seed: int = 0, dtype=torch.float32, device="cpu", tp_rank: int = 0,
@@ -60,6 +67,8 @@ class TinyMamba2LM(torch.nn.Module):
                 pdl: bool = False) -> None:
         """Choose the SSM step op and the conv update used by `step`."""
         self.ssu, self.ssu_name = resolve_ssu(ssu, self.device, precision, validate, self.dtype, pdl)
+        self._ssu_takes_plan = "plan" in inspect.signature(self.ssu).parameters
+        self._plan = None
         self.conv, self.conv_name = resolve_conv(conv, self.device, self.dtype, pdl)
         self.precision, self.pdl = precision, pdl
 
@@ -97,9 +106,19 @@ class TinyMamba2LM(torch.nn.Module):
             raise ValueError(f"tokens: expected at most {cache.max_tokens} tokens per row (cache max_tokens), "
                              f"got {tokens.shape[1]}")
         h = self.embedding[tokens.to(self.device)]
+        ssu = self.ssu
+        if self._ssu_takes_plan:
+            ssu = functools.partial(ssu, plan=self._step_plan(cache, slots, tokens.shape[1]))
         for norm_w, mixer in zip(self.layer_norms, self.mixers):
-            h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, self.ssu, self.conv)
+            h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, ssu, self.conv)
         return self._logits(h)
+
+    def _step_plan(self, cache: ModelCache, slots: torch.Tensor, T: int) -> StepPlan:
+        """This step's plan (from the committed pnat), in buffers reused while the batch fits them."""
+        batch = slots.shape[0]
+        if self._plan is None or self._plan.max_batch < batch or self._plan.device != self.device:
+            self._plan = StepPlan(max(batch, 1), self.device)
+        return self._plan.build(cache.ssm.pnat, slots.to(self.device), cache.window, T, cache.pad_slot_id)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor, cache: ModelCache, slot) -> torch.Tensor:

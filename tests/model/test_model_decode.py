@@ -84,6 +84,36 @@ def test_spec_decode_through_triton_ops():
     assert spec.tokens == ref
 
 
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
+    """The Triton op takes a plan: the model builds one per verify step for all layers (split launches
+    forced at this small batch), with the same logits and caches as letting each layer's op build its
+    own."""
+    from specssm.cache import StepPlan
+    from specssm.ops import checkpointing_ssu, tuning
+    monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": 1})
+    builds = []
+    real_build = StepPlan.build
+    monkeypatch.setattr(StepPlan, "build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
+    runs = []
+    for ssu in ("op", lambda **kw: checkpointing_ssu(**kw, precision="exact")):   # the lambda takes no plan
+        model = TinyMamba2LM(TINY, seed=4, dtype=torch.float32, ssu=ssu, conv="triton", precision="exact")
+        cache = model.new_cache(4, 3, window=4)
+        slots = torch.tensor([2, cache.pad_slot_id, 0], dtype=torch.int32)
+        for r, s in enumerate((2, 0)):
+            model.prefill(prompts(r, 1)[0], cache, s)
+        cache.ssm.pnat[2] = 2               # slot 2 writes (2 + 3 > 4), slot 0 does not (pnat 1)
+        cache.ssm.pnat[0] = 1
+        builds.clear()
+        logits = model.step(torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(1)), cache,
+                            slots)
+        runs.append((len(builds), logits, cache.ssm.layers[0].state.clone(), cache.ssm.layers[-1].state.clone()))
+    (n_op, *got), (n_own, *want) = runs
+    assert n_op == 1 and n_own == TINY.n_layers > 1
+    for a, b in zip(got, want):
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+
+
 def test_compare_tokens_finds_the_first_difference():
     model = TinyMamba2LM(TINY, seed=2, dtype=torch.float64, ssu="reference", conv="torch")
     ps = prompts(2, 2)
