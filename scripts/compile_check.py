@@ -38,7 +38,8 @@ def signature_of(fn, dtypes: dict, constexprs: dict, ints: dict | None = None):
 def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None, maxnreg=None):
     sig, consts, attrs = signature_of(fn, dtypes, constexprs, ints)
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {})))
+    options = dict(num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    k = triton.compile(src, target=TARGET, options=options)
     md = k.metadata
     usage = "?"
     try:  # cuobjdump reads registers / spill stores off the cubin
@@ -103,8 +104,8 @@ def main():
                 "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32",
                 "seed_ptr": "*i64"})
     base = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
-                KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16, DOT_PREC="tf32",
-                NATIVE_CS=False, PDL=False, UPCAST=False)
+                KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16,
+                DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
         compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}", ints=SSU_INTS)

@@ -4,7 +4,8 @@ One program covers the whole batch in a single block of BLOCK = next_power_of_2(
 the rows' slots, their pnat and lengths, forms the write / no-write / padding masks, ranks every row
 inside its group with prefix sums and scatters the row ids and their slots to their places in `order`
 and `slots` (writes, padding, no-writes). Ten small torch kernels become one launch, with no host
-sync, so it is captured in a CUDA graph like any other kernel. Inputs are checked by `StepPlan.build`; this file only launches.
+sync, so it is captured in a CUDA graph like any other kernel. Inputs are checked by
+`StepPlan.build`; this file only launches.
 """
 from __future__ import annotations
 
