@@ -40,6 +40,13 @@ def _softplus(v):
 
 
 @triton.jit
+def _wrap(i, L):
+    """i mod L for 0 <= i < 2L: one conditional subtraction where `%` by a runtime L costs an integer
+    division per element (~20 instructions, on every program's path to its history loads)."""
+    return tl.where(i >= L, i - L, i)
+
+
+@triton.jit
 def _dot16(a, b, UPCAST: tl.constexpr):
     """a @ b on 16-bit operands, fp32 accumulation (products of 16-bit floats are exact in fp32).
     UPCAST (the CPU interpreter, whose bf16 dot is wrong) computes the same products in fp32."""
@@ -140,9 +147,11 @@ def _ssu_kernel(
             is_hist = jk < KH
             j_new = jk - KH
             t_ok = jn < n_tok
-            hist_ok = is_hist & (jk < K)
+            # ring rows: ring_start < L and pnat + T <= L keep every live index below 2L; a corrupt
+            # ring_start or pnat is masked off, never read or written outside the slot's ring
+            ring_row = _wrap(rs + jk, L)
+            hist_ok = is_hist & (jk < K) & (ring_row >= 0) & (ring_row < L)
             key_ok = hist_ok | (~is_hist & (j_new < n_tok))
-            ring_row = (rs + jk) % L
             key_tok = tok0 + tl.where(is_hist, 0, j_new)
             tok = tok0 + jn
             xc_base = xc_ptr + slot * s_xc_s + h * s_xc_h
@@ -222,8 +231,8 @@ def _ssu_kernel(
                      y.to(out_ptr.dtype.element_ty), mask=io_mask)
 
             # ring appends of the new keys, disjoint from the history rows read above (pnat + T <= L)
-            new_ring_row = (rs + K + j_new) % L
-            new_ok = ~is_hist & key_ok
+            new_ring_row = _wrap(rs + K + j_new, L)
+            new_ok = ~is_hist & key_ok & (new_ring_row >= 0) & (new_ring_row < L)
             tl.store(xc_base + new_ring_row[None, :] * s_xc_l + offs_p[:, None], X_all,
                      mask=p_ok[:, None] & new_ok[None, :])
             if pt == 0:

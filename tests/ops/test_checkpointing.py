@@ -50,6 +50,23 @@ def test_ring_wraparound():
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="split")
 
 
+@pytest.mark.parametrize("launch", ["dynamic", "split"])
+@pytest.mark.parametrize("rs,pnat", [(10 ** 6, 3), (-7, 3), (0, 10 ** 6), (-1, -1)])
+def test_corrupt_ring_metadata_stays_inside_its_slot(launch, rs, pnat):
+    """ring_start / pnat outside the contract give garbage for that row but never read or write
+    another slot's state or ring (the ring index is wrapped without `%` and masked to [0, L))."""
+    import copy
+    cache, ins = make_step(batch=2, slots=5, T=4, act=torch.float32, seed=13)
+    s = [int(v) for v in ins["state_batch_indices"]]
+    cache.ring_start[s[0]], cache.pnat[s[0]] = rs, pnat
+    before = copy.deepcopy(cache)
+    checkpointing_ssu(**ins, **cache.op_kwargs(0), launch=launch)
+    others = [k for k in range(cache.num_slots) if k != s[0] and k != s[1]]
+    for name in ("state", "x_cache", "B_cache", "dt_cache"):
+        got, want = getattr(cache.layers[0], name)[others], getattr(before.layers[0], name)[others]
+        assert torch.equal(got, want), f"{name} of an uninvolved slot changed"
+
+
 def test_varlen_rows():
     cache, ins = make_step(batch=3, T=6, act=torch.float32, varlen_lens=[6, 2, 4], pnat=[9, 14, 12], seed=5)
     # row 0: 9 + 6 > 16 writes; row 1: 14 + 2 = 16 does not; row 2: 12 + 4 = 16 does not
