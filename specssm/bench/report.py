@@ -139,6 +139,51 @@ def _best(rows):
     return min(ok, key=lambda r: float(r["median_us"])) if ok else None
 
 
+# The tracker's speed targets (issue #6, stated for T = 6, W = 16, mixed pnat): (what, row field, from
+# batch, bound, state dtypes). Ratios and % floor must reach the bound; latencies must stay under it.
+TARGETS = (
+    ("× always-write ≥ 1.3 at batch ≥ 64", "speedup_vs_always_write", 64, 1.3, ("fp32", "fp16")),
+    ("× all-states ≥ 4 at batch ≥ 256", "speedup_vs_all_states", 256, 4.0, ("fp32", "fp16")),
+    ("% floor ≥ 92 at batch ≥ 256", "pct_floor", 256, 92.0, ("fp32", "bf16", "fp16")),
+    ("% floor ≥ 75 at batch ≥ 256", "pct_floor", 256, 75.0, ("int8", "fp8")),
+)
+LATENCY_TARGETS = ((1, 3.5), (8, 5.0))      # (batch, µs of the state update)
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    """Each target of the tracker against the best checkpointing variant of each (shape, state dtype,
+    rounding) in the mixed scenario: the worst measured value in the target's batch range and by how
+    much it is missed. Empty when the run has no mixed checkpointing rows."""
+    ck = [r for r in rows if r.get("strategy") == "checkpointing" and r.get("scenario") == "mixed"]
+    body = []
+    for (shape, dt, rnd), grp in _groups(ck, ("shape", "state_dtype", "rounding")).items():
+        best = {b: _best(g) for (b,), g in _groups(grp, ("batch",)).items()}
+        best = {int(b): r for b, r in best.items() if r is not None}
+        for what, field, from_batch, bound, dtypes in TARGETS:
+            vals = [(_num(r.get(field)), b) for b, r in best.items() if b >= from_batch]
+            vals = [(v, b) for v, b in vals if v is not None]
+            if dt not in dtypes or not vals:
+                continue
+            worst, b = min(vals)
+            status = "met" if worst >= bound else f"missed by {fmt(bound / worst, 2)}×"
+            body.append([shape, dt, rnd.upper(), what, f"{fmt(worst, 2)} (batch {b})", status])
+        for batch, bound in LATENCY_TARGETS:
+            r = best.get(batch)
+            if r is None:
+                continue
+            us, floor = float(r["median_us"]), _num(r.get("floor_us"))
+            status = "met" if us <= bound else f"missed by {fmt(us / bound, 2)}×"
+            if floor is not None and floor > bound:
+                status += f" (the byte floor alone is {fmt(floor, 2)} µs: out of reach on this card)"
+            body.append([shape, dt, rnd.upper(), f"batch {batch} ≤ {bound} µs", f"{fmt(us, 2)} µs", status])
+    if not body:
+        return ""
+    return ("\n## Against the targets\n\nThe targets of the issue tracker (stated for T = 6, W = 16, mixed pnat), "
+            "each against the worst measured value of its batch range (best checkpointing variant). Why they are "
+            "missed, with Nsight Compute evidence, and what would close the gap: docs/performance.md.\n\n"
+            + markdown_table(["shape", "state", "rnd", "target", "worst measured", "status"], body))
+
+
 def summary_markdown(rows: list[dict], meta: dict) -> str:
     """The results page: the run's card and settings, then per (shape, scenario, state dtype, rounding)
     the best checkpointing variant against both baselines, every checkpointing variant side by side,
@@ -154,6 +199,7 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
         f"(≥ {meta.get('cold_factor')}× L2 of states between visits of a slot), inputs hot\n"
         f"- command: `{meta.get('command')}`\n")
     out.append(COLUMN_NOTES)
+    out.append(targets_markdown(rows))
     ck = [r for r in rows if r.get("strategy") == "checkpointing"]
     keyset = ("shape", "scenario", "state_dtype", "rounding")
     for key, grp in _groups(ck, keyset).items():
