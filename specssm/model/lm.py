@@ -116,7 +116,7 @@ class TinyMamba2LM(torch.nn.Module):
     def _step_plan(self, cache: ModelCache, slots: torch.Tensor, T: int) -> StepPlan:
         """This step's plan (from the committed pnat), in buffers reused while the batch fits them."""
         batch = slots.shape[0]
-        if self._plan is None or self._plan.max_batch < batch or self._plan.device != self.device:
+        if self._plan is None or self._plan.max_batch < batch:
             self._plan = StepPlan(max(batch, 1), self.device)
         return self._plan.build(cache.ssm.pnat, slots.to(self.device), cache.window, T, cache.pad_slot_id)
 

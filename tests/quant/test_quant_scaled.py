@@ -47,13 +47,9 @@ def codes_as_values(codes: torch.Tensor) -> torch.Tensor:
     return codes.cpu().to(torch.float64)
 
 
-# ------------------------------------------------------------------------------------ reference
-
-@pytest.mark.parametrize("name, dtype", FMTS, ids=FMT_IDS)
-def test_reference_sr_neighbours_and_unbiased_1m(name, dtype):
-    x = rows_of_values(8192, 128, seed=1)
-    words = random_words_ref(5, np.arange(x.numel(), dtype=np.int64)).reshape(x.shape)
-    codes, scale = quantize_ref(x, name, words)
+def assert_sr_codes_on_neighbours_unbiased(x, codes, name):
+    """SR codes of x are grid neighbours of the scaled values v and unbiased within 4 standard errors.
+    Returns (v, lo, hi)."""
     _, scale_inv = row_scale_ref(x, name)
     v = scaled_values_ref(x, scale_inv, name)
     y = codes_as_values(codes)
@@ -61,6 +57,17 @@ def test_reference_sr_neighbours_and_unbiased_1m(name, dtype):
     assert bool(((y == lo) | (y == hi)).all())
     s, sd = unbiased_z(v, y, lo, hi)
     assert abs(s) <= 4 * sd, (s, sd)
+    return v, lo, hi
+
+
+# ------------------------------------------------------------------------------------ reference
+
+@pytest.mark.parametrize("name, dtype", FMTS, ids=FMT_IDS)
+def test_reference_sr_neighbours_and_unbiased_1m(name, dtype):
+    x = rows_of_values(8192, 128, seed=1)
+    words = random_words_ref(5, np.arange(x.numel(), dtype=np.int64)).reshape(x.shape)
+    codes, scale = quantize_ref(x, name, words)
+    v, lo, hi = assert_sr_codes_on_neighbours_unbiased(x, codes, name)
     # decoded values are unbiased for x too, up to the fp32 roundings of x * scale_inv, scale_inv and
     # scale (each <= 2**-24 relative): residual in code units against its sd plus that bound
     xs = x.double() / scale.double()[:, None]
@@ -209,14 +216,8 @@ def test_kernel_edge_values_and_words(name, dtype, stochastic):
 def test_kernel_sr_unbiased(name, dtype):
     """Triton path, 256K draws: codes on the neighbours of v, unbiased within 4 standard errors."""
     x = rows_of_values(2048, 128, seed=12)
-    codes, scale = ops.quantize_rows(x.to(DEVICE), dtype, stochastic=True, seed=77)
-    _, sinv = row_scale_ref(x, name)
-    v = scaled_values_ref(x, sinv, name)
-    y = codes_as_values(codes)
-    lo, hi = neighbours_ref(v, name)
-    assert bool(((y == lo) | (y == hi)).all())
-    s, sd = unbiased_z(v, y, lo, hi)
-    assert abs(s) <= 4 * sd
+    codes, _ = ops.quantize_rows(x.to(DEVICE), dtype, stochastic=True, seed=77)
+    assert_sr_codes_on_neighbours_unbiased(x, codes, name)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
