@@ -100,6 +100,7 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", default=None, help="JSON list of tuning overrides to try, e.g. '[{\"num_warps\": 8}]'")
     ap.add_argument("--pnat", default="mixed", choices=["mixed", "nowrite", "write"])
+    ap.add_argument("--rounding", default="rn", choices=["rn", "sr"])
     a = ap.parse_args()
     H, P, N, G = SHAPES[a.shape]
     T, W = a.T, a.W
@@ -124,7 +125,7 @@ def main():
             cache = SSMCache(1, batch * sets, H, P, N, G, T, W, state_dtype=sdt, act_dtype=torch.bfloat16,
                              device=dev, strategy=strategy)
             lc = cache.layers[0]
-            lc.state.normal_() if sdt.is_floating_point else lc.state.random_(-100, 100)
+            lc.state.copy_(torch.randn(lc.state.shape, device=dev)) if sdt.is_floating_point else lc.state.random_(-100, 100)
             if lc.x_cache is not None:
                 lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
             pn = stationary_pnat(T, cache.W if strategy == "checkpointing" else 0, HIST, gen, batch * sets)
@@ -151,6 +152,8 @@ def main():
             kw = dict(x=x, dt=dt[..., None].expand(batch, T, H, P), A=A[:, None, None].expand(H, P, N), B=Bm,
                       C=Cm, out=out, D=D[:, None].expand(H, P), z=z, dt_bias=bias[:, None].expand(H, P),
                       dt_softplus=True, validate=False)
+            if a.rounding == "sr" and strategy != "all_states":
+                kw.update(rounding="sr", rand_seed=cache.seeds)
             ck = cache.op_kwargs(0)
 
             def fn():

@@ -28,7 +28,7 @@ from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, che
 from specssm._runtime import interpreting, pdl_supported
 from specssm.cache.plan import StepPlan
 from specssm.ops import tuning
-from specssm.ops.store import STATE_KIND, decode_state_tile, store_state_tile
+from specssm.ops.store import STATE_KIND, codes_to_f32, decode_state_tile, store_state_tile
 
 DYNAMIC, WRITE, NO_WRITE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -202,7 +202,10 @@ def _ssu_kernel(
             if RECT:
                 if NATIVE_CS:
                     # 16-bit state, or 8-bit codes (exact in 16 bits): the row scale applies after the sum
-                    cs = _dot16(S_raw.to(Ct.dtype), Ct, UPCAST)
+                    if KIND == 3:
+                        cs = _dot16(codes_to_f32(S_raw, KIND).to(Ct.dtype), Ct, UPCAST)
+                    else:
+                        cs = _dot16(S_raw.to(Ct.dtype), Ct, UPCAST)
                     if KIND >= 3:
                         cs = cs * S_scale[:, None]
                 else:

@@ -1,9 +1,12 @@
 """Rounding and quantization of fp32 blocks for the state store path, as inlineable Triton device functions.
 
-All functions take fp32 blocks of any shape (2-D for the per-row scale) and never rely on a float
-down-cast for a rounding decision: the rounded value is assembled from integer arithmetic on the fp32
-bit pattern and bit-cast into the target type. So the results are the same on sm_90 and in the CPU
-interpreter (whose fp32->bf16 cast truncates and whose fp32->fp8 cast mis-rounds across powers of two).
+All functions take fp32 blocks of any shape (2-D for the per-row scale) and never rely on the
+interpreter's float down-casts for a rounding decision: the rounded value is assembled from integer
+arithmetic on the fp32 bit pattern (or, for the integer grids, from exact fp32 operations) and bit-cast
+into the target type. So the results are the same on sm_90 and in the CPU interpreter (whose fp32->bf16
+cast truncates and whose fp32->fp8 cast mis-rounds across powers of two). One exception, for speed:
+compiled, fp8 round-to-nearest is the hardware's RN-even saturating cast, which gives the same bits
+(the GPU suite checks it against the reference on 1M values and the edge cases).
 
 Grid of a format (MANT_BITS, EMIN): |v| is rounded on spacing 2**q, q = max(e, EMIN) - MANT_BITS,
 e = floor(log2 |v|): bf16 (7, -126), fp16 (10, -14), fp8 e4m3 (3, -6), int8 (7, 7), int16 (15, 15).
@@ -31,9 +34,14 @@ a contiguous pool, 4x fewer Philox evaluations); both give identical bits for th
 import triton
 import triton.language as tl
 
+from specssm._runtime import interpreting
+
 from .philox import random_words
 
 AMAX_FLOOR = tl.constexpr(2.0 ** -100)   # constexpr: readable from compiled @jit code
+# round-to-nearest fp8 by the hardware cast when compiled; the interpreter's cast mis-rounds across
+# powers of two, so it takes the integer path (the same bits)
+HW_FP8_CAST = tl.constexpr(not interpreting())
 
 
 # ------------------------------------------------------------------------------ grid primitives
@@ -153,16 +161,36 @@ def _scaled(x, scale_inv, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _to_int(x, scale_inv, rbits, QMAX: tl.constexpr, MANT_BITS: tl.constexpr, STOCHASTIC: tl.constexpr):
-    sign, code = _grid_round(_scaled(x, scale_inv, QMAX), rbits, MANT_BITS, MANT_BITS, STOCHASTIC)
-    mag = code.to(tl.int32)
-    return tl.where(sign != 0, -mag, mag)
+def _to_int(x, scale_inv, rbits, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The integer grids (spacing 1 up to QMAX < 2**22) from a few float operations: the same codes as
+    _grid_round on (MANT_BITS, EMIN) = (7, 7) or (15, 15), at a fraction of its integer work.
+    RN: adding 1.5 * 2**23 leaves |v| <= QMAX rounded to an integer (IEEE nearest even, exact
+    otherwise), read back from the low bits of the sum. SR: k = floor(|v|) and frac = |v| - k are exact
+    in fp32, frac * 2**32 is exact and its truncation is floor(frac * 2**32), the grid's frac32."""
+    v = _scaled(x, scale_inv, QMAX)
+    if STOCHASTIC:
+        a = tl.abs(v)
+        k = tl.floor(a)
+        frac32 = ((a - k) * 4294967296.0).to(tl.uint32)
+        up = rbits.to(tl.uint32, bitcast=True) > (frac32 ^ 0xFFFFFFFF)        # r + frac32 >= 2**32
+        mag = k.to(tl.int32) + up.to(tl.int32)
+        q = tl.where(v < 0.0, -mag, mag)
+    else:
+        q = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+    return q
 
 
 @triton.jit
 def _to_fp8(x, scale_inv, rbits, STOCHASTIC: tl.constexpr):
-    sign, code = _grid_round(_scaled(x, scale_inv, 448.0), rbits, 3, -6, STOCHASTIC)
-    return ((sign >> 24) | code).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    v = _scaled(x, scale_inv, 448.0)
+    if not STOCHASTIC and HW_FP8_CAST:
+        # v is finite and inside [-448, 448]: sm_90's cvt.rn.satfinite rounds it to nearest even,
+        # the same bits as the grid below (checked by the GPU suite), in one instruction per pair
+        q = v.to(tl.float8e4nv)
+    else:
+        sign, code = _grid_round(v, rbits, 3, -6, STOCHASTIC)
+        q = ((sign >> 24) | code).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return q
 
 
 # ------------------------------------------------------------------------------ int8 / fp8 / int16
@@ -170,25 +198,25 @@ def _to_fp8(x, scale_inv, rbits, STOCHASTIC: tl.constexpr):
 @triton.jit
 def quantize_int8_rn(x, scale_inv):
     """fp32 block x, scale_inv broadcastable to x (e.g. scale_inv[:, None]) -> int8 codes, nearest even."""
-    return _to_int(x, scale_inv, x, 127.0, 7, False).to(tl.int8)
+    return _to_int(x, scale_inv, x, 127.0, False).to(tl.int8)
 
 
 @triton.jit
 def quantize_int8_sr(x, scale_inv, rbits):
     """fp32 block x -> int8 codes, stochastic rounding with uint32 random words rbits."""
-    return _to_int(x, scale_inv, rbits, 127.0, 7, True).to(tl.int8)
+    return _to_int(x, scale_inv, rbits, 127.0, True).to(tl.int8)
 
 
 @triton.jit
 def quantize_int16_rn(x, scale_inv):
     """fp32 block x -> int16 codes (QMAX 32767), nearest even."""
-    return _to_int(x, scale_inv, x, 32767.0, 15, False).to(tl.int16)
+    return _to_int(x, scale_inv, x, 32767.0, False).to(tl.int16)
 
 
 @triton.jit
 def quantize_int16_sr(x, scale_inv, rbits):
     """fp32 block x -> int16 codes (QMAX 32767), stochastic rounding."""
-    return _to_int(x, scale_inv, rbits, 32767.0, 15, True).to(tl.int16)
+    return _to_int(x, scale_inv, rbits, 32767.0, True).to(tl.int16)
 
 
 @triton.jit
