@@ -78,7 +78,7 @@ def _ssu_kernel(
     s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
     BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
-    USE_ORDER: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr,
+    USE_ORDER: tl.constexpr, EVEN_TILE: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr,
     PHILOX_ROUNDS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
     DOT_PREC: tl.constexpr, NATIVE_CS: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr,
@@ -113,14 +113,21 @@ def _ssu_kernel(
         if slot != pad_slot_id:
             offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
             offs_n = tl.arange(0, BLOCK_N)
-            p_ok = offs_p < P
+            if EVEN_TILE:
+                # tiles cover P and N exactly: constant-true masks, which the compiler drops from every
+                # access to the state tile (a predicate per element otherwise)
+                p_ok = tl.full((BLOCK_P,), 1, tl.int1)
+                n_ok = tl.full((BLOCK_N,), 1, tl.int1)
+            else:
+                p_ok = offs_p < P
+                n_ok = offs_n < N
             # 64-bit scalar bases, 32-bit offsets inside the tile: fewer registers per element
             st_pool = slot * s_st_s + h * s_st_h
             st_base = state_ptr + st_pool
             sc_base = scale_ptr + slot * s_sc_s + h * s_sc_h
             st_row = offs_p * s_st_p
             st_off = st_row[:, None] + offs_n[None, :]
-            st_mask = p_ok[:, None] & (offs_n < N)[None, :]
+            st_mask = p_ok[:, None] & n_ok[None, :]
             S_raw = tl.load(st_base + st_off, mask=st_mask, other=0.0)
             if KIND >= 3:
                 S_scale = tl.load(sc_base + offs_p, mask=p_ok, other=0.0)
@@ -158,7 +165,6 @@ def _ssu_kernel(
             Bc_base = Bc_ptr + slot * s_Bc_s + g * s_Bc_g
             x_base = x_ptr + row_off * s_x_b + h * s_x_h
             B_base = B_ptr + row_off * s_B_b + g * s_B_g
-            n_ok = offs_n < N
             dt_hist = tl.load(dtc_ptr + slot * s_dtc_s + h * s_dtc_h + ring_row, mask=hist_ok, other=0.0)
             if PDL:
                 # the new tokens' inputs come from the kernel launched before this one (conv1d)
@@ -343,6 +349,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
         flags=dict(RECT=rect, HAS_D=D_h is not None, HAS_Z=z is not None,
                    HAS_BIAS=bias_h is not None, SOFTPLUS=bool(dt_softplus), VARLEN=sh.varlen,
                    HAS_SBI=state_batch_indices is not None, KIND=kind,
+                   EVEN_TILE=sh.P % block_p == 0 and sh.N == block_n,
                    SR=rounding == "sr", SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=int(philox_rounds),
                    BLOCK_N=block_n, KH=MAX_WINDOW, TN=max(16, triton.next_power_of_2(sh.T)),
                    DOT_PREC=PRECISIONS[precision], NATIVE_CS=native_cs,

@@ -69,6 +69,6 @@ def store_state_tile(h, state_ptr, scale_ptr, off, row_off, mask, scale_off, p_o
             scale, sinv = row_scale(hz, 32767.0)
         if not SR:
             rbits = hz
-        q = quantize(hz, sinv[:, None], rbits, KIND - 3, SR)
+        q = quantize(hz, sinv[:, None], rbits, KIND - 3, SR, True)
         tl.store(state_ptr + off, q.to(state_ptr.dtype.element_ty), mask=mask)
         tl.store(scale_ptr + scale_off, scale, mask=p_ok)

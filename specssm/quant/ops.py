@@ -71,7 +71,7 @@ def _quantize_kernel(x_ptr, codes_ptr, scale_ptr, seed, offset, R, N: tl.constex
         r = _words(seed, offset, rows, cols, N, BLOCK_N, ROWWISE, N_ROUNDS)
     else:
         r = x
-    tl.store(codes_ptr + idx, quantize(x, si, r, TARGET, STOCHASTIC), mask=mask)
+    tl.store(codes_ptr + idx, quantize(x, si, r, TARGET, STOCHASTIC, True), mask=mask)
     tl.store(scale_ptr + rows, scale, mask=rows < R)
 
 

@@ -141,33 +141,45 @@ def sr_to_bf16(x, seed, offsets, N_ROUNDS: tl.constexpr = 10):
 # ------------------------------------------------------------------------------ per-row scales
 
 @triton.jit
+def _max_nan(a, b):
+    # NaN-propagating max (one instruction on sm_90): a row's NaN reaches its amax without a select
+    # per element
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def row_scale(x, QMAX: tl.constexpr):
     """Decode scale per row of a 2-D fp32 block x (M, N), reducing over axis 1 (N).
     Returns (scale, scale_inv), both (M,) fp32: with a = QMAX for all-zero rows (scale 1), else
     max(amax, 2**-100): scale = a / QMAX, scale_inv = QMAX / a. NaN counts as inf (-> scale inf,
     scale_inv 0). Padding lanes of x must hold 0 (e.g. tl.where(mask, x, 0.0))."""
-    a = tl.where(x == x, tl.abs(x), float("inf"))
-    amax = tl.max(a, axis=1)
+    amax = tl.reduce(tl.abs(x), 1, _max_nan)
+    amax = tl.where(amax == amax, amax, float("inf"))
     qmax = tl.full(amax.shape, QMAX, tl.float32)
     amax = tl.where(amax == 0.0, qmax, tl.maximum(amax, AMAX_FLOOR))
     return tl.math.div_rn(amax, qmax), tl.math.div_rn(qmax, amax)
 
 
 @triton.jit
-def _scaled(x, scale_inv, QMAX: tl.constexpr):
+def _scaled(x, scale_inv, QMAX: tl.constexpr, CLAMP: tl.constexpr = True):
+    """x * scale_inv with NaN -> 0, clamped to [-QMAX, QMAX]. With the row's own scale, |v| exceeds
+    QMAX by at most one ulp (two roundings of at most half an ulp each), which round-to-nearest of the
+    integer grids and the saturating fp8 cast bring back to QMAX: those callers skip the clamp."""
     v = x * scale_inv
     v = tl.where(v == v, v, 0.0)
-    return tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    if CLAMP:
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    return v
 
 
 @triton.jit
-def _to_int(x, scale_inv, rbits, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
+def _to_int(x, scale_inv, rbits, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr = True):
     """The integer grids (spacing 1 up to QMAX < 2**22) from a few float operations: the same codes as
     _grid_round on (MANT_BITS, EMIN) = (7, 7) or (15, 15), at a fraction of its integer work.
     RN: adding 1.5 * 2**23 leaves |v| <= QMAX rounded to an integer (IEEE nearest even, exact
     otherwise), read back from the low bits of the sum. SR: k = floor(|v|) and frac = |v| - k are exact
     in fp32, frac * 2**32 is exact and its truncation is floor(frac * 2**32), the grid's frac32."""
-    v = _scaled(x, scale_inv, QMAX)
+    v = _scaled(x, scale_inv, QMAX, CLAMP or STOCHASTIC)
     if STOCHASTIC:
         a = tl.abs(v)
         k = tl.floor(a)
@@ -181,14 +193,14 @@ def _to_int(x, scale_inv, rbits, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _to_fp8(x, scale_inv, rbits, STOCHASTIC: tl.constexpr):
-    v = _scaled(x, scale_inv, 448.0)
+def _to_fp8(x, scale_inv, rbits, STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr = True):
     if not STOCHASTIC and HW_FP8_CAST:
+        v = _scaled(x, scale_inv, 448.0, CLAMP)
         # v is finite and inside [-448, 448]: sm_90's cvt.rn.satfinite rounds it to nearest even,
         # the same bits as the grid below (checked by the GPU suite), in one instruction per pair
         q = v.to(tl.float8e4nv)
     else:
-        sign, code = _grid_round(v, rbits, 3, -6, STOCHASTIC)
+        sign, code = _grid_round(_scaled(x, scale_inv, 448.0), rbits, 3, -6, STOCHASTIC)
         q = ((sign >> 24) | code).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     return q
 
@@ -242,15 +254,15 @@ def round_half(x, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def quantize(x, scale_inv, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
+def quantize(x, scale_inv, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr, OWN_SCALE: tl.constexpr = False):
     """Codes of format FMT (0 int8, 1 fp8 e4m3fn, 2 int16) of the fp32 block x; rbits (uint32 words)
-    are read only when STOCHASTIC."""
-    if FMT == 0:
-        q = quantize_int8_sr(x, scale_inv, rbits) if STOCHASTIC else quantize_int8_rn(x, scale_inv)
-    elif FMT == 1:
-        q = quantize_fp8_sr(x, scale_inv, rbits) if STOCHASTIC else quantize_fp8_rn(x, scale_inv)
+    are read only when STOCHASTIC. OWN_SCALE: scale_inv is x's own row_scale, so round-to-nearest
+    needs no clamp (see _scaled); the codes are the same."""
+    if FMT == 1:
+        q = _to_fp8(x, scale_inv, rbits, STOCHASTIC, not OWN_SCALE)
     else:
-        q = quantize_int16_sr(x, scale_inv, rbits) if STOCHASTIC else quantize_int16_rn(x, scale_inv)
+        q = _to_int(x, scale_inv, rbits, 127.0 if FMT == 0 else 32767.0, STOCHASTIC, not OWN_SCALE)
+        q = q.to(tl.int8) if FMT == 0 else q.to(tl.int16)
     return q
 
 

@@ -186,6 +186,25 @@ def test_quantize_rows_matches_reference(name, dtype, stochastic, shape):
         assert_same_bits(codes2, codes)
 
 
+@pytest.mark.parametrize("name, dtype", FMTS, ids=FMT_IDS)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["rn", "sr"])
+def test_row_max_scaled_above_qmax(name, dtype, stochastic):
+    """Rows whose largest element lands one ulp above QMAX after scaling (fl(amax * fl(QMAX / amax)) >
+    QMAX): round-to-nearest skips the clamp for a row's own scale and must still give +-QMAX there."""
+    qmax = np.float32(FORMATS[name][2])
+    g = np.random.default_rng(31)
+    amax = (g.uniform(1, 2, 200_000) * np.exp2(g.integers(-20, 20, 200_000))).astype(np.float32)
+    over = amax[amax * (qmax / amax) > qmax][:64]
+    assert len(over) >= 16                      # such rows exist for every format
+    x = torch.from_numpy(over)[:, None] * torch.linspace(-1, 1, 32)[None, :]
+    x[1::2] = -x[1::2]                          # the row's max at either sign
+    codes, scale = ops.quantize_rows(x.to(DEVICE), dtype, stochastic=stochastic, seed=7, offset=0)
+    words = random_words_ref(7, np.arange(x.numel(), dtype=np.int64)).reshape(x.shape) if stochastic else None
+    ref_codes, ref_scale = quantize_ref(x, name, words)
+    assert_same_bits(codes, ref_codes)
+    assert codes_as_values(codes).abs().max(dim=1).values.eq(float(qmax)).all()
+
+
 EDGE_WORDS = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xFFFFFFFE, 0xFFFFFFFF, 0x12345678],
                       dtype=np.uint32)
 
