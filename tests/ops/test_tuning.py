@@ -1,0 +1,41 @@
+"""The shipped per-GPU tuning tables: every entry names a real shape key and only known config fields,
+and config_for merges it over DEFAULT."""
+import json
+import re
+
+import pytest
+import torch
+
+from specssm.ops import tuning
+
+TABLES = sorted(tuning.TABLE_DIR.glob("*.json"))
+KEY = re.compile(r"^ssu:P(\d+):N(\d+):(\w+)$")
+
+
+def test_tables_are_shipped():
+    assert {p.stem for p in TABLES} >= {"H100", "H200"}
+
+
+@pytest.mark.parametrize("path", TABLES, ids=[p.stem for p in TABLES])
+def test_table_entries_are_valid(path):
+    table = json.loads(path.read_text())
+    assert isinstance(table.get("_source"), str) and table["_source"], "a table says which run it came from"
+    for key, cfg in table.items():
+        if key == "_source":
+            continue
+        m = KEY.match(key)
+        assert m, f"{path.name}: bad shape key {key!r}"
+        assert isinstance(getattr(torch, m.group(3), None), torch.dtype), f"{path.name}: {key!r} names no dtype"
+        assert set(cfg) <= set(tuning.DEFAULT), f"{path.name}: {key!r} has unknown fields {set(cfg) - set(tuning.DEFAULT)}"
+        assert set(cfg.get("write", {})) <= {"num_warps", "maxnreg"}
+        for name in ("BLOCK_P", "num_warps", "maxnreg", "split_min_batch"):
+            if name in cfg:
+                assert isinstance(cfg[name], int) and cfg[name] > 0
+
+
+def test_config_for_merges_over_default(monkeypatch):
+    monkeypatch.setattr(tuning, "card_name", lambda device: "H100")
+    cfg = tuning.config_for(torch.device("cpu"), "ssu", 64, 128, torch.int8)
+    table = json.loads((tuning.TABLE_DIR / "H100.json").read_text())["ssu:P64:N128:int8"]
+    assert cfg == {**tuning.DEFAULT, **table}
+    assert tuning.config_for(torch.device("cpu"), "ssu", 80, 128, torch.int8) == tuning.DEFAULT
