@@ -33,15 +33,17 @@ a contiguous pool, 4x fewer Philox evaluations); both give identical bits for th
 """
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from specssm._runtime import interpreting
 
 from .philox import random_words
 
 AMAX_FLOOR = tl.constexpr(2.0 ** -100)   # constexpr: readable from compiled @jit code
-# round-to-nearest fp8 by the hardware cast when compiled; the interpreter's cast mis-rounds across
-# powers of two, so it takes the integer path (the same bits)
-HW_FP8_CAST = tl.constexpr(not interpreting())
+# compiled (not the CPU interpreter): fp8 round-to-nearest by the hardware cast (the interpreter's cast
+# mis-rounds across powers of two, so it takes the integer path, the same bits), and libdevice's
+# explicitly rounded add (the interpreter has no libdevice)
+COMPILED = tl.constexpr(not interpreting())
 
 
 # ------------------------------------------------------------------------------ grid primitives
@@ -188,13 +190,19 @@ def _to_int(x, scale_inv, rbits, QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, C
         mag = k.to(tl.int32) + up.to(tl.int32)
         q = tl.where(v < 0.0, -mag, mag)
     else:
-        q = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+        # the sum must be rounded on its own: contracted with the scaling multiply into one FMA (which
+        # the compiler may do across the NaN select) it would round x * scale_inv + 1.5 * 2**23 once
+        if COMPILED:
+            t = libdevice.add_rn(v, 12582912.0)
+        else:
+            t = v + 12582912.0
+        q = t.to(tl.int32, bitcast=True) - 0x4B400000
     return q
 
 
 @triton.jit
 def _to_fp8(x, scale_inv, rbits, STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr = True):
-    if not STOCHASTIC and HW_FP8_CAST:
+    if not STOCHASTIC and COMPILED:
         v = _scaled(x, scale_inv, 448.0, CLAMP)
         # v is finite and inside [-448, 448]: sm_90's cvt.rn.satfinite rounds it to nearest even,
         # the same bits as the grid below (checked by the GPU suite), in one instruction per pair

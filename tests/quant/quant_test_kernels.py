@@ -187,8 +187,8 @@ def assert_same_bits(got: torch.Tensor, ref: torch.Tensor):
         gb, rb = got, ref
     bad = gb != rb
     if bad.any():
-        i = int(bad.nonzero()[0])
-        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements differ; first: got bits {int(gb.reshape(-1)[i])}, "
+        i = int(bad.reshape(-1).nonzero()[0])
+        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements differ; first (flat {i}): got bits {int(gb.reshape(-1)[i])}, "
                              f"expected {int(rb.reshape(-1)[i])}")
 
 
