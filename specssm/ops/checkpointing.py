@@ -270,8 +270,12 @@ def sr_by_rows(state, block_n):
 
 
 def _launch(branch, grid, a, cfg, order, slots, counts, use_order):
-    if branch == WRITE:     # the write launch holds more live state: its own warps / register cap
+    # the split launches may have their own warps / register caps: the write launch holds more live
+    # state, the no-write launch less than the dynamic one (which holds both branches' code)
+    if branch == WRITE:
         cfg = {**cfg, **cfg.get("write", {})}
+    elif branch == NO_WRITE:
+        cfg = {**cfg, **cfg.get("no_write", {})}
     _ssu_kernel[grid](
         *a["ptrs"], order, slots, counts, a["seed"], *a["sizes"], *a["strides"],
         BRANCH=branch, USE_ORDER=use_order, **a["flags"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"],

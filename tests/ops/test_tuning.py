@@ -27,7 +27,8 @@ def test_table_entries_are_valid(path):
         assert m, f"{path.name}: bad shape key {key!r}"
         assert isinstance(getattr(torch, m.group(3), None), torch.dtype), f"{path.name}: {key!r} names no dtype"
         assert set(cfg) <= set(tuning.DEFAULT), f"{path.name}: {key!r} has unknown fields {set(cfg) - set(tuning.DEFAULT)}"
-        assert set(cfg.get("write", {})) <= {"num_warps", "maxnreg"}
+        for sub in ("write", "no_write"):
+            assert set(cfg.get(sub, {})) <= {"num_warps", "maxnreg"}
         for name in ("BLOCK_P", "num_warps", "maxnreg", "split_min_batch"):
             if name in cfg:
                 assert isinstance(cfg[name], int) and cfg[name] > 0
