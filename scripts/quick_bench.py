@@ -125,7 +125,10 @@ def main():
             cache = SSMCache(1, batch * sets, H, P, N, G, T, W, state_dtype=sdt, act_dtype=torch.bfloat16,
                              device=dev, strategy=strategy)
             lc = cache.layers[0]
-            lc.state.copy_(torch.randn(lc.state.shape, device=dev)) if sdt.is_floating_point else lc.state.random_(-100, 100)
+            if sdt.is_floating_point:       # via fp32: no normal_ for fp8 tensors
+                lc.state.copy_(torch.randn(lc.state.shape, device=dev))
+            else:
+                lc.state.random_(-100, 100)
             if lc.x_cache is not None:
                 lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
             pn = stationary_pnat(T, cache.W if strategy == "checkpointing" else 0, HIST, gen, batch * sets)

@@ -208,7 +208,7 @@ def _ssu_kernel(
             if RECT:
                 if NATIVE_CS:
                     # 16-bit state, or 8-bit codes (exact in 16 bits): the row scale applies after the sum
-                    if KIND == 3:
+                    if KIND == 3:       # int8 codes through fp32 bits (full-rate ops), exact in 16 bits
                         cs = _dot16(codes_to_f32(S_raw, KIND).to(Ct.dtype), Ct, UPCAST)
                     else:
                         cs = _dot16(S_raw.to(Ct.dtype), Ct, UPCAST)
