@@ -40,3 +40,28 @@ def test_config_for_merges_over_default(monkeypatch):
     table = json.loads((tuning.TABLE_DIR / "H100.json").read_text())["ssu:P64:N128:int8"]
     assert cfg == {**tuning.DEFAULT, **table}
     assert tuning.config_for(torch.device("cpu"), "ssu", 80, 128, torch.int8) == tuning.DEFAULT
+
+
+
+@pytest.mark.parametrize("launch", ["dynamic", "split", "always_write"])
+def test_branch_configs_reach_their_launches(launch, monkeypatch):
+    """The table's write / no_write fields reach only their own launches: the dynamic launch (both
+    branches' code) keeps the top-level config (a no-write register cap leaked into it once and spilled)."""
+    from specssm.ops import always_write_ssu, checkpointing
+    from tests.ops.helpers import make_step
+    seen = []
+
+    class Recorder:     # stands in for the Triton kernel: records each launch's branch and warps
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((int(kw["BRANCH"]), kw["num_warps"]))
+
+    monkeypatch.setattr(checkpointing, "_ssu_kernel", Recorder())
+    monkeypatch.setattr(tuning, "OVERRIDE", {"num_warps": 4, "no_write": {"num_warps": 2}, "write": {"num_warps": 8}})
+    if launch == "always_write":
+        cache, ins = make_step(batch=3, T=4, act=torch.float32, strategy="always_write", seed=2)
+        always_write_ssu(**ins, **cache.op_kwargs(0))
+    else:
+        cache, ins = make_step(batch=3, T=4, pnat=[14, 3, 13], act=torch.float32, seed=2)
+        checkpointing.checkpointing_ssu(**ins, **cache.op_kwargs(0), launch=launch)
+    branches = {"dynamic": [(0, 4)], "split": [(1, 8), (2, 2)], "always_write": [(1, 8)]}[launch]
+    assert seen == branches
