@@ -35,7 +35,8 @@ class TinyMamba2LM(torch.nn.Module):
 
     A step op that takes a `plan` argument (the Triton op does) gets one `StepPlan` per verify step,
     built before the first layer and shared by all of them, as an engine would: otherwise every
-    layer's op builds its own, between the conv and the step.
+    layer's op builds its own, between the conv and the step. The Triton op reads it only in its split
+    launches (from the tuning table's split batch on); below that no plan is built.
     """
 
     def __init__(self, cfg: Mamba2Config, seed: int = 0, dtype=torch.float32, device="cpu", tp_rank: int = 0,
@@ -107,11 +108,26 @@ class TinyMamba2LM(torch.nn.Module):
                              f"got {tokens.shape[1]}")
         h = self.embedding[tokens.to(self.device)]
         ssu = self.ssu
-        if self._ssu_takes_plan:
+        if self._ssu_takes_plan and self._reads_plan(slots.shape[0], cache):
             ssu = functools.partial(ssu, plan=self._step_plan(cache, slots, tokens.shape[1]))
         for norm_w, mixer in zip(self.layer_norms, self.mixers):
             h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, ssu, self.conv)
         return self._logits(h)
+
+    def _reads_plan(self, batch: int, cache: ModelCache) -> bool:
+        """Whether this step's op reads a plan. The Triton op from `resolve_ssu` does not below its split
+        batch (one dynamic launch), so no plan is built there (a launch saved per step); any other
+        callable that takes a plan gets one."""
+        fn = self.ssu
+        try:
+            from specssm.ops.checkpointing import checkpointing_ssu, reads_plan
+        except ImportError:
+            return True
+        if not (isinstance(fn, functools.partial) and fn.func is checkpointing_ssu):
+            return True
+        cfg = self.local_cfg
+        return reads_plan(batch, self.device, cfg.head_dim, cfg.d_state, cache.ssm.layers[0].state.dtype,
+                          fn.keywords.get("launch", "auto"))
 
     def _step_plan(self, cache: ModelCache, slots: torch.Tensor, T: int) -> StepPlan:
         """This step's plan (from the committed pnat), in buffers reused while the batch fits them."""

@@ -269,6 +269,14 @@ def sr_by_rows(state, block_n):
     return block_n % 4 == 0 and all(st % 4 == 0 for st in state.stride()[:3])
 
 
+def reads_plan(batch, device, P, N, state_dtype, launch="auto") -> bool:
+    """Whether a step of `batch` rows runs the split launches, the only ones that read a StepPlan
+    (launch="auto" splits from the tuning table's split_min_batch on)."""
+    if launch == "auto":
+        return batch >= tuning.config_for(device, "ssu", P, N, state_dtype)["split_min_batch"]
+    return launch == "split"
+
+
 def _launch(branch, grid, a, cfg, order, slots, counts, use_order):
     # the split launches may have their own warps / register caps: the write launch holds more live
     # state, the no-write launch less than the dynamic one (which holds both branches' code)
@@ -361,7 +369,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
                    UPCAST=interpreting() or B.dtype == torch.float32),
     )
     if launch == "auto":
-        launch = "split" if sh.batch >= cfg["split_min_batch"] else "dynamic"
+        launch = "split" if reads_plan(sh.batch, dev, sh.P, sh.N, state.dtype) else "dynamic"
     # one program per (row, state-row tile, head); split launches size theirs from device counts
     grid = (sh.batch * npt * sh.H,)
     if launch == "always_write":      # the always-write baseline: every row writes, no plan

@@ -114,6 +114,34 @@ def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
         assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
 
 
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("split_min_batch, builds_per_step", [(128, 0), (3, 1), (4, 0)])
+def test_plan_built_only_for_split_launches(split_min_batch, builds_per_step, monkeypatch):
+    """Below the split batch the Triton op runs one dynamic launch and reads no plan: the model builds
+    none (a launch per step saved), and the step's logits are those of the split launches."""
+    from specssm.cache import StepPlan
+    from specssm.ops import tuning
+    builds = []
+    real_build = StepPlan.build
+    monkeypatch.setattr(StepPlan, "build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
+    logits = []
+    for smb in (split_min_batch, 1):
+        monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": smb})
+        model = TinyMamba2LM(TINY, seed=4, dtype=torch.float32, ssu="op", conv="triton", precision="exact")
+        cache = model.new_cache(4, 3, window=4)
+        slots = torch.tensor([2, cache.pad_slot_id, 0], dtype=torch.int32)
+        for r, s in enumerate((2, 0)):
+            model.prefill(prompts(r, 1)[0], cache, s)
+        cache.ssm.pnat[2], cache.ssm.pnat[0] = 2, 1       # one writing row, one not
+        builds.clear()
+        logits.append(model.step(torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(1)),
+                                 cache, slots))
+        if smb == split_min_batch:
+            assert len(builds) == builds_per_step
+    live = [0, 2]
+    assert torch.allclose(logits[0][live], logits[1][live], rtol=1e-5, atol=1e-5)
+
+
 def test_compare_tokens_finds_the_first_difference():
     model = TinyMamba2LM(TINY, seed=2, dtype=torch.float64, ssu="reference", conv="torch")
     ps = prompts(2, 2)
