@@ -84,6 +84,21 @@ def test_spec_decode_through_triton_ops():
     assert spec.tokens == ref
 
 
+def _verify_step_with_a_padding_row(ssu, plan_builds: list):
+    """One verify step of 3 tokens on a fresh tiny model (Triton conv): rows on slot 2 (writes, pnat 2 + 3
+    > window 4), a padding row, slot 0 (does not write, pnat 1). Returns (logits, cache); `plan_builds`
+    (the list a patched StepPlan.build appends to) is cleared just before the step."""
+    model = TinyMamba2LM(TINY, seed=4, dtype=torch.float32, ssu=ssu, conv="triton", precision="exact")
+    cache = model.new_cache(4, 3, window=4)
+    slots = torch.tensor([2, cache.pad_slot_id, 0], dtype=torch.int32)
+    for r, s in enumerate((2, 0)):
+        model.prefill(prompts(r, 1)[0], cache, s)
+    cache.ssm.pnat[2], cache.ssm.pnat[0] = 2, 1
+    tokens = torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(1))
+    plan_builds.clear()
+    return model.step(tokens, cache, slots), cache
+
+
 @pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
 def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
     """The Triton op takes a plan: the model builds one per verify step for all layers (split launches
@@ -97,16 +112,7 @@ def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
     monkeypatch.setattr(StepPlan, "build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
     runs = []
     for ssu in ("op", lambda **kw: checkpointing_ssu(**kw, precision="exact")):   # the lambda takes no plan
-        model = TinyMamba2LM(TINY, seed=4, dtype=torch.float32, ssu=ssu, conv="triton", precision="exact")
-        cache = model.new_cache(4, 3, window=4)
-        slots = torch.tensor([2, cache.pad_slot_id, 0], dtype=torch.int32)
-        for r, s in enumerate((2, 0)):
-            model.prefill(prompts(r, 1)[0], cache, s)
-        cache.ssm.pnat[2] = 2               # slot 2 writes (2 + 3 > 4), slot 0 does not (pnat 1)
-        cache.ssm.pnat[0] = 1
-        builds.clear()
-        logits = model.step(torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(1)), cache,
-                            slots)
+        logits, cache = _verify_step_with_a_padding_row(ssu, builds)
         runs.append((len(builds), logits, cache.ssm.layers[0].state.clone(), cache.ssm.layers[-1].state.clone()))
     (n_op, *got), (n_own, *want) = runs
     assert n_op == 1 and n_own == TINY.n_layers > 1
@@ -127,15 +133,7 @@ def test_plan_built_only_for_split_launches(split_min_batch, builds_per_step, mo
     logits = []
     for smb in (split_min_batch, 1):
         monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": smb})
-        model = TinyMamba2LM(TINY, seed=4, dtype=torch.float32, ssu="op", conv="triton", precision="exact")
-        cache = model.new_cache(4, 3, window=4)
-        slots = torch.tensor([2, cache.pad_slot_id, 0], dtype=torch.int32)
-        for r, s in enumerate((2, 0)):
-            model.prefill(prompts(r, 1)[0], cache, s)
-        cache.ssm.pnat[2], cache.ssm.pnat[0] = 2, 1       # one writing row, one not
-        builds.clear()
-        logits.append(model.step(torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(1)),
-                                 cache, slots))
+        logits.append(_verify_step_with_a_padding_row("op", builds)[0])
         if smb == split_min_batch:
             assert len(builds) == builds_per_step
     live = [0, 2]
