@@ -22,10 +22,10 @@ case "${1:-tests}" in
   pdl)
     python3 scripts/pdl_check.py --out "$OUT" | tail -6 ;;
   sweep)
-    # register caps of the split launches per state dtype (the tuning tables' no_write / write fields)
+    # register caps of the split launches per state dtype (the tuning tables' no_write / write fields), and TMA state reads
     for st in float32 bfloat16 float16 int8 float8_e4m3fn; do
       python3 scripts/quick_bench.py --batches 1024,256 --modes split_rect --state $st --out "$OUT" \
-        --sweep '[{},{"no_write":{"maxnreg":96}},{"no_write":{"maxnreg":96},"write":{"maxnreg":128}},{"write":{"maxnreg":128}}]' \
+        --sweep '[{},{"no_write":{"maxnreg":96}},{"no_write":{"maxnreg":96},"write":{"maxnreg":128}},{"write":{"maxnreg":128}},{"tma":true}]' \
         2>&1 | grep -v "^#\|^kernel" | sed "s/^/$st /"
     done ;;
 esac
