@@ -297,9 +297,11 @@ def tma_ready(state) -> bool:
 def reads_plan(batch, device, P, N, state_dtype, launch="auto") -> bool:
     """Whether a step of `batch` rows runs the split launches, the only ones that read a StepPlan
     (launch="auto" splits from the tuning table's split_min_batch on)."""
-    if launch == "auto":
-        return batch >= tuning.config_for(device, "ssu", P, N, state_dtype)["split_min_batch"]
-    return launch == "split"
+    return _splits(batch, tuning.config_for(device, "ssu", P, N, state_dtype), launch)
+
+
+def _splits(batch, cfg, launch):
+    return batch >= cfg["split_min_batch"] if launch == "auto" else launch == "split"
 
 
 def _launch(branch, grid, a, cfg, order, slots, counts, use_order):
@@ -397,7 +399,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
                    UPCAST=interpreting() or B.dtype == torch.float32),
     )
     if launch == "auto":
-        launch = "split" if reads_plan(sh.batch, dev, sh.P, sh.N, state.dtype) else "dynamic"
+        launch = "split" if _splits(sh.batch, cfg, launch) else "dynamic"
     # one program per (row, state-row tile, head); split launches size theirs from device counts
     grid = (sh.batch * npt * sh.H,)
     if launch == "always_write":      # the always-write baseline: every row writes, no plan
