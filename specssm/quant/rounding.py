@@ -218,37 +218,38 @@ def _to_fp8(x, scale_inv, rbits, STOCHASTIC: tl.constexpr, CLAMP: tl.constexpr =
 @triton.jit
 def quantize_int8_rn(x, scale_inv):
     """fp32 block x, scale_inv broadcastable to x (e.g. scale_inv[:, None]) -> int8 codes, nearest even."""
-    return _to_int(x, scale_inv, x, 127.0, False).to(tl.int8)
+    return quantize(x, scale_inv, x, 0, False)
 
 
 @triton.jit
 def quantize_int8_sr(x, scale_inv, rbits):
     """fp32 block x -> int8 codes, stochastic rounding with uint32 random words rbits."""
-    return _to_int(x, scale_inv, rbits, 127.0, True).to(tl.int8)
+    return quantize(x, scale_inv, rbits, 0, True)
 
 
 @triton.jit
 def quantize_int16_rn(x, scale_inv):
     """fp32 block x -> int16 codes (QMAX 32767), nearest even."""
-    return _to_int(x, scale_inv, x, 32767.0, False).to(tl.int16)
+    return quantize(x, scale_inv, x, 2, False)
 
 
 @triton.jit
 def quantize_int16_sr(x, scale_inv, rbits):
     """fp32 block x -> int16 codes (QMAX 32767), stochastic rounding."""
-    return _to_int(x, scale_inv, rbits, 32767.0, True).to(tl.int16)
+    return quantize(x, scale_inv, rbits, 2, True)
 
 
 @triton.jit
 def quantize_fp8_rn(x, scale_inv):
-    """fp32 block x -> float8 e4m3fn codes (QMAX 448), nearest even, built from bits (exact anywhere)."""
-    return _to_fp8(x, scale_inv, x, False)
+    """fp32 block x -> float8 e4m3fn codes (QMAX 448), nearest even (the same bits compiled and
+    interpreted)."""
+    return quantize(x, scale_inv, x, 1, False)
 
 
 @triton.jit
 def quantize_fp8_sr(x, scale_inv, rbits):
     """fp32 block x -> float8 e4m3fn codes, stochastic rounding between the two e4m3 neighbours."""
-    return _to_fp8(x, scale_inv, rbits, True)
+    return quantize(x, scale_inv, rbits, 1, True)
 
 
 @triton.jit
