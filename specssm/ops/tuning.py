@@ -20,11 +20,9 @@ TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 #   the dynamic launch uses);
 # maxnreg: register cap per thread (None: the compiler's choice; a lower cap buys occupancy: 128 gives
 #   4 blocks of 4 warps per SM, 168 gives 3);
-# split_min_batch: from this batch on, launch="auto" uses the write/no-write split launches;
-# tma: read the state tile through a TMA descriptor of the pool (where its strides allow) instead of
-#   by pointer: no per-element addresses, the tile lands in shared memory.
+# split_min_batch: from this batch on, launch="auto" uses the write/no-write split launches.
 DEFAULT = {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "write": {"maxnreg": 168}, "no_write": {},
-           "split_min_batch": 128, "tma": False}
+           "split_min_batch": 128}
 
 
 def card_name(device) -> str:

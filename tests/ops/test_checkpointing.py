@@ -67,34 +67,6 @@ def test_corrupt_ring_metadata_stays_inside_its_slot(launch, rs, pnat):
         assert torch.equal(got, want), f"{name} of an uninvolved slot changed"
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
-@pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "rectangle"), ("split", "replay")])
-@pytest.mark.parametrize("P", [16, 80])
-def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, monkeypatch):
-    """tuning "tma": the state tile read through a TMA descriptor of the pool (zero-filled past P)
-    gives the same bits, outputs and caches, as the pointer loads; and the descriptor is really used."""
-    import copy
-    from specssm.ops import checkpointing, tuning
-    made = []
-    real = checkpointing.TensorDescriptor
-    monkeypatch.setattr(checkpointing, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
-    cache, ins = make_step(batch=4, H=2, P=P, N=32, G=1, T=4, pnat=[14, 3, 13, 9], act=torch.float32,
-                           state_dtype=state_dtype, seed=P)
-    runs = []
-    for tma in (False, True):
-        monkeypatch.setattr(tuning, "OVERRIDE", {"tma": tma})
-        c, i = copy.deepcopy(cache), dict(ins, out=ins["out"].clone())
-        checkpointing_ssu(**i, **c.op_kwargs(0), launch=launch, no_write_form=form, precision="exact")
-        lc = c.layers[0]
-        runs.append([i["out"], lc.x_cache, lc.B_cache, lc.dt_cache,
-                     lc.state.view(torch.uint8) if lc.state.element_size() == 1 else lc.state]
-                    + ([lc.state_scale] if lc.state_scale is not None else []))
-    assert made, "the TMA path was not taken"
-    for a, b in zip(*runs):
-        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) and torch.equal(a.isnan(), b.isnan())
-    assert not torch.equal(runs[1][4], cache.layers[0].state.view(runs[1][4].dtype))   # some row wrote
-
-
 def test_varlen_rows():
     cache, ins = make_step(batch=3, T=6, act=torch.float32, varlen_lens=[6, 2, 4], pnat=[9, 14, 12], seed=5)
     # row 0: 9 + 6 > 16 writes; row 1: 14 + 2 = 16 does not; row 2: 12 + 4 = 16 does not
