@@ -1,7 +1,7 @@
 """One checkpointing step at Super TP8 shapes (mixed pnat), for Nsight Compute:
 
     ncu -k regex:_ssu_kernel --launch-skip 4 --launch-count 2 --section SpeedOfLight \
-        --section Occupancy --section LaunchStats --section WarpStateStats python3 scripts/profile_step.py
+        --section Occupancy --section LaunchStats --section WarpStateStats python3 scripts/profile_step.py [int8]
 """
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ def main(batch=1024, state=torch.float32):
     gen = torch.Generator().manual_seed(0)
     cache = SSMCache(1, batch, H, P, N, G, T, W, state_dtype=state, act_dtype=torch.bfloat16, device=dev)
     lc = cache.layers[0]
-    lc.state.normal_(); lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
+    if state.is_floating_point:
+        lc.state.copy_(torch.randn(lc.state.shape, device=dev))
+    else:
+        lc.state.random_(-100, 100)
+    lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
     cache.pnat.copy_(stationary_pnat(T, W, HIST, gen, batch).to(dev))
     x = torch.randn(batch, T, H, P, device=dev, dtype=torch.bfloat16)
     Bm = torch.randn(batch, T, G, N, device=dev, dtype=torch.bfloat16)
@@ -39,4 +43,5 @@ def main(batch=1024, state=torch.float32):
 
 
 if __name__ == "__main__":
-    main()
+    main(state=getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}.get(
+        sys.argv[1] if len(sys.argv) > 1 else "fp32", sys.argv[1] if len(sys.argv) > 1 else "float32")))
