@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, check_tensor
 from specssm._runtime import interpreting, pdl_supported
@@ -56,12 +57,24 @@ def _dot16(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+def _state_tile(st_desc, coords, st_base, st_off, st_mask, TMA: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr, AGAIN: tl.constexpr):
+    """The program's (BLOCK_P, BLOCK_N) state tile as stored: by TMA through the pool's descriptor
+    (slots, H, P, N) at coords (zero-filled past P and N), or by pointer. AGAIN: a second read, which
+    must not be merged with the first into one copy held in registers."""
+    if TMA:
+        S = tl.reshape(st_desc.load(coords), (BLOCK_P, BLOCK_N))
+    else:
+        S = tl.load(st_base + st_off, mask=st_mask, other=0.0, volatile=AGAIN)
+    return S
+
+
+@triton.jit
+def _fold(S, S_scale, Xf, Keys, w_fold, lam, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
     """h_K = exp(Λ)·S + Σ_k exp(Λ − c_k)·dt_k · x_k ⊗ B_k: the checkpoint with the history folded in
-    (w_fold holds exp(Λ − c_k)·dt_k on history keys, 0 on new ones). The state tile is read again
-    (from L2: it was read at the top): holding the first copy in registers through the whole program
-    would cost 64 registers per thread and half the write launch's occupancy."""
-    S = tl.load(st_base + st_off, mask=st_mask, other=0.0, volatile=True)
+    (w_fold holds exp(Λ − c_k)·dt_k on history keys, 0 on new ones). S is the state tile read again
+    (from L2, or from shared memory after TMA): holding the first copy in registers through the whole
+    program would cost 64 registers per thread and half the write launch's occupancy."""
     return tl.dot(Xf * w_fold[None, :], Keys.to(tl.float32),
                   acc=tl.exp(lam) * decode_state_tile(S, S_scale, KIND), input_precision=DOT_PREC)
 
@@ -70,7 +83,7 @@ def _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND: tl.con
 def _ssu_kernel(
     state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
-    sbi_ptr, cu_ptr, order_ptr, slots_ptr, counts_ptr, seed_ptr,
+    sbi_ptr, cu_ptr, order_ptr, slots_ptr, counts_ptr, seed_ptr, st_desc,
     batch, T, W, L, pad_slot_id, H, P, N, HPG, NPT,
     s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
     s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
@@ -78,7 +91,7 @@ def _ssu_kernel(
     s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
     BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
-    USE_ORDER: tl.constexpr, EVEN_TILE: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr,
+    USE_ORDER: tl.constexpr, EVEN_TILE: tl.constexpr, TMA: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr,
     PHILOX_ROUNDS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
     DOT_PREC: tl.constexpr, NATIVE_CS: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr,
@@ -128,7 +141,8 @@ def _ssu_kernel(
             st_row = offs_p * s_st_p
             st_off = st_row[:, None] + offs_n[None, :]
             st_mask = p_ok[:, None] & n_ok[None, :]
-            S_raw = tl.load(st_base + st_off, mask=st_mask, other=0.0)
+            st_coords = [slot.to(tl.int32), h, pt * BLOCK_P, 0]
+            S_raw = _state_tile(st_desc, st_coords, st_base, st_off, st_mask, TMA, BLOCK_P, BLOCK_N, False)
             if KIND >= 3:
                 S_scale = tl.load(sc_base + offs_p, mask=p_ok, other=0.0)
             else:
@@ -219,12 +233,14 @@ def _ssu_kernel(
                                 input_precision=DOT_PREC)
                 y += tl.exp(c_new)[None, :] * cs
                 if do_write:
-                    hK = _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
+                    hK = _fold(_state_tile(st_desc, st_coords, st_base, st_off, st_mask, TMA, BLOCK_P, BLOCK_N, True),
+                               S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
                     store_state_tile(hK, st_base, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr, slot,
                                      st_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
             else:
                 # replay: materialize h_K, then y from it
-                hK = _fold(st_base, st_off, st_mask, S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
+                hK = _fold(_state_tile(st_desc, st_coords, st_base, st_off, st_mask, TMA, BLOCK_P, BLOCK_N, True),
+                               S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
                 y += tl.exp(c_new - lam)[None, :] * tl.dot(hK, Ct.to(tl.float32), input_precision=DOT_PREC)
                 if do_write:
                     store_state_tile(hK, st_base, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr, slot,
@@ -269,6 +285,15 @@ def sr_by_rows(state, block_n):
     return block_n % 4 == 0 and all(st % 4 == 0 for st in state.stride()[:3])
 
 
+def tma_ready(state) -> bool:
+    """Whether the state pool can be read through a TMA descriptor: 16-byte aligned base and strides,
+    contiguous rows; on a GPU, or in the interpreter (which emulates the descriptor)."""
+    es = state.element_size()
+    return (state.stride(3) == 1 and state.data_ptr() % 16 == 0
+            and all(st * es % 16 == 0 for st in state.stride()[:3])
+            and (state.is_cuda or interpreting()))
+
+
 def reads_plan(batch, device, P, N, state_dtype, launch="auto") -> bool:
     """Whether a step of `batch` rows runs the split launches, the only ones that read a StepPlan
     (launch="auto" splits from the tuning table's split_min_batch on)."""
@@ -286,9 +311,13 @@ def _launch(branch, grid, a, cfg, order, slots, counts, use_order):
         cfg = {**cfg, **cfg.get("write", {})}
     elif branch == NO_WRITE:
         cfg = {**cfg, **cfg.get("no_write", {})}
+    state, block_p = a["ptrs"][0], cfg["BLOCK_P"]
+    tma = bool(cfg.get("tma")) and tma_ready(state)
+    desc = TensorDescriptor(state, list(state.shape), list(state.stride()), [1, 1, block_p, a["flags"]["BLOCK_N"]]) \
+        if tma else state
     _ssu_kernel[grid](
-        *a["ptrs"], order, slots, counts, a["seed"], *a["sizes"], *a["strides"],
-        BRANCH=branch, USE_ORDER=use_order, **a["flags"], BLOCK_P=cfg["BLOCK_P"], num_warps=cfg["num_warps"],
+        *a["ptrs"], order, slots, counts, a["seed"], desc, *a["sizes"], *a["strides"],
+        BRANCH=branch, USE_ORDER=use_order, **a["flags"], TMA=tma, BLOCK_P=block_p, num_warps=cfg["num_warps"],
         **({"launch_pdl": True} if a["flags"]["PDL"] else {}),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and a["cuda"] else {}))
 

@@ -67,6 +67,36 @@ def test_corrupt_ring_metadata_stays_inside_its_slot(launch, rs, pnat):
         assert torch.equal(got, want), f"{name} of an uninvolved slot changed"
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "rectangle"), ("split", "replay")])
+@pytest.mark.parametrize("P", [16, 80])
+@pytest.mark.parametrize("where", ["all", "write"])
+def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where, monkeypatch):
+    """tuning "tma" (every launch, or the write launch only): the state tile read through a TMA
+    descriptor of the pool (zero-filled past P) gives the same bits, outputs and caches, as the
+    pointer loads; and the descriptor is really used."""
+    import copy
+    from specssm.ops import checkpointing, tuning
+    made = []
+    real = checkpointing.TensorDescriptor
+    monkeypatch.setattr(checkpointing, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
+    cache, ins = make_step(batch=4, H=2, P=P, N=32, G=1, T=4, pnat=[14, 3, 13, 9], act=torch.float32,
+                           state_dtype=state_dtype, seed=P)
+    runs = []
+    for tma in (False, True):
+        monkeypatch.setattr(tuning, "OVERRIDE", {"tma": tma} if where == "all" else {"write": {"tma": tma}})
+        c, i = copy.deepcopy(cache), dict(ins, out=ins["out"].clone())
+        checkpointing_ssu(**i, **c.op_kwargs(0), launch=launch, no_write_form=form, precision="exact")
+        lc = c.layers[0]
+        runs.append([i["out"], lc.x_cache, lc.B_cache, lc.dt_cache,
+                     lc.state.view(torch.uint8) if lc.state.element_size() == 1 else lc.state]
+                    + ([lc.state_scale] if lc.state_scale is not None else []))
+    assert made or (where == "write" and launch == "dynamic"), "the TMA path was not taken"
+    for a, b in zip(*runs):
+        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) and torch.equal(a.isnan(), b.isnan())
+    assert not torch.equal(runs[1][4], cache.layers[0].state.view(runs[1][4].dtype))   # some row wrote
+
+
 def test_varlen_rows():
     cache, ins = make_step(batch=3, T=6, act=torch.float32, varlen_lens=[6, 2, 4], pnat=[9, 14, 12], seed=5)
     # row 0: 9 + 6 > 16 writes; row 1: 14 + 2 = 16 does not; row 2: 12 + 4 = 16 does not
@@ -140,6 +170,28 @@ def test_gpu_deterministic_5_launches(launch):
         for a, b in zip(r, results[0]):
             assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b) or (
                 torch.isnan(a).equal(torch.isnan(b)) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["split", "always_write"])
+def test_gpu_tma_write_reads(state_dtype, op, monkeypatch):
+    """The write launch with TMA state reads ("write": {"tma": true} in a tuning table) at real shapes,
+    against the reference. Not the same bits as the pointer loads on a GPU: the tile staged by TMA
+    feeds the tensor cores in another order of accumulation (the CPU test checks the bits)."""
+    from specssm.ops import checkpointing, tuning
+    made = []
+    real = checkpointing.TensorDescriptor
+    monkeypatch.setattr(checkpointing, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"maxnreg": 168, "tma": True}})
+    fn, ref, kw = (checkpointing_ssu, checkpointing_ssu_ref, dict(launch="split")) if op == "split" else \
+        (always_write_ssu, always_write_ssu_ref, {})
+    cache, ins = make_step(batch=300, slots=310, T=6, pad_rows=(5,), state_dtype=state_dtype,
+                           strategy="always_write" if op == "always_write" else "checkpointing", seed=17,
+                           **SHAPES["super_tp8"])
+    run_and_compare(fn, ref, cache, ins, device="cuda", precision="fast", **kw)
+    assert made, "the TMA path was not taken"
 
 
 @pytest.mark.parametrize("cfg", [{"BLOCK_P": 16}, {"BLOCK_P": 16, "num_warps": 2}])

@@ -51,17 +51,19 @@ def test_branch_configs_reach_their_launches(launch, monkeypatch):
     from tests.ops.helpers import make_step
     seen = []
 
-    class Recorder:     # stands in for the Triton kernel: records each launch's branch and warps
+    class Recorder:     # stands in for the Triton kernel: records each launch's branch, warps and TMA reads
         def __getitem__(self, grid):
-            return lambda *args, **kw: seen.append((int(kw["BRANCH"]), kw["num_warps"]))
+            return lambda *args, **kw: seen.append((int(kw["BRANCH"]), kw["num_warps"], kw["TMA"]))
 
     monkeypatch.setattr(checkpointing, "_ssu_kernel", Recorder())
-    monkeypatch.setattr(tuning, "OVERRIDE", {"num_warps": 4, "no_write": {"num_warps": 2}, "write": {"num_warps": 8}})
+    monkeypatch.setattr(tuning, "OVERRIDE", {"num_warps": 4, "no_write": {"num_warps": 2},
+                                                "write": {"num_warps": 8, "tma": True}})
     if launch == "always_write":
         cache, ins = make_step(batch=3, T=4, act=torch.float32, strategy="always_write", seed=2)
         always_write_ssu(**ins, **cache.op_kwargs(0))
     else:
         cache, ins = make_step(batch=3, T=4, pnat=[14, 3, 13], act=torch.float32, seed=2)
         checkpointing.checkpointing_ssu(**ins, **cache.op_kwargs(0), launch=launch)
-    branches = {"dynamic": [(0, 4)], "split": [(1, 8), (2, 2)], "always_write": [(1, 8)]}[launch]
+    branches = {"dynamic": [(0, 4, False)], "split": [(1, 8, True), (2, 2, False)],
+                "always_write": [(1, 8, True)]}[launch]
     assert seen == branches
