@@ -43,5 +43,5 @@ def main(batch=1024, state=torch.float32):
 
 
 if __name__ == "__main__":
-    main(state=getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}.get(
-        sys.argv[1] if len(sys.argv) > 1 else "fp32", sys.argv[1] if len(sys.argv) > 1 else "float32")))
+    name = sys.argv[1] if len(sys.argv) > 1 else "fp32"
+    main(state=getattr(torch, {"fp32": "float32", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}.get(name, name)))

@@ -74,7 +74,8 @@ def test_corrupt_ring_metadata_stays_inside_its_slot(launch, rs, pnat):
 def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where, monkeypatch):
     """tuning "tma" (every launch, or the write launch only): the state tile read through a TMA
     descriptor of the pool (zero-filled past P) gives the same bits, outputs and caches, as the
-    pointer loads; and the descriptor is really used."""
+    pointer loads in the interpreter (on a GPU the products' order of accumulation differs:
+    test_gpu_tma_write_reads); and the descriptor is really used."""
     import copy
     from specssm.ops import checkpointing, tuning
     made = []
