@@ -11,7 +11,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.quick_bench import HIST, stationary_pnat  # noqa: E402
+from scripts.quick_bench import HIST, fill_state, stationary_pnat  # noqa: E402
 from specssm.cache import SSMCache, StepPlan  # noqa: E402
 from specssm.ops import checkpointing_ssu  # noqa: E402
 
@@ -22,10 +22,7 @@ def main(batch=1024, state=torch.float32):
     gen = torch.Generator().manual_seed(0)
     cache = SSMCache(1, batch, H, P, N, G, T, W, state_dtype=state, act_dtype=torch.bfloat16, device=dev)
     lc = cache.layers[0]
-    if state.is_floating_point:
-        lc.state.copy_(torch.randn(lc.state.shape, device=dev))
-    else:
-        lc.state.random_(-100, 100)
+    fill_state(lc.state)
     lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
     cache.pnat.copy_(stationary_pnat(T, W, HIST, gen, batch).to(dev))
     x = torch.randn(batch, T, H, P, device=dev, dtype=torch.bfloat16)

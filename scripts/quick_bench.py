@@ -33,6 +33,15 @@ def stationary_pnat(T, W, hist, gen, n):
     return torch.tensor(out[:n], dtype=torch.int32)
 
 
+def fill_state(state):
+    """Random contents for a state pool: normal values through fp32 (fp8 tensors have no normal_),
+    integer codes in [-100, 100)."""
+    if state.dtype.is_floating_point:
+        state.copy_(torch.randn(state.shape, device=state.device))
+    else:
+        state.random_(-100, 100)
+
+
 def copy_bandwidth():
     a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
@@ -125,10 +134,7 @@ def main():
             cache = SSMCache(1, batch * sets, H, P, N, G, T, W, state_dtype=sdt, act_dtype=torch.bfloat16,
                              device=dev, strategy=strategy)
             lc = cache.layers[0]
-            if sdt.is_floating_point:       # via fp32: no normal_ for fp8 tensors
-                lc.state.copy_(torch.randn(lc.state.shape, device=dev))
-            else:
-                lc.state.random_(-100, 100)
+            fill_state(lc.state)
             if lc.x_cache is not None:
                 lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
             pn = stationary_pnat(T, cache.W if strategy == "checkpointing" else 0, HIST, gen, batch * sets)
