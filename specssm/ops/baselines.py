@@ -13,7 +13,7 @@ import triton.language as tl
 
 from specssm._checks import check_all_states_args, check_kernel_layout
 from specssm.ops import tuning
-from specssm.ops.checkpointing import _softplus, _ssu
+from specssm.ops.checkpointing import _silu, _softplus, _ssu
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # of states and activations
 
@@ -77,7 +77,7 @@ def _all_states_kernel(
                 y += tl.load(D_ptr + h).to(tl.float32) * xt
             if HAS_Z:
                 zt = tl.load(z_ptr + row * s_z_b + t * s_z_t + h * s_z_h + offs_p, mask=p_ok, other=0.0).to(tl.float32)
-                y = y * zt * tl.sigmoid(zt)
+                y = y * _silu(zt)
             tl.store(out_ptr + row * s_o_b + t * s_o_t + h * s_o_h + offs_p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
 
 
