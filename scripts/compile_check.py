@@ -104,7 +104,7 @@ def main():
                 "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32",
                 "seed_ptr": "*i64"})
     base = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
-                EVEN_TILE=True, TMA=False, KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=16,
+                EVEN_TILE=True, TMA=False, KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=8, NK=32,
                 DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
     ptr["st_desc"] = ptr["state_ptr"]       # unused unless TMA (then a descriptor of the pool)
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):

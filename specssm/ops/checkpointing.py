@@ -1,9 +1,10 @@
 """Checkpointing replay: the SSM state update of one verify step on the ring contract (DESIGN §3–§5).
 
 One program handles one row, one head and one tile of BLOCK_P whole state rows. It issues the state
-tile's load first, then puts the history (KH = 16 ring slots) and the new tokens (TN = 16 slots) on one
-key axis, so every product is a tensor-core tile; the products are computed transposed (state rows x
-tokens), so the state is the left operand in its stored layout:
+tile's load first, then puts the history (KH = 16 ring slots) and the new tokens (TN = 8 or 16 slots:
+T padded to the tuning table's TN_MIN) on one key axis, so every product is a tensor-core tile; the
+products are computed transposed (state rows x tokens), so the state is the left operand in its stored
+layout:
 
     y      = exp(c_t)·(C·Sᵀ) + X_keys @ coef + D·x                 (rectangle form, no-write rows)
     h_K    = exp(Λ)·S + (X_keys·w) @ B_keys                          (write rows)
@@ -108,7 +109,7 @@ def _ssu_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
     USE_ORDER: tl.constexpr, EVEN_TILE: tl.constexpr, TMA: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr,
     PHILOX_ROUNDS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr, NK: tl.constexpr,
     DOT_PREC: tl.constexpr, NATIVE_CS: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One program: one row, one head, one tile of BLOCK_P state rows (all N columns).
@@ -177,8 +178,9 @@ def _ssu_kernel(
             else:
                 do_write = BRANCH == WRITE
             g = h // HPG
-            # one key axis: KH history slots (ring rows rs + k), then TN new-token slots
-            jk = tl.arange(0, KH + TN)
+            # one key axis: KH history slots (ring rows rs + k), then TN new-token slots, padded to NK (a
+            # power of two; padding keys are masked like the new tokens past n_tok)
+            jk = tl.arange(0, NK)
             jn = tl.arange(0, TN)
             is_hist = jk < KH
             j_new = jk - KH
@@ -200,9 +202,9 @@ def _ssu_kernel(
                 gdc_wait()
             # keys (B of history and new tokens) and values (x), each in one load from two sources
             Keys = tl.load(tl.where(is_hist, Bc_base + ring_row * s_Bc_l, B_base + key_tok * s_B_t)[:, None]
-                           + offs_n[None, :], mask=key_ok[:, None] & n_ok[None, :], other=0.0)   # (KH+TN, BLOCK_N)
+                           + offs_n[None, :], mask=key_ok[:, None] & n_ok[None, :], other=0.0)   # (NK, BLOCK_N)
             X_all = tl.load(tl.where(is_hist, xc_base + ring_row * s_xc_l, x_base + key_tok * s_x_t)[None, :]
-                            + offs_p[:, None], mask=p_ok[:, None] & key_ok[None, :], other=0.0)  # (BLOCK_P, KH+TN)
+                            + offs_p[:, None], mask=p_ok[:, None] & key_ok[None, :], other=0.0)  # (BLOCK_P, NK)
             X_new = tl.load(x_base + tok[None, :] * s_x_t + offs_p[:, None],
                             mask=p_ok[:, None] & t_ok[None, :], other=0.0)                      # (BLOCK_P, TN)
             Ct = tl.load(C_ptr + row_off * s_B_b + g * s_B_g + tok[None, :] * s_B_t + offs_n[:, None],
@@ -224,7 +226,7 @@ def _ssu_kernel(
             c_new = tl.sum(tl.where(pick, c_key[None, :], 0.0), axis=1)
 
             # Bᵀ·C over the keys (16-bit operands give exact products), decayed and masked
-            cbT = _dot16(Keys, Ct, UPCAST)                                                   # (KH+TN, TN)
+            cbT = _dot16(Keys, Ct, UPCAST)                                                   # (NK, TN)
             vis = (~is_hist[:, None] & (j_new[:, None] <= jn[None, :])) & t_ok[None, :]
             if RECT:
                 vis = vis | (hist_ok[:, None] & t_ok[None, :])
@@ -327,12 +329,14 @@ def _launch(branch, grid, a, cfg, order, slots, counts, use_order):
     elif branch == NO_WRITE:
         cfg = {**cfg, **cfg.get("no_write", {})}
     state, block_p = a["ptrs"][0], cfg["BLOCK_P"]
+    tn = max(cfg["TN_MIN"], triton.next_power_of_2(a["sizes"][1]))
     tma = bool(cfg.get("tma")) and tma_ready(state)
     desc = TensorDescriptor(state, list(state.shape), list(state.stride()), [1, 1, block_p, a["flags"]["BLOCK_N"]]) \
         if tma else state
     _ssu_kernel[grid](
         *a["ptrs"], order, slots, counts, a["seed"], desc, *a["sizes"], *a["strides"],
         BRANCH=branch, USE_ORDER=use_order, **a["flags"], TMA=tma, BLOCK_P=block_p, num_warps=cfg["num_warps"],
+        TN=tn, NK=triton.next_power_of_2(MAX_WINDOW + tn),
         **({"launch_pdl": True} if a["flags"]["PDL"] else {}),
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") and a["cuda"] else {}))
 
@@ -409,7 +413,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
                    HAS_SBI=state_batch_indices is not None, KIND=kind,
                    EVEN_TILE=sh.P % block_p == 0 and sh.N == block_n,
                    SR=rounding == "sr", SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=int(philox_rounds),
-                   BLOCK_N=block_n, KH=MAX_WINDOW, TN=max(16, triton.next_power_of_2(sh.T)),
+                   BLOCK_N=block_n, KH=MAX_WINDOW,
                    DOT_PREC=PRECISIONS[precision], NATIVE_CS=native_cs,
                    PDL=bool(pdl) and pdl_supported(dev),
                    UPCAST=interpreting() or B.dtype == torch.float32),

@@ -15,17 +15,21 @@ import torch
 TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 
 # BLOCK_P: state rows per program (a program holds whole rows of N); num_warps;
-# write: {num_warps, maxnreg, tma} for launches where every row writes (split write launch, always-write);
-# no_write: {num_warps, maxnreg, tma} for the split no-write launch (default: the top-level values, which
-#   the dynamic launch uses);
+# write: {num_warps, maxnreg, tma, TN_MIN} for launches where every row writes (split write launch,
+#   always-write);
+# no_write: {num_warps, maxnreg, tma, TN_MIN} for the split no-write launch (default: the top-level values,
+#   which the dynamic launch uses);
 # maxnreg: register cap per thread (None: the compiler's choice; a lower cap buys occupancy: 128 gives
 #   4 blocks of 4 warps per SM, 168 gives 3);
 # split_min_batch: from this batch on, launch="auto" uses the write/no-write split launches;
+# TN_MIN: the smallest token tile (the products' N side; T up to it is padded to it). 8 halves the
+#   epilogue's (P, TN) tiles at T <= 8 (3-10% faster steps for 16- and 8-bit states); fp32 state's tf32
+#   C·Sᵀ of N = 8 compiles to mma.sync instead of wgmma, slower in the H100's split launches.
 # tma: read the state tile through a TMA descriptor of the pool (where its strides allow) instead of
 #   by pointer: the tile lands in shared memory, and the write program's second read comes from there.
 #   Timed per launch: faster for the fp32/bf16 write launch, slower for no-write and for 8-bit writes.
 DEFAULT = {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "write": {"maxnreg": 168}, "no_write": {},
-           "split_min_batch": 128, "tma": False}
+           "split_min_batch": 128, "tma": False, "TN_MIN": 8}
 
 
 def card_name(device) -> str:

@@ -5,11 +5,19 @@ import copy
 
 import torch
 
+from specssm.reference.storage import decode_state, is_quantized
 from tests.ops.helpers import to_device
+
+
+def _bits(t):
+    """A state pool as comparable bits (fp8 tensors have no comparison ops)."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 # relative RMS error bounds of outputs (and written states) by (activation dtype, state dtype, precision)
 OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
-STATE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
+# quantized states: the decoded state (codes times row scales), within a grid step of the reference's
+STATE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3, torch.int8: 2e-2,
+             torch.float8_e4m3fn: 6e-2}
 FAST_TOL = 2e-3      # tf32 dots
 
 
@@ -47,12 +55,18 @@ def run_and_compare(op, ref, cache, inputs, device="cpu", precision="exact", **o
             assert e <= max(STATE_TOL[cache.state_dtype], 1e-5), f"states: relative RMS error {e:.3e}"
         return err
     state = lc.state.cpu()
-    changed_ref = (lr.state != cache.layers[0].state).flatten(1).any(1)
-    # no-write slots (and all untouched slots): state bit-identical to before the call
+    changed_ref = (_bits(lr.state) != _bits(cache.layers[0].state)).flatten(1).any(1)
+    # no-write slots (and all untouched slots): state (and scales) bit-identical to before the call
     same = ~changed_ref
-    assert torch.equal(state[same], l0.state.cpu()[same]), "a no-write or untouched slot's state changed"
+    assert torch.equal(_bits(state)[same], _bits(l0.state.cpu())[same]), "a no-write or untouched slot's state changed"
+    if is_quantized(state.dtype):
+        scale = lc.state_scale.cpu()
+        assert torch.equal(scale[same], l0.state_scale.cpu()[same]), "a no-write slot's scales changed"
+        state, ref_state = decode_state(state, scale), decode_state(lr.state, lr.state_scale)
+    else:
+        ref_state = lr.state
     if changed_ref.any():
-        e = rel_rms(state[changed_ref], lr.state[changed_ref])
+        e = rel_rms(state[changed_ref], ref_state[changed_ref])
         stol = max(STATE_TOL[cache.state_dtype], FAST_TOL if fast else 0.0)
         assert e <= stol, f"written states: relative RMS error {e:.3e} > {stol:.1e}"
         err["state_rel_rms"] = e

@@ -285,3 +285,16 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
         checkpointing_ssu(**i_rn, **c_rn.op_kwargs(0), precision="exact")
         c_rn = to_device(c_rn, i_rn, "cpu")[0]
         assert not torch.equal(raw(c_rn.layers[0].state[writes]), raw(lc.state[writes]))
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "rectangle"), ("split", "replay")])
+@pytest.mark.parametrize("T,tn_min", [(3, 8), (6, 8), (9, 8), (6, 16)])
+def test_token_tiles(state_dtype, launch, form, T, tn_min, monkeypatch):
+    """tuning TN_MIN: T <= 8 tokens on a token tile of 8 (the key axis padded past the new tokens) or
+    of 16, T = 9 on 16; every state dtype, both branches."""
+    from specssm.ops import tuning
+    monkeypatch.setattr(tuning, "OVERRIDE", {"TN_MIN": tn_min})
+    cache, ins = make_step(batch=4, T=T, pnat=[14, 3, 13 - T // 2, 0], pad_rows=(3,), act=torch.bfloat16,
+                           state_dtype=state_dtype, seed=40 + T)
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)

@@ -28,10 +28,13 @@ def test_table_entries_are_valid(path):
         assert isinstance(getattr(torch, m.group(3), None), torch.dtype), f"{path.name}: {key!r} names no dtype"
         assert set(cfg) <= set(tuning.DEFAULT), f"{path.name}: {key!r} has unknown fields {set(cfg) - set(tuning.DEFAULT)}"
         for sub in ("write", "no_write"):
-            assert set(cfg.get(sub, {})) <= {"num_warps", "maxnreg"}
-        for name in ("BLOCK_P", "num_warps", "maxnreg", "split_min_batch"):
-            if name in cfg:
-                assert isinstance(cfg[name], int) and cfg[name] > 0
+            assert set(cfg.get(sub, {})) <= {"num_warps", "maxnreg", "tma", "TN_MIN"}
+        for c in (cfg, cfg.get("write", {}), cfg.get("no_write", {})):
+            for name in ("BLOCK_P", "num_warps", "maxnreg", "split_min_batch"):
+                if name in c:
+                    assert isinstance(c[name], int) and c[name] > 0
+            assert c.get("TN_MIN", 8) in (8, 16), "token tiles of 8 or 16"
+            assert isinstance(c.get("tma", False), bool)
 
 
 def test_config_for_merges_over_default(monkeypatch):
@@ -45,25 +48,26 @@ def test_config_for_merges_over_default(monkeypatch):
 
 @pytest.mark.parametrize("launch", ["dynamic", "split", "always_write"])
 def test_branch_configs_reach_their_launches(launch, monkeypatch):
-    """The table's write / no_write fields reach only their own launches: the dynamic launch (both
-    branches' code) keeps the top-level config (a no-write register cap leaked into it once and spilled)."""
+    """The table's write / no_write fields (warps, TMA, token tile) reach only their own launches: the
+    dynamic launch (both branches' code) keeps the top-level config (a no-write register cap leaked
+    into it once and spilled)."""
     from specssm.ops import always_write_ssu, checkpointing
     from tests.ops.helpers import make_step
     seen = []
 
     class Recorder:     # stands in for the Triton kernel: records each launch's branch, warps and TMA reads
         def __getitem__(self, grid):
-            return lambda *args, **kw: seen.append((int(kw["BRANCH"]), kw["num_warps"], kw["TMA"]))
+            return lambda *args, **kw: seen.append((int(kw["BRANCH"]), kw["num_warps"], kw["TMA"], kw["TN"]))
 
     monkeypatch.setattr(checkpointing, "_ssu_kernel", Recorder())
-    monkeypatch.setattr(tuning, "OVERRIDE", {"num_warps": 4, "no_write": {"num_warps": 2},
-                                                "write": {"num_warps": 8, "tma": True}})
+    monkeypatch.setattr(tuning, "OVERRIDE", {"num_warps": 4, "TN_MIN": 8, "no_write": {"num_warps": 2},
+                                                "write": {"num_warps": 8, "tma": True, "TN_MIN": 16}})
     if launch == "always_write":
         cache, ins = make_step(batch=3, T=4, act=torch.float32, strategy="always_write", seed=2)
         always_write_ssu(**ins, **cache.op_kwargs(0))
     else:
         cache, ins = make_step(batch=3, T=4, pnat=[14, 3, 13], act=torch.float32, seed=2)
         checkpointing.checkpointing_ssu(**ins, **cache.op_kwargs(0), launch=launch)
-    branches = {"dynamic": [(0, 4, False)], "split": [(1, 8, True), (2, 2, False)],
-                "always_write": [(1, 8, True)]}[launch]
+    branches = {"dynamic": [(0, 4, False, 8)], "split": [(1, 8, True, 16), (2, 2, False, 8)],
+                "always_write": [(1, 8, True, 16)]}[launch]
     assert seen == branches
