@@ -175,7 +175,8 @@ def test_gpu_deterministic_5_launches(launch):
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8,
+                                         torch.float8_e4m3fn])
 @pytest.mark.parametrize("op", ["split", "always_write"])
 def test_gpu_tma_write_reads(state_dtype, op, monkeypatch):
     """The write launch with TMA state reads ("write": {"tma": true} in a tuning table) at real shapes,
