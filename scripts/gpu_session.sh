@@ -3,7 +3,7 @@
 #   bash scripts/gpu_session.sh tests      # the GPU suite (~7 min on an H200)
 #   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~6 min)
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
-#   bash scripts/gpu_session.sh sweep      # register caps / TMA of the split launches, 5 state dtypes (~3 min)
+#   bash scripts/gpu_session.sh sweep      # register caps / token tile / TMA of the split launches, 5 dtypes (~4 min)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -22,11 +22,11 @@ case "${1:-tests}" in
   pdl)
     python3 scripts/pdl_check.py --out "$OUT" | tail -6 ;;
   sweep)
-    # the split launches' register caps and TMA state reads of the write launch, per state dtype
-    # (the tuning tables' no_write / write fields)
+    # the split launches' register caps, token tile and TMA state reads of the write launch, per state dtype,
+    # against the card's table ({}; an override replaces a table's whole write / no_write entry)
     for st in float32 bfloat16 float16 int8 float8_e4m3fn; do
       python3 scripts/quick_bench.py --batches 1024,256 --modes split_rect --state $st --out "$OUT" \
-        --sweep '[{},{"no_write":{"maxnreg":96}},{"no_write":{"maxnreg":96},"write":{"maxnreg":128}},{"write":{"maxnreg":128}},{"write":{"maxnreg":128,"tma":true}},{"write":{"maxnreg":168,"tma":true}}]' \
+        --sweep '[{},{"TN_MIN":16},{"no_write":{"maxnreg":96}},{"write":{"maxnreg":128}},{"write":{"maxnreg":128,"tma":true}},{"write":{"maxnreg":168,"tma":true}},{"write":{"maxnreg":168}}]' \
         2>&1 | grep -v "^#\|^kernel" | sed "s/^/$st /"
     done ;;
 esac
