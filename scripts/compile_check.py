@@ -93,20 +93,29 @@ SSU_INTS = dict(batch=1024, T=6, W=16, L=22, pad_slot_id=-1, H=16, P=64, N=128, 
                 s_z_b=6144, s_z_t=1024, s_z_h=64)
 
 
+def ssu_pointers(fn, state="*fp32"):
+    """Pointer types of the step kernel's arguments: bf16 activations and rings, int32 metadata, a state
+    pool of type `state` (st_desc: the pool itself, unless TMA makes it a descriptor)."""
+    ptr = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
+    ptr.update({"xc_ptr": "*bf16", "Bc_ptr": "*bf16", "x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16",
+                "out_ptr": "*bf16", "z_ptr": "*bf16", "ring_start_ptr": "*i32", "pnat_ptr": "*i32",
+                "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32",
+                "seed_ptr": "*i64", "state_ptr": state, "st_desc": state})
+    return {n: t for n, t in ptr.items() if n in fn.arg_names}
+
+
+# the step kernel's constexprs for the default variant (fp32 state, rectangle form, token tile 8)
+SSU_BASE = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
+                EVEN_TILE=True, TMA=False, KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128,
+                KH=16, TN=8, NK=32, DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
+
+
 def main():
     compile_plan()
     compile_conv()
     from specssm.ops import tuning
     from specssm.ops.checkpointing import _ssu_kernel
-    ptr = {n: "*fp32" for n in _ssu_kernel.arg_names if n.endswith("_ptr")}
-    ptr.update({"xc_ptr": "*bf16", "Bc_ptr": "*bf16", "x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16",
-                "out_ptr": "*bf16", "z_ptr": "*bf16", "ring_start_ptr": "*i32", "pnat_ptr": "*i32",
-                "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32",
-                "seed_ptr": "*i64"})
-    base = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
-                EVEN_TILE=True, TMA=False, KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128, KH=16, TN=8, NK=32,
-                DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
-    ptr["st_desc"] = ptr["state_ptr"]       # unused unless TMA (then a descriptor of the pool)
+    ptr, base = ssu_pointers(_ssu_kernel), SSU_BASE
     for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
         compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}", ints=SSU_INTS)
@@ -118,7 +127,7 @@ def main():
     compile_one(_ssu_kernel, ptr, cx, label="ssu branch=2 pdl", ints=SSU_INTS)
     for kind, sdt in ((1, "*bf16"), (3, "*i8"), (4, "*fp8e4nv")):       # the no-write launch, 16-bit C·Sᵀ
         cx = dict(base, BRANCH=2, USE_ORDER=True, KIND=kind, NATIVE_CS=True)
-        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt, st_desc=sdt), cx, label=f"ssu branch=2 kind={kind} native",
+        compile_one(_ssu_kernel, ssu_pointers(_ssu_kernel, sdt), cx, label=f"ssu branch=2 kind={kind} native",
                     ints=SSU_INTS)
     # the rounded and quantized store paths (write branch), under the write launch's register cap;
     # SR by rows (one Philox per four elements, the default) and by element (unaligned pools)
@@ -127,7 +136,7 @@ def main():
                                 (3, "*i8", True, True), (3, "*i8", True, False), (4, "*fp8e4nv", False, True),
                                 (4, "*fp8e4nv", True, True)):
         cx = dict(base, BRANCH=1, USE_ORDER=True, KIND=kind, SR=sr, SR_ROWS=rows, NATIVE_CS=kind in (1, 3, 4))
-        compile_one(_ssu_kernel, dict(ptr, state_ptr=sdt, st_desc=sdt), cx, ints=SSU_INTS, maxnreg=cap,
+        compile_one(_ssu_kernel, ssu_pointers(_ssu_kernel, sdt), cx, ints=SSU_INTS, maxnreg=cap,
                     label=f"ssu store kind={kind} sr={sr}{' by element' if sr and not rows else ''}")
     from specssm.ops.baselines import _all_states_kernel
     ptr2 = {n: "*fp32" for n in _all_states_kernel.arg_names if n.endswith("_ptr")}
