@@ -27,7 +27,8 @@ TABLE_DIR = pathlib.Path(__file__).resolve().parent.parent / "tuning"
 #   C·Sᵀ of N = 8 compiles to mma.sync instead of wgmma, slower in the H100's split launches.
 # tma: read the state tile through a TMA descriptor of the pool (where its strides allow) instead of
 #   by pointer: the tile lands in shared memory, and the write program's second read comes from there.
-#   Timed per launch: faster for the fp32/bf16 write launch, slower for no-write and for 8-bit writes.
+#   Timed per launch: slower in the no-write launch; in the write launch faster for most 16- and 8-bit
+#   states at a token tile of 8 (the tables say which, per card).
 DEFAULT = {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "write": {"maxnreg": 168}, "no_write": {},
            "split_min_batch": 128, "tma": False, "TN_MIN": 8}
 

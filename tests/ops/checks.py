@@ -13,6 +13,7 @@ def _bits(t):
     """A state pool as comparable bits (fp8 tensors have no comparison ops)."""
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
+
 # relative RMS error bounds of outputs (and written states) by (activation dtype, state dtype, precision)
 OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
 # quantized states: the decoded state (codes times row scales), within a grid step of the reference's
