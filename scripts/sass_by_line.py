@@ -59,7 +59,7 @@ def main():
     a = ap.parse_args()
     kind, sdt = STATES[a.state]
     branch = BRANCHES[a.branch]
-    cx = dict(SSU_BASE, KIND=kind, TN=a.tn, NK=triton.next_power_of_2(16 + a.tn), NATIVE_CS=kind in (1, 3, 4),
+    cx = dict(SSU_BASE, KIND=kind, TN=a.tn, NK=triton.next_power_of_2(SSU_BASE["KH"] + a.tn), NATIVE_CS=kind in (1, 3, 4),
               BRANCH=branch, USE_ORDER=branch != 0)
     k = compile_one(_ssu_kernel, ssu_pointers(_ssu_kernel, sdt), cx, ints=SSU_INTS, maxnreg=a.maxnreg or None,
                     label=f"ssu {a.state} {a.branch} TN={a.tn}")

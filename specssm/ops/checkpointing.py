@@ -257,7 +257,7 @@ def _ssu_kernel(
             else:
                 # replay: materialize h_K, then y from it
                 hK = _fold(_state_tile(st_desc, st_coords, st_base, st_off, st_mask, TMA, BLOCK_P, BLOCK_N, True),
-                               S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
+                           S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
                 y += tl.exp(c_new - lam)[None, :] * tl.dot(hK, Ct.to(tl.float32), input_precision=DOT_PREC)
                 if do_write:
                     store_state_tile(hK, st_base, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr, slot,
