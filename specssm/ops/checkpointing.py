@@ -30,7 +30,7 @@ from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, che
 from specssm._runtime import interpreting, pdl_supported
 from specssm.cache.plan import StepPlan
 from specssm.ops import tuning
-from specssm.ops.store import STATE_KIND, codes_to_f32, decode_state_tile, store_state_tile
+from specssm.ops.store import STATE_KIND, codes_to_half, decode_state_tile, store_state_tile
 from specssm.quant.rounding import COMPILED
 
 DYNAMIC, WRITE, NO_WRITE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -239,8 +239,8 @@ def _ssu_kernel(
             if RECT:
                 if NATIVE_CS:
                     # 16-bit state, or 8-bit codes (exact in 16 bits): the row scale applies after the sum
-                    if KIND == 3:       # int8 codes through fp32 bits (full-rate ops), exact in 16 bits
-                        cs = _dot16(codes_to_f32(S_raw, KIND).to(Ct.dtype), Ct, UPCAST)
+                    if KIND == 3:       # int8 codes from packed bytes, exact in 16 bits
+                        cs = _dot16(codes_to_half(S_raw, Ct.dtype), Ct, UPCAST)
                     else:
                         cs = _dot16(S_raw.to(Ct.dtype), Ct, UPCAST)
                     if KIND >= 3:

@@ -12,22 +12,52 @@ import triton
 import triton.language as tl
 
 from specssm.quant.philox import random_words, random_words_rows
-from specssm.quant.rounding import quantize, round_half, row_scale
+from specssm.quant.rounding import COMPILED, quantize, round_half, row_scale
 
 STATE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3,
               torch.float8_e4m3fn: 4, torch.int16: 5}
+
+
+# int8 codes to bf16, four per 32-bit register: PRMT puts 0x43 above each code byte; the lane with the
+# code's sign bit cleared reads 128 + (q & 0x7F), the one with only the sign bit 128 or 256 (the sign bit
+# lands in the exponent); their bf16x2 difference is q, exactly
+_I8_TO_BF16 = tl.constexpr("{ .reg .b32 w, a, b, hi; mov.b32 hi, 0x43434343; "
+               "prmt.b32 w, $2, hi, 0x4140; and.b32 a, w, 0xFF7FFF7F; and.b32 b, w, 0xFF80FF80; "
+               "sub.rn.bf16x2 $0, a, b; "
+               "prmt.b32 w, $2, hi, 0x4342; and.b32 a, w, 0xFF7FFF7F; and.b32 b, w, 0xFF80FF80; "
+               "sub.rn.bf16x2 $1, a, b; }")
+# int8 codes to fp16: q ^ 0x80 = q + 128 in the low byte under 0x64 reads 1024 + q + 128; minus 1152
+_I8_TO_F16 = tl.constexpr("{ .reg .b32 u, w, hi, k; mov.b32 hi, 0x64646464; mov.b32 k, 0x64806480; "
+              "xor.b32 u, $2, 0x80808080; "
+              "prmt.b32 w, u, hi, 0x4140; sub.rn.f16x2 $0, w, k; "
+              "prmt.b32 w, u, hi, 0x4342; sub.rn.f16x2 $1, w, k; }")
 
 
 @triton.jit
 def codes_to_f32(raw, KIND: tl.constexpr):
     """A state tile's stored values as fp32, unscaled. int8 codes go through the fp32 bit pattern
     (2**23 + 128 + q, exact) on the full-rate integer and fp32 pipes, where the int-to-float
-    conversion instruction runs at a quarter of their rate."""
+    conversion instruction runs at a quarter of their rate. (The same from packed bytes, one PRMT and one
+    subtraction per code in inline PTX, cost the int8 write program more spills than it saved.)"""
     if KIND == 3:
         v = (raw.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:
         v = raw.to(tl.float32)
     return v
+
+
+@triton.jit
+def codes_to_half(raw, dtype: tl.constexpr):
+    """A tile of int8 codes as bf16 or fp16 (exact: |q| <= 128), the operand of a 16-bit product.
+    Compiled: two instructions per code from packed bytes instead of ~4 through fp32; the interpreter,
+    which has no inline PTX, goes through fp32."""
+    if not COMPILED:
+        h = codes_to_f32(raw, 3).to(dtype)
+    elif dtype == tl.bfloat16:
+        h = tl.inline_asm_elementwise(_I8_TO_BF16, "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4)
+    else:
+        h = tl.inline_asm_elementwise(_I8_TO_F16, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+    return h
 
 
 @triton.jit

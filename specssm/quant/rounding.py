@@ -166,11 +166,16 @@ def row_scale(x, QMAX: tl.constexpr):
 def _scaled(x, scale_inv, QMAX: tl.constexpr, CLAMP: tl.constexpr = True):
     """x * scale_inv with NaN -> 0, clamped to [-QMAX, QMAX]. With the row's own scale, |v| exceeds
     QMAX by at most one ulp (two roundings of at most half an ulp each), which round-to-nearest of the
-    integer grids and the saturating fp8 cast bring back to QMAX: those callers skip the clamp."""
+    integer grids and the saturating fp8 cast bring back to QMAX: those callers skip the clamp (CLAMP
+    False), and NaN can only come from a poisoned row, the one row kind whose scale_inv is 0 (finite
+    rows have scale_inv >= QMAX / max finite fp32): its values are zeroed by a select on the row's
+    scale_inv, which the compiler evaluates once per row, not a NaN test per element."""
     v = x * scale_inv
-    v = tl.where(v == v, v, 0.0)
     if CLAMP:
+        v = tl.where(v == v, v, 0.0)
         v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    else:
+        v = tl.where(scale_inv == 0.0, 0.0, v)
     return v
 
 
@@ -266,7 +271,7 @@ def round_half(x, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr):
 def quantize(x, scale_inv, rbits, FMT: tl.constexpr, STOCHASTIC: tl.constexpr, OWN_SCALE: tl.constexpr = False):
     """Codes of format FMT (0 int8, 1 fp8 e4m3fn, 2 int16) of the fp32 block x; rbits (uint32 words)
     are read only when STOCHASTIC. OWN_SCALE: scale_inv is x's own row_scale, so round-to-nearest
-    needs no clamp (see _scaled); the codes are the same."""
+    needs no clamp and zeroes a poisoned row by its scale_inv (see _scaled); the codes are the same."""
     if FMT == 1:
         q = _to_fp8(x, scale_inv, rbits, STOCHASTIC, not OWN_SCALE)
     else:

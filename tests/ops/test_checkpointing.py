@@ -299,3 +299,16 @@ def test_token_tiles(state_dtype, launch, form, T, tn_min, monkeypatch):
     cache, ins = make_step(batch=4, T=T, pnat=[14, 3, 13 - T // 2, 0], pad_rows=(3,), act=torch.bfloat16,
                            state_dtype=state_dtype, seed=40 + T)
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("launch", ["dynamic", "split"])
+def test_gpu_int8_codes_in_16_bit_products(act, launch):
+    """int8 states under bf16 and fp16 activations: C·Sᵀ on the codes converted to the activations' 16
+    bits (the packed conversion) and the fold on codes decoded from packed bytes, against the reference."""
+    cache, ins = make_step(batch=96, slots=100, T=6, pad_rows=(3,), act=act, state_dtype=torch.int8, seed=29,
+                           **SHAPES["super_tp8"])
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision="fast",
+                    launch=launch)
