@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a device session runs, in one call (the device tool runs it from the repo root; $OUT comes back).
-#   bash scripts/gpu_session.sh tests      # the GPU suite (~7 min on an H200)
-#   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~6 min)
+#   bash scripts/gpu_session.sh tests      # the GPU suite (~10 min on a fresh H200: near a call's limit)
+#   bash scripts/gpu_session.sh tests ops  # its tests/ops half; `tests rest` the other half (one call each)
+#   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min)
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
 #   bash scripts/gpu_session.sh sweep      # register caps / token tile / TMA of the split launches, 5 dtypes (~4 min)
 set -uo pipefail
@@ -10,7 +11,13 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 case "${1:-tests}" in
   tests)
-    python3 -m pytest -q -m gpu tests -p no:cacheprovider --durations=5 > "$OUT/gpu_tests.log" 2>&1
+    case "${2:-all}" in
+      all) sel=(tests) ;;
+      ops) sel=(tests/ops) ;;
+      rest) sel=(tests --ignore=tests/ops) ;;
+      *) echo "tests: expected all, ops or rest, got ${2}" >&2; exit 2 ;;
+    esac
+    python3 -m pytest -q -m gpu "${sel[@]}" -p no:cacheprovider --durations=5 > "$OUT/gpu_tests.log" 2>&1
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20 ;;
   bench)
     # the committed benchmarks/results/<card>.md (~6 min on an H200); --batches 1,2,4,...,1024 for the
