@@ -20,7 +20,7 @@ case "${1:-tests}" in
     python3 -m pytest -q -m gpu "${sel[@]}" -p no:cacheprovider --durations=5 > "$OUT/gpu_tests.log" 2>&1
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20 ;;
   bench)
-    # the committed benchmarks/results/<card>.md (~6 min on an H200); --batches 1,2,4,...,1024 for the
+    # the committed benchmarks/results/<card>.md (~2.5 min on an H200 or H100); --batches 1,2,4,...,1024 for the
     # full matrix (use --time-budget and --resume)
     python3 -m specssm bench --shapes super_tp8,tp1 --dtypes fp32,bf16,fp16,int8,fp8 --batches 1,8,64,256,1024 \
       --launch auto --time-budget 480 --out "$OUT/bench" --results-md "$OUT/results.md" \

@@ -307,7 +307,7 @@ def test_token_tiles(state_dtype, launch, form, T, tn_min, monkeypatch):
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 def test_gpu_int8_codes_in_16_bit_products(act, launch):
     """int8 states under bf16 and fp16 activations: C·Sᵀ on the codes converted to the activations' 16
-    bits (the packed conversion) and the fold on codes decoded from packed bytes, against the reference."""
+    bits (the packed conversion), against the reference."""
     cache, ins = make_step(batch=96, slots=100, T=6, pad_rows=(3,), act=act, state_dtype=torch.int8, seed=29,
                            **SHAPES["super_tp8"])
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision="fast",
