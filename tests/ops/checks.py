@@ -9,7 +9,7 @@ from specssm.reference.storage import decode_state, is_quantized
 from tests.ops.helpers import to_device
 
 
-def _bits(t):
+def state_bits(t):
     """A state pool as comparable bits (fp8 tensors have no comparison ops)."""
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
@@ -56,10 +56,10 @@ def run_and_compare(op, ref, cache, inputs, device="cpu", precision="exact", **o
             assert e <= max(STATE_TOL[cache.state_dtype], 1e-5), f"states: relative RMS error {e:.3e}"
         return err
     state = lc.state.cpu()
-    changed_ref = (_bits(lr.state) != _bits(cache.layers[0].state)).flatten(1).any(1)
+    changed_ref = (state_bits(lr.state) != state_bits(cache.layers[0].state)).flatten(1).any(1)
     # no-write slots (and all untouched slots): state (and scales) bit-identical to before the call
     same = ~changed_ref
-    assert torch.equal(_bits(state)[same], _bits(l0.state.cpu())[same]), "a no-write or untouched slot's state changed"
+    assert torch.equal(state_bits(state)[same], state_bits(l0.state.cpu())[same]), "a no-write or untouched slot's state changed"
     if is_quantized(state.dtype):
         scale = lc.state_scale.cpu()
         assert torch.equal(scale[same], l0.state_scale.cpu()[same]), "a no-write slot's scales changed"

@@ -7,10 +7,23 @@ import torch
 
 from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
 from specssm.reference import all_states_ssu_ref, always_write_ssu_ref, checkpointing_ssu_ref
-from tests.ops.checks import run_and_compare
+from tests.ops.checks import run_and_compare, state_bits
 from tests.ops.helpers import make_step
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _same_values(a, b):
+    """Equal values, NaN positions included (NaN payloads may differ)."""
+    return torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) and torch.equal(a.isnan(), b.isnan())
+
+
+def _count_descriptors(monkeypatch):
+    """A list that grows by one for every TMA descriptor the step launcher makes."""
+    from specssm.ops import checkpointing
+    made, real = [], checkpointing.TensorDescriptor
+    monkeypatch.setattr(checkpointing, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
+    return made
 
 # (launch, no_write_form)
 MODES = [("dynamic", "rectangle"), ("dynamic", "replay"), ("split", "rectangle"), ("split", "replay")]
@@ -77,10 +90,8 @@ def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where
     pointer loads in the interpreter (on a GPU the products' order of accumulation differs:
     test_gpu_tma_write_reads); and the descriptor is really used."""
     import copy
-    from specssm.ops import checkpointing, tuning
-    made = []
-    real = checkpointing.TensorDescriptor
-    monkeypatch.setattr(checkpointing, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
+    from specssm.ops import tuning
+    made = _count_descriptors(monkeypatch)
     cache, ins = make_step(batch=4, H=2, P=P, N=32, G=1, T=4, pnat=[14, 3, 13, 9], act=torch.float32,
                            state_dtype=state_dtype, seed=P)
     runs = []
@@ -89,13 +100,12 @@ def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where
         c, i = copy.deepcopy(cache), dict(ins, out=ins["out"].clone())
         checkpointing_ssu(**i, **c.op_kwargs(0), launch=launch, no_write_form=form, precision="exact")
         lc = c.layers[0]
-        runs.append([i["out"], lc.x_cache, lc.B_cache, lc.dt_cache,
-                     lc.state.view(torch.uint8) if lc.state.element_size() == 1 else lc.state]
+        runs.append([i["out"], lc.x_cache, lc.B_cache, lc.dt_cache, state_bits(lc.state)]
                     + ([lc.state_scale] if lc.state_scale is not None else []))
     assert made or (where == "write" and launch == "dynamic"), "the TMA path was not taken"
     for a, b in zip(*runs):
-        assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) and torch.equal(a.isnan(), b.isnan())
-    assert not torch.equal(runs[1][4], cache.layers[0].state.view(runs[1][4].dtype))   # some row wrote
+        assert _same_values(a, b)
+    assert not torch.equal(runs[1][4], state_bits(cache.layers[0].state))   # some row wrote
 
 
 def test_varlen_rows():
@@ -169,8 +179,7 @@ def test_gpu_deterministic_5_launches(launch):
         results.append((i["out"].cpu(), c.layers[0].state.cpu(), c.layers[0].x_cache.cpu(), c.layers[0].dt_cache.cpu()))
     for r in results[1:]:
         for a, b in zip(r, results[0]):
-            assert torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b) or (
-                torch.isnan(a).equal(torch.isnan(b)) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)))
+            assert _same_values(state_bits(a), state_bits(b))
 
 
 @cuda
@@ -182,10 +191,8 @@ def test_gpu_tma_write_reads(state_dtype, op, monkeypatch):
     """The write launch with TMA state reads ("write": {"tma": true} in a tuning table) at real shapes,
     against the reference. Not the same bits as the pointer loads on a GPU: the tile staged by TMA
     feeds the tensor cores in another order of accumulation (the CPU test checks the bits)."""
-    from specssm.ops import checkpointing, tuning
-    made = []
-    real = checkpointing.TensorDescriptor
-    monkeypatch.setattr(checkpointing, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
+    from specssm.ops import tuning
+    made = _count_descriptors(monkeypatch)
     monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"maxnreg": 168, "tma": True}})
     fn, ref, kw = (checkpointing_ssu, checkpointing_ssu_ref, dict(launch="split")) if op == "split" else \
         (always_write_ssu, always_write_ssu_ref, {})
