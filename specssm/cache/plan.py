@@ -35,10 +35,29 @@ class StepPlan:
         self.slots = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         self.counts = torch.zeros(2, dtype=torch.int32, device=self.device)
         self.batch = 0
+        self._scratch = None
 
     @property
     def n_writes(self) -> torch.Tensor:
         return self.counts[0:1]
+
+    def scratch(self, nheads: int, act_dtype: torch.dtype):
+        """The split step's per-(row, head) scratch for up to max_batch rows: the coefficient kernel's
+        coefficient tiles (max_batch, nheads, 2, TM, NK) in the activation dtype and fp32 vectors
+        (max_batch, nheads, VEC). Allocated at the first split step (and again if nheads or the dtype
+        change), never inside a CUDA-graph capture: run one step before capturing."""
+        from specssm.step.coef import NK, TM, VEC
+        key = (nheads, act_dtype)
+        if self._scratch is None or self._scratch[0] != key:
+            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("plan: its split-step scratch is allocated at the first split step; run "
+                                   "one step (or plan.scratch(nheads, act_dtype)) before capturing a CUDA graph")
+            # NaN-filled once, so a read of a position no kernel wrote shows in the outputs
+            nan = float("nan")
+            self._scratch = (key, torch.full((self.max_batch, nheads, 2, int(TM), int(NK)), nan, dtype=act_dtype,
+                                             device=self.device),
+                             torch.full((self.max_batch, nheads, VEC), nan, dtype=torch.float32, device=self.device))
+        return self._scratch[1], self._scratch[2]
 
     def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
         """Fill the buffers for one step. `pnat`: the per-slot `(slots,)` int32/int64 counts;

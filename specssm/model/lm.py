@@ -120,7 +120,7 @@ class TinyMamba2LM(torch.nn.Module):
         callable that takes a plan gets one."""
         fn = self.ssu
         try:
-            from specssm.ops.checkpointing import checkpointing_ssu, reads_plan
+            from specssm.step.launch import checkpointing_ssu, reads_plan
         except ImportError:
             return True
         if not (isinstance(fn, functools.partial) and fn.func is checkpointing_ssu):

@@ -12,10 +12,11 @@ import triton
 import triton.language as tl
 
 from specssm._checks import check_all_states_args, check_kernel_layout
-from specssm.ops import tuning
-from specssm.ops.checkpointing import _silu, _softplus, _ssu
+from specssm.step.device import silu, softplus
+from specssm.step.launch import _ssu
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # of states and activations
+ALL_STATES_BLOCK_P = 64     # state rows per all-states program (4 warps)
 
 
 def always_write_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A,
@@ -66,7 +67,7 @@ def _all_states_kernel(
             if HAS_BIAS:
                 dt += tl.load(dt_bias_ptr + h).to(tl.float32)
             if SOFTPLUS:
-                dt = _softplus(dt)
+                dt = softplus(dt)
             xt = tl.load(x_ptr + row * s_x_b + t * s_x_t + h * s_x_h + offs_p, mask=p_ok, other=0.0).to(tl.float32)
             Bt = tl.load(B_ptr + row * s_B_b + t * s_B_t + g * s_B_g + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             Ct = tl.load(C_ptr + row * s_B_b + t * s_B_t + g * s_B_g + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -77,7 +78,7 @@ def _all_states_kernel(
                 y += tl.load(D_ptr + h).to(tl.float32) * xt
             if HAS_Z:
                 zt = tl.load(z_ptr + row * s_z_b + t * s_z_t + h * s_z_h + offs_p, mask=p_ok, other=0.0).to(tl.float32)
-                y = y * _silu(zt)
+                y = y * silu(zt)
             tl.store(out_ptr + row * s_o_b + t * s_o_t + h * s_o_h + offs_p, y.to(out_ptr.dtype.element_ty), mask=p_ok)
 
 
@@ -102,8 +103,7 @@ def all_states_ssu(states, state_index, x, dt, A, B, C, out, D=None, z=None, dt_
     check_kernel_layout(x, B, C, out, z)
     if batch == 0:
         return out
-    cfg = tuning.config_for(dev, "all_states", P, N, states.dtype)
-    block_p = min(cfg["BLOCK_P"], max(16, triton.next_power_of_2(P)))
+    block_p = min(ALL_STATES_BLOCK_P, max(16, triton.next_power_of_2(P)))
     npt = triton.cdiv(P, block_p)
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     s_z = z.stride()[:3] if z is not None else (0, 0, 0)
@@ -116,5 +116,5 @@ def all_states_ssu(states, state_index, x, dt, A, B, C, out, D=None, z=None, dt_
         *x.stride()[:3], *dt_c.stride(), *B.stride()[:3], *out.stride()[:3], *s_z,
         HAS_D=D_h is not None, HAS_Z=z is not None, HAS_BIAS=bias_h is not None,
         SOFTPLUS=bool(dt_softplus), HAS_SBI=state_batch_indices is not None,
-        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(N), num_warps=cfg["num_warps"])
+        BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(N), num_warps=4)
     return out

@@ -105,7 +105,8 @@ def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
     forced at this small batch), with the same logits and caches as letting each layer's op build its
     own."""
     from specssm.cache import StepPlan
-    from specssm.ops import checkpointing_ssu, tuning
+    from specssm.ops import checkpointing_ssu
+    from specssm.step import tuning
     monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": 1})
     builds = []
     real_build = StepPlan.build
@@ -126,7 +127,7 @@ def test_plan_built_only_for_split_launches(split_min_batch, builds_per_step, mo
     """Below the split batch the Triton op runs one dynamic launch and reads no plan: the model builds
     none (a launch per step saved), and the step's logits are those of the split launches."""
     from specssm.cache import StepPlan
-    from specssm.ops import tuning
+    from specssm.step import tuning
     builds = []
     real_build = StepPlan.build
     monkeypatch.setattr(StepPlan, "build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))

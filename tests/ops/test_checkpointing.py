@@ -20,9 +20,9 @@ def _same_values(a, b):
 
 def _count_descriptors(monkeypatch):
     """A list that grows by one for every TMA descriptor the step launcher makes."""
-    from specssm.ops import checkpointing
-    made, real = [], checkpointing.TensorDescriptor
-    monkeypatch.setattr(checkpointing, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
+    from specssm.step import launch
+    made, real = [], launch.TensorDescriptor
+    monkeypatch.setattr(launch, "TensorDescriptor", lambda *a, **k: made.append(1) or real(*a, **k))
     return made
 
 # (launch, no_write_form)
@@ -90,13 +90,16 @@ def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where
     pointer loads in the interpreter (on a GPU the products' order of accumulation differs:
     test_gpu_tma_write_reads); and the descriptor is really used."""
     import copy
-    from specssm.ops import tuning
+    from specssm.step import tuning
     made = _count_descriptors(monkeypatch)
     cache, ins = make_step(batch=4, H=2, P=P, N=32, G=1, T=4, pnat=[14, 3, 13, 9], act=torch.float32,
                            state_dtype=state_dtype, seed=P)
     runs = []
     for tma in (False, True):
-        monkeypatch.setattr(tuning, "OVERRIDE", {"tma": tma} if where == "all" else {"write": {"tma": tma}})
+        over = {"write": {"tma": tma}, "fused": {"write": {"tma": tma}}}
+        if where == "all":
+            over.update(no_write={"tma": tma}, fused={"tma": tma})
+        monkeypatch.setattr(tuning, "OVERRIDE", over)
         c, i = copy.deepcopy(cache), dict(ins, out=ins["out"].clone())
         checkpointing_ssu(**i, **c.op_kwargs(0), launch=launch, no_write_form=form, precision="exact")
         lc = c.layers[0]
@@ -191,7 +194,7 @@ def test_gpu_tma_write_reads(state_dtype, op, monkeypatch):
     """The write launch with TMA state reads ("write": {"tma": true} in a tuning table) at real shapes,
     against the reference. Not the same bits as the pointer loads on a GPU: the tile staged by TMA
     feeds the tensor cores in another order of accumulation (the CPU test checks the bits)."""
-    from specssm.ops import tuning
+    from specssm.step import tuning
     made = _count_descriptors(monkeypatch)
     monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"maxnreg": 168, "tma": True}})
     fn, ref, kw = (checkpointing_ssu, checkpointing_ssu_ref, dict(launch="split")) if op == "split" else \
@@ -207,8 +210,8 @@ def test_gpu_tma_write_reads(state_dtype, op, monkeypatch):
 @pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "replay")])
 def test_state_row_tiles(cfg, launch, form, monkeypatch):
     # several programs per head (tiles of state rows), each appending its own rows of x
-    from specssm.ops import tuning
-    monkeypatch.setattr(tuning, "OVERRIDE", dict(cfg))
+    from specssm.step import tuning
+    monkeypatch.setattr(tuning, "OVERRIDE", {"fused": dict(cfg), "write": dict(cfg), "no_write": dict(cfg)})
     cache, ins = make_step(batch=3, H=8, P=32, N=64, G=2, T=4, pnat=[14, 3, 13], act=torch.float32, seed=21)
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
 
@@ -217,15 +220,15 @@ def test_state_row_tiles(cfg, launch, form, monkeypatch):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])])
 def test_sr_bits_by_rows_equal_bits_by_element(state_dtype, device, monkeypatch):
     """The SR store's one-Philox-per-four-elements path writes the same bits as one Philox per element."""
-    from specssm.ops import checkpointing
+    from specssm.step import launch
     from tests.ops.helpers import to_device
     cache, ins = make_step(batch=4, T=4, pnat=[14, 3, 13, 12], act=torch.float32, state_dtype=state_dtype,
                            seed=33, H=2, P=16, N=32)
     cache.seeds.copy_(torch.arange(cache.num_slots) * 104729 - 5)
-    assert checkpointing.sr_by_rows(cache.layers[0].state, 32)      # the default for this pool
+    assert launch.sr_by_rows(cache.layers[0].state, 32)      # the default for this pool
     states = []
     for by_rows in (True, False):
-        monkeypatch.setattr(checkpointing, "sr_by_rows", lambda state, block_n, v=by_rows: v)
+        monkeypatch.setattr(launch, "sr_by_rows", lambda state, block_n, v=by_rows: v)
         c, i = to_device(cache, dict(ins, out=ins["out"].clone()), device)
         checkpointing_ssu(**i, **c.op_kwargs(0), rounding="sr", rand_seed=c.seeds, precision="exact")
         states.append(c.layers[0].state.cpu().view(torch.uint8))
@@ -301,8 +304,8 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
 def test_token_tiles(state_dtype, launch, form, T, tn_min, monkeypatch):
     """tuning TN_MIN: T <= 8 tokens on a token tile of 8 (the key axis padded past the new tokens) or
     of 16, T = 9 on 16; every state dtype, both branches."""
-    from specssm.ops import tuning
-    monkeypatch.setattr(tuning, "OVERRIDE", {"TN_MIN": tn_min})
+    from specssm.step import tuning
+    monkeypatch.setattr(tuning, "OVERRIDE", {"fused": {"TN_MIN": tn_min}})
     cache, ins = make_step(batch=4, T=T, pnat=[14, 3, 13 - T // 2, 0], pad_rows=(3,), act=torch.bfloat16,
                            state_dtype=state_dtype, seed=40 + T)
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
@@ -319,3 +322,20 @@ def test_gpu_int8_codes_in_16_bit_products(act, launch):
                            **SHAPES["super_tp8"])
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision="fast",
                     launch=launch)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("T,varlen", [(4, None), (6, [6, 2, 0, 5, 3])])
+def test_split_reads_only_the_scratch_it_wrote(state_dtype, T, varlen):
+    """The coefficient kernel writes every scratch position the mains read for this step: a plan whose
+    scratch is NaN-poisoned before the step (as stale or never-written memory may be) gives the
+    reference's outputs and caches. Rows: writes, no-writes (window shifted by pnat), varlen."""
+    from specssm.cache import StepPlan
+    cache, ins = make_step(batch=5, T=T, pnat=[14, 3, 0, 9, 16], act=torch.bfloat16, state_dtype=state_dtype,
+                           varlen_lens=varlen, seed=61)
+    plan = StepPlan(8)
+    for t in plan.scratch(cache.H, torch.bfloat16):
+        t.fill_(float("nan"))
+    lens = T if varlen is None else torch.tensor(varlen, dtype=torch.int32)
+    plan.build(cache.pnat, ins["state_batch_indices"], cache.W, lens)
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="split", plan=plan)

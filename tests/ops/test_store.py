@@ -1,4 +1,4 @@
-"""Device functions of the state store (specssm/ops/store.py) on their own."""
+"""Device functions of the state store (specssm/step/store.py) on their own."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from specssm.ops.store import codes_to_half
+from specssm.step.store import codes_to_half
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -71,24 +71,30 @@ def decode_state_tile(raw, scale, KIND: tl.constexpr):
 
 
 @triton.jit
-def store_state_tile(h, state_ptr, scale_ptr, off, row_off, mask, scale_off, p_ok, seed_ptr, slot, pool_off,
-                     KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
-    """Round the fp32 tile h to the storage format (and its row scales) and store it at state_ptr + off
-    (off = row_off[:, None] + column). Stochastic rounding keys its bits on the slot's seed and each
-    element's offset in the state pool, pool_off + off. SR_ROWS (every pool_off + row_off a multiple of
-    4, columns contiguous) draws them at one Philox evaluation per four elements, the same bits."""
+def encode_state_tile(h, mask, seed_ptr, slot, row_off, off, dtype: tl.constexpr, KIND: tl.constexpr,
+                      SR: tl.constexpr, SR_ROWS: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
+    """The fp32 tile h (rows of a state pool) in the storage format: (codes, row scales; 1.0 for the
+    unscaled kinds). Stochastic rounding keys its bits on the slot's seed and each element's offset in
+    the state pool, `off` (rows' offsets `row_off` + column). SR_ROWS (every row_off a multiple of 4,
+    columns contiguous) draws them at one Philox evaluation per four elements, the same bits.
+    Compiled, bf16 / fp16 round-to-nearest is the hardware's RN-even conversion (one instruction per
+    pair; the same bits as the integer path the interpreter takes, whose own cast truncates)."""
     if SR and KIND != 0:
         seed = tl.load(seed_ptr + slot)
         if SR_ROWS:
-            rbits = random_words_rows(seed, pool_off + row_off, h.shape[1], PHILOX_ROUNDS)
+            rbits = random_words_rows(seed, row_off, h.shape[1], PHILOX_ROUNDS)
         else:
-            rbits = random_words(seed, pool_off + off, PHILOX_ROUNDS)
+            rbits = random_words(seed, off, PHILOX_ROUNDS)
+    scale = 1.0
     if KIND == 0:
-        tl.store(state_ptr + off, h, mask=mask)
+        q = h
     elif KIND == 1 or KIND == 2:
-        if not SR:
-            rbits = h
-        tl.store(state_ptr + off, round_half(h, rbits, 2 - KIND, SR), mask=mask)
+        if SR:
+            q = round_half(h, rbits, 2 - KIND, True)
+        elif COMPILED:
+            q = h.to(dtype)
+        else:
+            q = round_half(h, h, 2 - KIND, False)
     else:
         hz = tl.where(mask, h, 0.0)
         if KIND == 3:
@@ -100,5 +106,16 @@ def store_state_tile(h, state_ptr, scale_ptr, off, row_off, mask, scale_off, p_o
         if not SR:
             rbits = hz
         q = quantize(hz, sinv[:, None], rbits, KIND - 3, SR, True)
-        tl.store(state_ptr + off, q.to(state_ptr.dtype.element_ty), mask=mask)
+    return q.to(dtype), scale
+
+
+@triton.jit
+def store_state_tile(h, state_ptr, scale_ptr, off, row_off, mask, scale_off, p_ok, seed_ptr, slot, pool_off,
+                     KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
+    """Round the fp32 tile h to the storage format (and its row scales) and store it at state_ptr + off
+    (off = row_off[:, None] + column; pool_off: the tile's offset in the pool, which keys SR's bits)."""
+    q, scale = encode_state_tile(h, mask, seed_ptr, slot, pool_off + row_off, pool_off + off,
+                                 state_ptr.dtype.element_ty, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
+    tl.store(state_ptr + off, q, mask=mask)
+    if KIND >= 3:
         tl.store(scale_ptr + scale_off, scale, mask=p_ok)

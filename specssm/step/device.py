@@ -1,0 +1,52 @@
+"""Device functions shared by the step kernels (and the conv / baseline kernels that import them)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from specssm.quant.rounding import COMPILED
+
+
+@triton.jit
+def softplus(v):
+    # log(1 + exp(v)) loses all digits for v << 0 in fp32; exp(v) is exact to first order there
+    return tl.where(v > 20.0, v, tl.where(v < -15.0, tl.exp(v), tl.log(1.0 + tl.exp(v))))
+
+
+@triton.jit
+def silu(v):
+    """v·sigmoid(v). Compiled: one ex2 and one rcp (the approximate MUFU ops, ~2 ulp) where
+    `v * tl.sigmoid(v)` spends ~14 instructions per element on range fixups of exp and the division;
+    the products are rounded to the activations' 16 bits after this (or compared at fp32 tolerance).
+    The interpreter, which has no inline PTX, takes the plain formula."""
+    if COMPILED:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; add.f32 t, t, 0f3F800000; "
+            "rcp.approx.ftz.f32 t, t; mul.f32 $0, $1, t; }",
+            "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+    return v * tl.sigmoid(v)
+
+
+@triton.jit
+def wrap(i, L):
+    """i mod L for 0 <= i < 2L: one conditional subtraction where `%` by a runtime L costs an integer
+    division per element (~20 instructions)."""
+    return tl.where(i >= L, i - L, i)
+
+
+@triton.jit
+def dot16(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b on 16-bit operands, fp32 accumulation (products of 16-bit floats are exact in fp32).
+    UPCAST (the CPU interpreter, whose bf16 dot is wrong) computes the same products in fp32."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    return tl.dot(a, b, acc=acc)
+
+
+@triton.jit
+def split_hi_lo(v, dtype: tl.constexpr):
+    """fp32 v as hi + lo in a 16-bit dtype: hi = v rounded, lo = the remainder rounded (bf16: ~2^-17
+    relative, the error of a tf32 operand squared), so a 16-bit product over (hi, lo) is nearly fp32."""
+    hi = v.to(dtype)
+    lo = (v - hi.to(tl.float32)).to(dtype)
+    return hi, lo
