@@ -83,61 +83,90 @@ def compile_conv():
         assert ("griddepcontrol.launch_dependents" in k.asm["ptx"]) == pdl, "PDL flag not honoured"
 
 
-# the step kernel's integer arguments at Super TP8 (H=16, P=64, N=128, G=1, T=6, W=16, L=22), batch 1024,
-# contiguous caches, x/z/out (batch, T, H, P), B/C (batch, T, G, N), dt (batch, T, H)
-SSU_INTS = dict(batch=1024, T=6, W=16, L=22, pad_slot_id=-1, H=16, P=64, N=128, HPG=16, NPT=1,
+# the step kernels' integer arguments at Super TP8 (H=16, P=64, N=128, G=1, T=6, W=16, L=22), batch 1024,
+# contiguous caches, x/z/out (batch, T, H, P), B/C (batch, T, G, N), dt (batch, T, H), the plan's scratch
+SSU_INTS = dict(batch=1024, T=6, W=16, L=22, pad_slot_id=-1, H=16, P=64, N=128, HPG=16, NPT=1, n_progs=528,
                 s_st_s=131072, s_st_h=8192, s_st_p=128, s_sc_s=1024, s_sc_h=64,
                 s_xc_s=22528, s_xc_h=1408, s_xc_l=64, s_Bc_s=2816, s_Bc_g=2816, s_Bc_l=128,
                 s_dtc_s=352, s_dtc_h=22, s_x_b=6144, s_x_t=1024, s_x_h=64, s_dt_b=96, s_dt_t=16, s_dt_h=1,
-                s_B_b=768, s_B_t=128, s_B_g=128, s_o_b=6144, s_o_t=1024, s_o_h=64,
-                s_z_b=6144, s_z_t=1024, s_z_h=64)
+                s_B_b=768, s_B_t=128, s_B_g=128, s_C_b=768, s_C_t=128, s_C_g=128, s_o_b=6144, s_o_t=1024, s_o_h=64,
+                s_z_b=6144, s_z_t=1024, s_z_h=64, s_cf_b=16384, s_cf_h=1024, s_v_b=768, s_v_h=48)
+STATES = {"fp32": (0, "*fp32"), "bf16": (1, "*bf16"), "fp16": (2, "*fp16"), "int8": (3, "*i8"),
+          "fp8": (4, "*fp8e4nv")}
+
+
+def ints_of(fn):
+    """SSU_INTS restricted to fn's runtime integer arguments (the rest may be constexprs there)."""
+    return {k: v for k, v in SSU_INTS.items() if k in fn.arg_names}
 
 
 def ssu_pointers(fn, state="*fp32"):
-    """Pointer types of the step kernel's arguments: bf16 activations and rings, int32 metadata, a state
-    pool of type `state` (st_desc: the pool itself, unless TMA makes it a descriptor)."""
+    """Pointer types of a step kernel's arguments: bf16 activations, rings and coefficient scratch, int32
+    metadata, a state pool of type `state` (st_desc: the pool itself, unless TMA makes it a descriptor)."""
     ptr = {n: "*fp32" for n in fn.arg_names if n.endswith("_ptr")}
     ptr.update({"xc_ptr": "*bf16", "Bc_ptr": "*bf16", "x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16",
-                "out_ptr": "*bf16", "z_ptr": "*bf16", "ring_start_ptr": "*i32", "pnat_ptr": "*i32",
-                "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32",
-                "seed_ptr": "*i64", "state_ptr": state, "st_desc": state})
+                "out_ptr": "*bf16", "z_ptr": "*bf16", "coef_ptr": "*bf16", "ring_start_ptr": "*i32",
+                "pnat_ptr": "*i32", "sbi_ptr": "*i32", "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32",
+                "counts_ptr": "*i32", "seed_ptr": "*i64", "state_ptr": state, "st_desc": state})
     return {n: t for n, t in ptr.items() if n in fn.arg_names}
 
 
-# the step kernel's constexprs for the default variant (fp32 state, rectangle form, token tile 8)
+# the fused kernel's constexprs for its default variant (fp32 state, rectangle form, token tile 8)
 SSU_BASE = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True,
                 EVEN_TILE=True, TMA=False, KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128,
                 KH=16, TN=8, NK=32, DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
+# the coefficient kernel's and the mains' (Super TP8, T = 6: 8 query rows)
+COEF_BASE = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True, WAIT=False,
+                 LAUNCH_DEPS=True, UPCAST=False, HB=8, BLOCK_N=128, TO=8)
+MAIN_BASE = dict(H=16, P=64, N=128, HPG=16, WRITE=False, HAS_Z=True, VARLEN=False, KIND=0, CS16=False, SR=False,
+                 SR_ROWS=True, PHILOX_ROUNDS=10, TMA=True, PDL=True, LAUNCH_DEPS=False, UPCAST=False,
+                 DOT_PREC="tf32", BLOCK_P=64, BLOCK_N=128, TM=16, TO=8, STAGES=2)
+
+
+def compile_main(state="fp32", num_warps=4, maxnreg=None, label=None, **cx):
+    """The main kernel for a state dtype (16-bit C·Sᵀ where exact under bf16 activations), TMA descriptor
+    pointer types when cx asks for TMA."""
+    from specssm.step.mains import main_kernel
+    kind, sdt = STATES[state]
+    cx = dict(MAIN_BASE, KIND=kind, CS16=kind in (1, 3, 4), **cx)
+    ptr = ssu_pointers(main_kernel, sdt)
+    if cx["TMA"]:
+        ptr["st_desc"] = f"tensordesc<{sdt[1:]}[1,1,{cx['BLOCK_P']},{cx['BLOCK_N']}]>"
+    return compile_one(main_kernel, ptr, cx, num_warps=num_warps, ints=ints_of(main_kernel), maxnreg=maxnreg,
+                       label=label or f"main {state} write={cx['WRITE']} tma={cx['TMA']} warps={num_warps}")
+
+
+def compile_coef(num_warps=2, label=None, **cx):
+    from specssm.step.coef import coef_kernel
+    cx = dict(COEF_BASE, **cx)
+    return compile_one(coef_kernel, ssu_pointers(coef_kernel), cx, num_warps=num_warps, ints=ints_of(coef_kernel),
+                       label=label or f"coef HB={cx['HB']} warps={num_warps}")
 
 
 def main():
     compile_plan()
     compile_conv()
-    from specssm.ops import tuning
-    from specssm.ops.checkpointing import _ssu_kernel
-    ptr, base = ssu_pointers(_ssu_kernel), SSU_BASE
-    for branch, use_order, rect in ((0, False, True), (1, True, True), (2, True, True), (2, True, False)):
+    from specssm.step.fused import fused_kernel
+    ptr, base, ints = ssu_pointers(fused_kernel), SSU_BASE, ints_of(fused_kernel)
+    for branch, use_order, rect in ((0, False, True), (2, True, False)):
         cx = dict(base, BRANCH=branch, USE_ORDER=use_order, RECT=rect)
-        compile_one(_ssu_kernel, ptr, cx, label=f"ssu branch={branch} rect={rect}", ints=SSU_INTS)
-    for branch, cap in ((1, tuning.DEFAULT["write"]["maxnreg"]), (2, tuning.DEFAULT["maxnreg"])):
-        compile_one(_ssu_kernel, dict(ptr, st_desc="tensordesc<fp32[1,1,64,128]>"),
-                    dict(base, BRANCH=branch, USE_ORDER=True, TMA=True), ints=SSU_INTS, maxnreg=cap,
-                    label=f"ssu branch={branch} tma")
-    cx = dict(base, BRANCH=2, USE_ORDER=True, PDL=True)
-    compile_one(_ssu_kernel, ptr, cx, label="ssu branch=2 pdl", ints=SSU_INTS)
-    for kind, sdt in ((1, "*bf16"), (3, "*i8"), (4, "*fp8e4nv")):       # the no-write launch, 16-bit C·Sᵀ
-        cx = dict(base, BRANCH=2, USE_ORDER=True, KIND=kind, NATIVE_CS=True)
-        compile_one(_ssu_kernel, ssu_pointers(_ssu_kernel, sdt), cx, label=f"ssu branch=2 kind={kind} native",
-                    ints=SSU_INTS)
-    # the rounded and quantized store paths (write branch), under the write launch's register cap;
-    # SR by rows (one Philox per four elements, the default) and by element (unaligned pools)
-    cap = tuning.DEFAULT["write"]["maxnreg"]
-    for kind, sdt, sr, rows in ((1, "*bf16", True, True), (1, "*bf16", True, False), (2, "*fp16", False, True),
-                                (3, "*i8", True, True), (3, "*i8", True, False), (4, "*fp8e4nv", False, True),
-                                (4, "*fp8e4nv", True, True)):
-        cx = dict(base, BRANCH=1, USE_ORDER=True, KIND=kind, SR=sr, SR_ROWS=rows, NATIVE_CS=kind in (1, 3, 4))
-        compile_one(_ssu_kernel, ssu_pointers(_ssu_kernel, sdt), cx, ints=SSU_INTS, maxnreg=cap,
-                    label=f"ssu store kind={kind} sr={sr}{' by element' if sr and not rows else ''}")
+        compile_one(fused_kernel, ptr, cx, label=f"fused branch={branch} rect={rect}", ints=ints, maxnreg=168)
+    for kind, sdt in ((1, "*bf16"), (3, "*i8"), (4, "*fp8e4nv")):       # the dynamic launch, 16-bit C·Sᵀ
+        cx = dict(base, BRANCH=0, USE_ORDER=False, KIND=kind, NATIVE_CS=True)
+        compile_one(fused_kernel, ssu_pointers(fused_kernel, sdt), cx, label=f"fused kind={kind} native",
+                    ints=ints, maxnreg=128)
+    compile_coef()
+    compile_coef(WAIT=True, label="coef pdl wait")
+    for state in STATES:
+        for write in (False, True):
+            compile_main(state, WRITE=write)
+    compile_main("fp32", WRITE=True, TMA=False, label="main fp32 write pointer loads")
+    compile_main("bf16", BLOCK_P=32, label="main bf16 BLOCK_P 32")
+    # the rounded and quantized store paths of the write main: SR by rows (one Philox per four
+    # elements, the default) and by element (unaligned pools)
+    for state, rows in (("bf16", True), ("bf16", False), ("int8", True), ("int8", False), ("fp8", True)):
+        compile_main(state, WRITE=True, SR=True, SR_ROWS=rows,
+                     label=f"main {state} write sr{'' if rows else ' by element'}")
     from specssm.ops.baselines import _all_states_kernel
     ptr2 = {n: "*fp32" for n in _all_states_kernel.arg_names if n.endswith("_ptr")}
     ptr2.update({"x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "out_ptr": "*bf16", "z_ptr": "*bf16",

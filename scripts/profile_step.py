@@ -1,6 +1,6 @@
 """One checkpointing step at Super TP8 shapes (mixed pnat), for Nsight Compute:
 
-    ncu -k regex:_ssu_kernel --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+    ncu -k regex:'coef_kernel|main_kernel' --launch-skip 6 --launch-count 3 --section SpeedOfLight \
         --section Occupancy --section LaunchStats --section WarpStateStats python3 scripts/profile_step.py [int8]
 """
 from __future__ import annotations

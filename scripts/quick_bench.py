@@ -89,13 +89,14 @@ def time_graph(fn, reps=20):
 
 
 def report_kernels():
-    """Registers, spills and shared memory of every compiled variant of the step kernel."""
-    from specssm.ops import checkpointing
-    for dev, caches in getattr(checkpointing._ssu_kernel, "device_caches", {}).items():
-        for key, k in caches[0].items():
-            md = k.metadata
-            print(f"kernel regs {k.n_regs:4d} spills {k.n_spills:5d} shared {md.shared:6d} warps {md.num_warps} "
-                  f"stages {md.num_stages} | {str(key)[-160:]}")
+    """Registers, spills and shared memory of every compiled variant of the step kernels."""
+    from specssm.step import launch
+    for kernel in (launch.fused_kernel, launch.coef_kernel, launch.main_kernel):
+        for dev, caches in getattr(kernel, "device_caches", {}).items():
+            for key, k in caches[0].items():
+                md = k.metadata
+                print(f"{kernel.fn.__name__} regs {k.n_regs:4d} spills {k.n_spills:5d} shared {md.shared:6d} "
+                      f"warps {md.num_warps} | {str(key)[-160:]}")
 
 
 def main():
@@ -120,7 +121,7 @@ def main():
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"# {torch.cuda.get_device_name(0)}  copy {bw / 1e12:.2f} TB/s  {a.shape} T={T} W={W} state={a.state}")
-    from specssm.ops import tuning
+    from specssm.step import tuning
     sweep = json.loads(a.sweep) if a.sweep else [{}]
     for batch, ov in [(int(b), o) for b in a.batches.split(",") for o in sweep]:
         tuning.OVERRIDE.clear(); tuning.OVERRIDE.update(ov)

@@ -1,9 +1,10 @@
-"""SASS instructions per source line of the step kernel, compiled for sm_90 without a GPU.
+"""SASS instructions per source line of a step kernel, compiled for sm_90 without a GPU.
 
-usage: python scripts/sass_by_line.py [--state int8] [--branch nowrite|write|dynamic] [--maxnreg 96] [--tn 8]
-                                      [--top 40]
-Prints the total per warp and the source lines that take the most instructions, with their top opcodes
-(`nvdisasm -g` line info). The counts behind docs/performance.md's "where the instructions go".
+usage: python scripts/sass_by_line.py [--kernel main|coef|fused] [--state int8] [--write] [--warps 4]
+                                      [--block-p 64] [--no-tma] [--hb 8] [--maxnreg 96] [--top 40]
+Prints the total per warp (static count: a persistent loop's body runs once per tile, its prologue once
+per program) and the source lines that take the most instructions, with their top opcodes
+(`nvdisasm -g` line info). The counts behind docs/performance.md.
 """
 from __future__ import annotations
 
@@ -19,11 +20,8 @@ import tempfile
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.compile_check import SSU_BASE, SSU_INTS, compile_one, ssu_pointers  # noqa: E402
-
-STATES = {"fp32": (0, "*fp32"), "bf16": (1, "*bf16"), "fp16": (2, "*fp16"), "int8": (3, "*i8"),
-          "fp8": (4, "*fp8e4nv")}
-BRANCHES = {"dynamic": 0, "write": 1, "nowrite": 2}
+from scripts.compile_check import (SSU_BASE, STATES, compile_coef, compile_main, compile_one, ints_of,  # noqa: E402
+                                   ssu_pointers)
 
 
 def sass_by_line(kernel):
@@ -49,22 +47,30 @@ def sass_by_line(kernel):
 
 
 def main():
-    from specssm.ops.checkpointing import _ssu_kernel
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel", default="main", choices=["main", "coef", "fused"])
     ap.add_argument("--state", default="int8", choices=list(STATES))
-    ap.add_argument("--branch", default="nowrite", choices=list(BRANCHES))
+    ap.add_argument("--write", action="store_true", help="the write main (default: no-write)")
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--block-p", type=int, default=64)
+    ap.add_argument("--no-tma", action="store_true")
+    ap.add_argument("--hb", type=int, default=8, help="coefficient kernel: heads per program")
     ap.add_argument("--maxnreg", type=int, default=0)
-    ap.add_argument("--tn", type=int, default=8)
     ap.add_argument("--top", type=int, default=40)
     a = ap.parse_args()
-    kind, sdt = STATES[a.state]
-    branch = BRANCHES[a.branch]
-    cx = dict(SSU_BASE, KIND=kind, TN=a.tn, NK=triton.next_power_of_2(SSU_BASE["KH"] + a.tn), NATIVE_CS=kind in (1, 3, 4),
-              BRANCH=branch, USE_ORDER=branch != 0)
-    k = compile_one(_ssu_kernel, ssu_pointers(_ssu_kernel, sdt), cx, ints=SSU_INTS, maxnreg=a.maxnreg or None,
-                    label=f"ssu {a.state} {a.branch} TN={a.tn}")
+    if a.kernel == "main":
+        k = compile_main(a.state, num_warps=a.warps, maxnreg=a.maxnreg or None, WRITE=a.write, TMA=not a.no_tma,
+                         BLOCK_P=a.block_p)
+    elif a.kernel == "coef":
+        k = compile_coef(num_warps=a.warps, HB=a.hb)
+    else:
+        from specssm.step.fused import fused_kernel
+        kind, sdt = STATES[a.state]
+        cx = dict(SSU_BASE, KIND=kind, NATIVE_CS=kind in (1, 3, 4), BRANCH=1 if a.write else 0, USE_ORDER=a.write)
+        k = compile_one(fused_kernel, ssu_pointers(fused_kernel, sdt), cx, num_warps=a.warps, ints=ints_of(fused_kernel),
+                        maxnreg=a.maxnreg or None, label=f"fused {a.state}")
     total, counts, ops = sass_by_line(k)
-    print(f"SASS instructions per warp: {total}")
+    print(f"SASS instructions per warp: {total} (x {a.warps} warps: {total * a.warps})")
     for where, n in counts.most_common(a.top):
         src = linecache.getline(where[0], where[1]).strip()[:72] if where else ""
         name = f"{os.path.basename(where[0])}:{where[1]}" if where else "?"

@@ -1,0 +1,221 @@
+"""Time step-kernel variants side by side with the seed (TensorRT-LLM's Triton kernel) in one process.
+
+usage: python scripts/step_sweep.py --peer .peers --states fp32,bf16,int8 --batches 1,8,64,256,1024 \
+           --variants '[{}, {"no_write": {"stages": 3}}]' [--check] [--out DIR]
+
+Each variant is a tuning override (specssm/step/tuning.py) of our split family ("launch": "dynamic"
+in a variant runs the fused single launch instead). Method (DESIGN §6): Super TP8, T=6, W=16, bf16
+activations, stationary mixed pnat, a CUDA graph of steps on rotating slot sets (state cold), CUPTI
+spans between marker kernels; plans and the seed's work items are built outside the spans, and only
+the seed's kernels named *precompute* / *persistent* count (its wrapper's ring gathers do not).
+--check compares the first variant with the float64 reference at batch 48 first.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from specssm.bench.mix import DEFAULT_ACCEPTANCE, sample_pnat  # noqa: E402
+from specssm.bench.timing import StepMarkers, capture_graph, profile_device_events, split_steps  # noqa: E402
+from specssm.cache import SSMCache, StepPlan  # noqa: E402
+from specssm.ops import checkpointing_ssu  # noqa: E402
+from specssm.step import tuning  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
+          "fp8": torch.float8_e4m3fn}
+SHAPES = {"super_tp8": (16, 64, 128, 1), "tp1": (128, 64, 128, 8)}
+SEED_KERNELS = ("precompute", "persistent")
+
+
+def load_peer(path):
+    path = os.path.join(path, "trtllm_replay") if os.path.isdir(os.path.join(path, "trtllm_replay")) else path
+    spec = importlib.util.spec_from_file_location("trtllm_replay", os.path.join(path, "__init__.py"),
+                                                  submodule_search_locations=[path])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["trtllm_replay"] = mod
+    spec.loader.exec_module(mod)
+    from trtllm_replay.replay_selective_state_update import replay_selective_state_update
+    return replay_selective_state_update
+
+
+class Case:
+    def __init__(self, state, batch, shape, T=6, W=16, rounding="rn", seed=0):
+        H, P, N, G = SHAPES[shape]
+        dev = torch.device("cuda")
+        sdt = DTYPES[state]
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        per_set = batch * H * P * N * sdt.itemsize
+        self.sets = sets = max(2, min(64, math.ceil(4 * l2 / per_set)))
+        gen = torch.Generator().manual_seed(seed)
+        self.cache = c = SSMCache(1, batch * sets, H, P, N, G, T, W, state_dtype=sdt, act_dtype=torch.bfloat16,
+                                  device=dev)
+        lc = c.layers[0]
+        if sdt.is_floating_point:
+            lc.state.copy_(torch.randn(lc.state.shape, device=dev))
+        else:
+            lc.state.random_(-100, 100)
+        if lc.state_scale is not None:
+            lc.state_scale.uniform_(0.001, 0.01)
+        lc.x_cache.normal_(0, 0.5)
+        lc.B_cache.normal_(0, 0.5)
+        lc.dt_cache.uniform_(0.001, 0.1)
+        pn = sample_pnat("mixed", batch * sets, DEFAULT_ACCEPTANCE, T, W, seed=seed)
+        c.pnat.copy_(torch.as_tensor(pn, dtype=torch.int32).to(dev))
+        c.ring_start.copy_(torch.randint(0, c.L, (batch * sets,), generator=gen, dtype=torch.int32).to(dev))
+        c.seeds.copy_(torch.arange(batch * sets, device=dev) * 7919)
+        perm = torch.randperm(batch * sets, generator=gen).to(torch.int32).to(dev)
+        self.sbis = [perm[i * batch:(i + 1) * batch].contiguous() for i in range(sets)]
+        self.plans = [StepPlan(batch, dev).build(c.pnat, s, W, T) for s in self.sbis]
+        self.items = []
+        for p in self.plans:
+            slots = p.slots[:batch].long()
+            self.items.append(torch.stack([p.order[:batch], p.slots[:batch], c.pnat[slots],
+                                           torch.zeros_like(p.order[:batch])], 1).to(torch.int32).contiguous())
+        x = (torch.randn(batch, T, H, P, device=dev) * 0.5).to(torch.bfloat16)
+        dt = (torch.randn(batch, T, H, device=dev) * 0.5 - 2).to(torch.bfloat16)
+        self.kw = dict(x=x, dt=dt[..., None].expand(batch, T, H, P),
+                       A=(-torch.rand(H, device=dev) - 0.1)[:, None, None].expand(H, P, N),
+                       B=(torch.randn(batch, T, G, N, device=dev) * 0.5).to(torch.bfloat16),
+                       C=(torch.randn(batch, T, G, N, device=dev) * 0.5).to(torch.bfloat16),
+                       out=torch.empty_like(x), D=torch.randn(H, device=dev)[:, None].expand(H, P),
+                       z=torch.randn_like(x), dt_bias=(torch.rand(H, device=dev) - 3)[:, None].expand(H, P),
+                       dt_softplus=True)
+        self.rounding = rounding
+        self.writes = sum(int(p.counts[0]) for p in self.plans) / sets
+
+    def ours(self, launch="auto"):
+        ck = self.cache.op_kwargs(0)
+        extra = dict(rounding="sr", rand_seed=self.cache.seeds) if self.rounding == "sr" else {}
+        return [lambda s=s, p=p: checkpointing_ssu(**self.kw, **ck, state_batch_indices=s, plan=p, launch=launch,
+                                                    validate=False, **extra)
+                for s, p in zip(self.sbis, self.plans)]
+
+    def seed(self, fn):
+        lc, c = self.cache.layers[0], self.cache
+        kw = {k: v for k, v in self.kw.items()}
+        extra = dict(rand_seed=c.seeds, philox_rounds=10) if self.rounding == "sr" else {}
+        if lc.state_scale is not None:
+            extra["state_scales"] = lc.state_scale
+        return [lambda s=s, p=p, it=it: fn(lc.state, lc.x_cache, lc.B_cache, lc.dt_cache, c.ring_start, c.pnat,
+                                           n_writes=p.counts[0:1], replay_work_items=it, state_batch_indices=s,
+                                           **kw, **extra)
+                for s, p, it in zip(self.sbis, self.plans, self.items)]
+
+
+def time_steps(steps, kernel_filter=None, replays=20):
+    markers = StepMarkers(torch.device("cuda"))
+
+    def body():
+        for st in steps:
+            markers.begin()
+            st()
+            markers.end()
+    graph = capture_graph(body)
+    graph.replay()
+    torch.cuda.synchronize()
+    ev = profile_device_events(lambda: [graph.replay() for _ in range(replays)])
+    spans, per_kernel = [], {}
+    for step in split_steps(ev):
+        if kernel_filter:
+            step = [e for e in step if any(k in e.name for k in kernel_filter)]
+        if step:
+            spans.append(max(e.end for e in step) - min(e.start for e in step))
+            names = {}
+            for e in step:
+                key = e.name.split("_kernel")[0][-12:]
+                names[key] = names.get(key, 0.0) + e.end - e.start
+            for k, v in names.items():
+                per_kernel.setdefault(k, []).append(v)
+    spans.sort()
+    kern = {k: sorted(v)[len(v) // 2] for k, v in per_kernel.items()}
+    return spans[len(spans) // 2], kern
+
+
+def check(state, variant):
+    """Outputs and caches of the variant against the float64 reference at batch 48 (with padding)."""
+    from specssm.reference import checkpointing_ssu_ref
+    from tests.ops.checks import run_and_compare
+    from tests.ops.helpers import make_step
+    cache, ins = make_step(batch=48, slots=52, T=6, pad_rows=(3,), act=torch.bfloat16, state_dtype=DTYPES[state],
+                           seed=7, H=16, P=64, N=128, G=1)
+    launch = variant.get("launch", "split")
+    run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision="fast",
+                    launch=launch)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peer", default=None)
+    ap.add_argument("--states", default="fp32,bf16,fp16,int8,fp8")
+    ap.add_argument("--batches", default="1,8,64,256,1024")
+    ap.add_argument("--shape", default="super_tp8")
+    ap.add_argument("--rounding", default="rn")
+    ap.add_argument("--variants", default="[{}]")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    variants = json.loads(a.variants)
+    peer = load_peer(a.peer) if a.peer else None
+    print(f"# {torch.cuda.get_device_name(0)} {a.shape} T=6 W=16 {a.rounding}", flush=True)
+    rows = []
+    for state in a.states.split(","):
+        if a.check:
+            for v in variants[:1]:
+                tuning.OVERRIDE.clear()
+                tuning.OVERRIDE.update({k: x for k, x in v.items() if k != "launch"})
+                try:
+                    check(state, v)
+                    print(f"check {state} {json.dumps(v)}: ok", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"check {state} {json.dumps(v)}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+        for batch in [int(b) for b in a.batches.split(",")]:
+            case = Case(state, batch, a.shape, rounding=a.rounding)
+            line = {"state": state, "batch": batch, "writes": case.writes}
+            if peer is not None:
+                try:
+                    line["seed"], kern = time_steps(case.seed(peer), SEED_KERNELS)
+                    print(f"   seed {state} b{batch}: {line['seed']:.2f} us  " + " ".join(
+                        f"{k} {t:.1f}" for k, t in kern.items()), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    line["seed"] = float("nan")
+                    print(f"seed {state} b{batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            for i, v in enumerate(variants):
+                tuning.OVERRIDE.clear()
+                tuning.OVERRIDE.update({k: x for k, x in v.items() if k != "launch"})
+                try:
+                    line[f"v{i}"], kern = time_steps(case.ours(v.get("launch", "split")))
+                    line[f"k{i}"] = kern
+                    print(f"   v{i} {state} b{batch}: {line[f'v{i}']:.2f} us  " + " ".join(
+                        f"{k} {t:.1f}" for k, t in kern.items()), flush=True)
+                except Exception as e:  # noqa: BLE001
+                    line[f"v{i}"] = float("nan")
+                    print(f"v{i} {state} b{batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            tuning.OVERRIDE.clear()
+            rows.append(line)
+            cells = " ".join(f"{k} {line[k]:8.2f}" for k in line if k == "seed" or k[0] == "v" and k[1:].isdigit())
+            print(f"{state:5s} b{batch:5d} w{case.writes:6.1f} {cells}", flush=True)
+            del case
+            torch.cuda.empty_cache()
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "sweep.json"), "w") as f:
+            json.dump(dict(card=torch.cuda.get_device_name(0), variants=variants, rows=rows), f, indent=1)
+    print("\nvariants:", *(f"v{i}={json.dumps(v)}" for i, v in enumerate(variants)), sep="\n  ")
+    print(f"{'state':5s} {'batch':>5s} " + ("seed     " if peer else "")
+          + " ".join(f"v{i}{'':6s}" for i in range(len(variants))) + (" best/seed" if peer else ""))
+    for r in rows:
+        vs = [r[f"v{i}"] for i in range(len(variants))]
+        best = min(vs)
+        print(f"{r['state']:5s} {r['batch']:5d} " + (f"{r['seed']:8.2f} " if peer else "")
+              + " ".join(f"{v:8.2f}" for v in vs) + (f"  {best / r['seed']:.2f}" if peer else ""))
+
+
+if __name__ == "__main__":
+    main()
