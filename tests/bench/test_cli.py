@@ -143,3 +143,30 @@ def test_bad_peer_exits_2_naming_the_argument(spec, why, capsys):
     assert cli.main(["--dry-run", "--quick", "--peer", spec]) == 2
     err = capsys.readouterr().err
     assert err.startswith("specssm bench: --peer: expected 'trtllm=PATH'") and f"got {spec!r}" in err and why in err
+
+
+def test_render_with_the_seed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from specssm.bench import plots
+    meta = {"card": "NVIDIA H200", "copy_bw_GBps": 4000.0, "T": 6, "W": 16, "act_dtype": "bf16"}
+    rows = [{"card": "NVIDIA H200", "shape": "super_tp8", "H": 16, "P": 64, "N": 128, "G": 1, "T": 6, "W": 16,
+             "act_dtype": "bf16", "z": False, "strategy": strategy, "variant": variant, "state_dtype": "bf16",
+             "rounding": "rn", "scenario": "mixed", "batch": batch, "status": "ok", "median_us": t * batch,
+             "pct_floor": 50.0}
+            for batch in (1, 8) for strategy, variant, t in (("checkpointing", "ckpt/auto/rect", 2.0),
+                                                              ("trtllm", "trtllm", 3.0))]
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"meta": meta, "rows": rows}))
+    out = tmp_path / "out"
+    assert cli.main(["--render", str(src), "--out", str(out)]) == 0
+    assert "| 8 | 16.00 | ckpt/auto/rect | -–- | - | - | - | - | 24.00 | 1.50x |" in (out / "summary.md").read_text()
+    back = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["speedup_vs_seed"] for r in back] == [1.5, None, 1.5, None]
+    captured, series = {}, plots._series
+
+    def spy(sel, key):
+        captured.setdefault(key, []).append(series(sel, key))
+        return captured[key][-1]
+    monkeypatch.setattr(plots, "_series", spy)
+    assert plots.plot_all(back, meta, tmp_path / "png")
+    assert captured["median_us"][0]["trtllm"] == [(1, 3.0), (8, 24.0)]      # the seed's line in the time plot
