@@ -2,7 +2,8 @@
 # Everything a device session runs, in one call (the device tool runs it from the repo root; $OUT comes back).
 #   bash scripts/gpu_session.sh tests      # the GPU suite (~10 min on a fresh H200: near a call's limit)
 #   bash scripts/gpu_session.sh tests ops  # its tests/ops half; `tests rest` the other half (one call each)
-#   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min)
+#   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min);
+#                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
 #   bash scripts/gpu_session.sh sweep      # register caps / token tile / TMA of the split launches, 5 dtypes (~4 min)
 set -uo pipefail
@@ -21,9 +22,12 @@ case "${1:-tests}" in
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20 ;;
   bench)
     # the committed benchmarks/results/<card>.md (~2.5 min on an H200 or H100); --batches 1,2,4,...,1024 for the
-    # full matrix (use --time-budget and --resume)
+    # full matrix (use --time-budget and --resume). With .peers/trtllm_replay (benchmarks/README.md) the seed
+    # runs beside it (its cases and Triton compiles add time: not measured yet; the budget still holds)
+    peer=()
+    [ -d .peers/trtllm_replay ] && peer=(--peer trtllm=.peers)
     python3 -m specssm bench --shapes super_tp8,tp1 --dtypes fp32,bf16,fp16,int8,fp8 --batches 1,8,64,256,1024 \
-      --launch auto --time-budget 480 --out "$OUT/bench" --results-md "$OUT/results.md" \
+      --launch auto --time-budget 480 --out "$OUT/bench" --results-md "$OUT/results.md" ${peer[@]+"${peer[@]}"} \
       2> "$OUT/bench_progress.log" | tail -3
     (cd "$OUT" && tar czf bench.tgz bench && rm -rf bench) ;;
   pdl)

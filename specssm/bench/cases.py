@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specssm.bench.peer import PEERS
+
 SHAPES = {
     # name: (H, P, N, G) per tensor-parallel rank (DESIGN §2)
     "super_tp8": (16, 64, 128, 1),
@@ -34,6 +36,8 @@ class Variant:
 
     @property
     def label(self) -> str:
+        if self.strategy in PEERS:
+            return self.strategy
         if self.strategy == "checkpointing":
             return f"ckpt/{self.launch}/{'rect' if self.no_write_form == 'rectangle' else 'replay'}"
         return {"always_write": "always-write", "all_states": "all-states"}[self.strategy]
@@ -51,13 +55,19 @@ class Case:
     W: int
 
     def key(self) -> dict:
+        s = self.variant.strategy
         d = {"shape": self.shape.name, "H": self.shape.H, "P": self.shape.P, "N": self.shape.N,
-             "G": self.shape.G, "T": self.T, "W": self.W, "strategy": self.variant.strategy,
-             "launch": self.variant.launch if self.variant.strategy != "all_states" else "-",
+             "G": self.shape.G, "T": self.T, "W": self.W, "strategy": s,
+             "launch": self.variant.launch if s not in ("all_states", *PEERS) else "-",
              "no_write_form": self.variant.no_write_form if self.variant.strategy == "checkpointing" else "-",
              "variant": self.variant.label, "state_dtype": self.state_dtype, "rounding": self.rounding,
              "scenario": self.scenario, "batch": self.batch}
         return d
+
+
+def cache_strategy(strategy: str) -> str:
+    """The strategy whose caches a case runs on: a peer runs on the checkpointing caches."""
+    return "checkpointing" if strategy in PEERS else strategy
 
 
 def parse_shape(spec: str) -> Shape:
@@ -86,9 +96,13 @@ def variants(strategies, launches, forms) -> list[Variant]:
     return out
 
 
-def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios, batches, T, W) -> list[Case]:
+def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios, batches, T, W,
+           peers=()) -> list[Case]:
     """All cases of a run, grouped so consecutive cases can share one cache:
     shape > state dtype > batch > strategy > scenario > variant > rounding.
+
+    Peers (`--peer`) run on the checkpointing caches: in each scenario, right after our checkpointing
+    variants (every rounding), so one cache and one pnat draw serve both and their figures compare.
 
     Baselines run once per (shape, dtype, batch, rounding) with scenario "any"; all-states has no
     rounding choice (it stores in the state dtype directly) and runs with "rn" only. In the all-write
@@ -106,14 +120,18 @@ def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios,
     for b in batches:
         if b < 1:
             raise ValueError(f"--batches: expected positive batch sizes, got {b}")
+    for name in peers:
+        if name not in PEERS:
+            raise ValueError(f"--peer: expected names from {PEERS}, got {name!r}")
     vs = variants(strategies, launches, forms)
+    pvs = [Variant(name) for name in peers]
     cases = []
     for shape in shapes:
         for dt in dtypes:
             for batch in batches:
                 for strategy in STRATEGIES:
                     svs = [v for v in vs if v.strategy == strategy]
-                    if not svs:
+                    if not svs and not (strategy == "checkpointing" and pvs):
                         continue
                     if strategy != "checkpointing":
                         rnds = ["rn"] if strategy == "all_states" else list(roundings)
@@ -124,4 +142,5 @@ def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios,
                             if sc == "all_write" and v.no_write_form != "rectangle" and "rectangle" in forms:
                                 continue
                             cases += [Case(shape, v, dt, r, sc, batch, T, W) for r in roundings]
+                        cases += [Case(shape, v, dt, r, sc, batch, T, W) for v in pvs for r in roundings]
     return cases

@@ -5,6 +5,9 @@ several steps on rotating slot sets (state cold, inputs hot), replayed under tor
 is the CUPTI span from its first kernel start to its last kernel end. Writes results.csv, results.json,
 summary.md and PNG plots to --out; --results-md also writes the summary to a path of your choice.
 
+--peer trtllm=PATH also times TensorRT-LLM's Triton checkpointing kernel (the seed) on the same caches,
+imported from PATH at run time (only its own kernels are timed); our checkpointing rows gain `× seed`.
+
 Long runs (--all) can be split: --time-budget stops cleanly, --resume continues from --out/results.json.
 --dry-run lists the cases and --render re-renders a results.json; both work without a GPU.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from specssm.bench import cases as cs
 from specssm.bench import mix, report
+from specssm.bench import peer as pr
 
 EXIT_INCOMPLETE = 3
 
@@ -51,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounding", type=_list(), help="rn, sr or rn,sr (default rn)")
     g.add_argument("--scenarios", type=_list(), help=f"from {mix.SCENARIOS} (default mixed)")
     g.add_argument("--batches", type=_list(int), help="batch sizes (default 1,2,4,...,1024)")
+    g.add_argument("--peer", metavar="trtllm=PATH", help="also time TensorRT-LLM's checkpointing kernel "
+                   f"(the seed), imported from PATH: a folder holding {pr.PACKAGE}/ or that folder itself; on "
+                   "the checkpointing caches, every scenario and rounding; adds × seed to our rows")
     g.add_argument("--T", type=int, default=6, help="tokens per verify step (default 6)")
     g.add_argument("--W", type=int, default=16, help="history window of checkpointing (default 16)")
     g.add_argument("--act-dtype", default="bf16", choices=["bf16", "fp16"], help="activation dtype (default bf16)")
@@ -93,15 +100,22 @@ def resolve(args) -> argparse.Namespace:
     return args
 
 
+def peer_of(args) -> pr.PeerSpec | None:
+    """The --peer argument checked (ValueError naming it, what it got and what it expects), or None."""
+    spec = getattr(args, "peer", None)
+    return None if spec is None else pr.parse_peer(spec)
+
+
 def make_cases(args) -> list[cs.Case]:
     shapes = [cs.parse_shape(s) for s in args.shapes]
+    peer = peer_of(args)
     if args.T < 1:
         raise ValueError(f"--T: expected >= 1, got {args.T}")
     if not 0 <= args.W <= 16:
         raise ValueError(f"--W: expected 0 <= W <= 16, got {args.W}")
     return cs.expand(shapes=shapes, strategies=args.strategies, launches=args.launch, forms=args.no_write_form,
                      dtypes=args.dtypes, roundings=args.rounding, scenarios=args.scenarios, batches=args.batches,
-                     T=args.T, W=args.W)
+                     T=args.T, W=args.W, peers=[peer.name] if peer else [])
 
 
 def render(rows, meta, out_dir: Path, results_md=None, plots=True) -> list[dict]:
@@ -131,6 +145,7 @@ def main(argv=None) -> int:
         sys.stdout.write(report.rows_table(render(rows, meta, out_dir, args.results_md, args.plots)))
         return 0
     try:
+        args.peer_spec = peer_of(args)
         cases = make_cases(args)
         hist = mix.load_histogram_csv(args.histogram) if args.histogram else dict(mix.DEFAULT_ACCEPTANCE)
         mix.acceptance_probs(hist, args.T)

@@ -4,13 +4,17 @@ Per (shape, scenario, rounding), one panel per state dtype:
     time_<shape>_<scenario>_<rounding>.png        median µs vs batch, log-log, one line per strategy variant
     time_conv_<shape>_<scenario>_<rounding>.png   the same with the conv1d in front of the step
     floor_<shape>_<scenario>_<rounding>.png       % of the byte floor vs batch
-Baselines (scenario "any") are drawn in every scenario's panels.
+Baselines (scenario "any") are drawn in every scenario's panels; the seed (`--peer trtllm=PATH`) beside our
+checkpointing variants.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+from specssm.bench.report import SEED
+
+PEER_STYLE = {SEED: {"color": "tab:red", "linestyle": "-."}}
 BASELINE_STYLE = {"always-write": dict(color="black", linestyle="--"), "all-states": dict(color="gray", linestyle=":")}
 
 
@@ -37,7 +41,7 @@ def plot_all(rows: list[dict], meta: dict, out_dir) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     card = meta.get("card", "")
     written = []
-    ck = [r for r in rows if r.get("strategy") == "checkpointing"]
+    ck = [r for r in rows if r.get("strategy") in ("checkpointing", SEED)]
     base = [r for r in rows if r.get("strategy") in ("always_write", "all_states")]
     figures = sorted({(r["shape"], r["scenario"], r["rounding"]) for r in ck})
     if not figures:  # baselines only
@@ -59,10 +63,11 @@ def plot_all(rows: list[dict], meta: dict, out_dir) -> list[Path]:
             if not panels:
                 continue
             n = len(panels)
-            labels = sorted({lb for _, series in panels for lb in series if lb not in BASELINE_STYLE})
+            fixed = {**PEER_STYLE, **BASELINE_STYLE}
+            labels = sorted({lb for _, series in panels for lb in series if lb not in fixed})
             cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
             style = {lb: dict(color=cycle[i % len(cycle)]) for i, lb in enumerate(labels)}
-            style.update(BASELINE_STYLE)
+            style.update(fixed)
             fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.8, 3.8), squeeze=False, sharey=logy)
             handles = {}
             for ax, (d, series) in zip(axes[0], panels):
@@ -79,7 +84,7 @@ def plot_all(rows: list[dict], meta: dict, out_dir) -> list[Path]:
                 ax.set_xlabel("batch")
                 ax.grid(True, which="both", alpha=0.3)
             axes[0][0].set_ylabel(ylabel)
-            order = labels + [lb for lb in BASELINE_STYLE if lb in handles]
+            order = labels + [lb for lb in fixed if lb in handles]
             fig.legend([handles[lb] for lb in order if lb in handles], [lb for lb in order if lb in handles],
                        loc="center right", fontsize=7)
             fig.suptitle(f"{card} · {shape} · {scenario} · {rnd.upper()} · T={meta.get('T')} W={meta.get('W')}")

@@ -16,7 +16,7 @@ CSV_COLUMNS = [
     "strategy", "launch", "no_write_form", "variant", "state_dtype", "rounding", "scenario", "batch",
     "status", "reason", "median_us", "p10_us", "p90_us", "mean_us", "busy_us", "samples",
     "kernels_per_step", "plan_us", "pdl", "conv_median_us", "conv_p10_us", "conv_p90_us",
-    "speedup_vs_always_write", "speedup_vs_all_states", "write_frac", "mean_pnat", "bytes_per_step",
+    "speedup_vs_always_write", "speedup_vs_all_states", "speedup_vs_seed", "write_frac", "mean_pnat", "bytes_per_step",
     "floor_us", "pct_floor", "conv_floor_us", "conv_pct_floor", "copy_bw_GBps", "slot_sets", "cold_x_L2",
 ]
 
@@ -25,6 +25,11 @@ IDENTITY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "st
             "no_write_form", "state_dtype", "rounding", "scenario", "batch", "pdl")
 # Values of identity keys that rows written before the key existed lack.
 _IDENTITY_DEFAULTS = {"pdl": False}
+# The peer whose median makes `× seed` (`--peer trtllm=PATH`): TensorRT-LLM's Triton kernel, the seed (DESIGN §5).
+SEED = "trtllm"
+# What a checkpointing row and the seed's row share to be compared (the seed runs in the same scenarios).
+_SEED_KEY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "state_dtype", "rounding", "scenario",
+             "batch")
 
 
 def card_slug(name: str) -> str:
@@ -53,10 +58,22 @@ def _num(v):
     return None if math.isnan(f) else f
 
 
+def has_seed(rows) -> bool:
+    """Whether the rows hold the seed's own rows (a run with --peer trtllm=PATH)."""
+    return any(r.get("strategy") == SEED for r in rows)
+
+
+def _seed_key(r) -> tuple:
+    return tuple(r.get(k) for k in _SEED_KEY)
+
+
 def add_speedups(rows: list[dict]) -> list[dict]:
     """speedup_vs_always_write / _all_states = baseline median / row median, for rows of the same card,
     shape, T, act dtype, z, state dtype and batch (always-write also the same rounding; all-states
-    stores round-to-nearest only). Baseline rows get the speedup over the other baseline. In place."""
+    stores round-to-nearest only). Baseline rows get the speedup over the other baseline.
+    speedup_vs_seed (`× seed`) = the seed's median / row median, for our checkpointing rows of the same
+    card, shape, T, W, act dtype, z, state dtype, rounding, scenario and batch; None without the seed.
+    In place."""
     def base_key(r, with_rounding):
         k = (r.get("card"), r.get("shape"), r.get("T"), r.get("act_dtype"), r.get("z"), r.get("state_dtype"),
              r.get("batch"))
@@ -64,11 +81,14 @@ def add_speedups(rows: list[dict]) -> list[dict]:
 
     aw = {base_key(r, True): float(r["median_us"]) for r in rows if r.get("strategy") == "always_write" and _ok(r)}
     al = {base_key(r, False): float(r["median_us"]) for r in rows if r.get("strategy") == "all_states" and _ok(r)}
+    seed = {_seed_key(r): float(r["median_us"]) for r in rows if r.get("strategy") == SEED and _ok(r)}
     for r in rows:
-        r["speedup_vs_always_write"] = r["speedup_vs_all_states"] = None
+        r["speedup_vs_always_write"] = r["speedup_vs_all_states"] = r["speedup_vs_seed"] = None
         if not _ok(r):
             continue
         t = float(r["median_us"])
+        if r.get("strategy") == "checkpointing" and _seed_key(r) in seed:
+            r["speedup_vs_seed"] = seed[_seed_key(r)] / t
         if r.get("strategy") != "always_write" and base_key(r, True) in aw:
             r["speedup_vs_always_write"] = aw[base_key(r, True)] / t
         if r.get("strategy") != "all_states" and base_key(r, False) in al:
@@ -113,8 +133,9 @@ def markdown_table(headers, rows) -> str:
 
 def rows_table(rows: list[dict]) -> str:
     """All rows, one line each (what the run printed while it went)."""
+    seed = has_seed(rows)
     headers = ["shape", "variant", "dtype", "rnd", "scenario", "batch", "median µs", "p10–p90 µs",
-               "with conv µs", "plan µs", "× AW", "× AS", "% floor", "status"]
+               "with conv µs", "plan µs", "× AW", "× AS"] + (["× seed"] if seed else []) + ["% floor", "status"]
     body = []
     for r in rows:
         ok = _ok(r)
@@ -122,8 +143,9 @@ def rows_table(rows: list[dict]) -> str:
                      r.get("batch"), fmt(r.get("median_us"), 2) if ok else "-",
                      f"{fmt(r.get('p10_us'), 2)}–{fmt(r.get('p90_us'), 2)}" if ok else "-",
                      fmt(r.get("conv_median_us"), 2), fmt(r.get("plan_us"), 2),
-                     fmt_x(r.get("speedup_vs_always_write")), fmt_x(r.get("speedup_vs_all_states")),
-                     fmt(r.get("pct_floor")), r.get("status") if ok else f"{r.get('status')}: {r.get('reason')}"])
+                     fmt_x(r.get("speedup_vs_always_write")), fmt_x(r.get("speedup_vs_all_states"))]
+                    + ([fmt_x(r.get("speedup_vs_seed"))] if seed else [])
+                    + [fmt(r.get("pct_floor")), r.get("status") if ok else f"{r.get('status')}: {r.get('reason')}"])
     return markdown_table(headers, body)
 
 
@@ -184,6 +206,13 @@ def targets_markdown(rows: list[dict]) -> str:
             + markdown_table(["shape", "state", "rnd", "target", "worst measured", "status"], body))
 
 
+def _seed_cell(row) -> str:
+    """The seed's own median, or its status where it did not run ('skipped': reason under Not measured)."""
+    if row is None:
+        return "-"
+    return fmt(row["median_us"], 2) if _ok(row) else str(row.get("status"))
+
+
 def summary_markdown(rows: list[dict], meta: dict) -> str:
     """The results page: the run's card and settings, then per (shape, scenario, state dtype, rounding)
     the best checkpointing variant against both baselines, every checkpointing variant side by side,
@@ -198,29 +227,39 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
         f"{' (with conv: conv1d and checkpointing launched with PDL)' if meta.get('pdl') else ''}; state cold "
         f"(≥ {meta.get('cold_factor')}× L2 of states between visits of a slot), inputs hot\n"
         f"- command: `{meta.get('command')}`\n")
-    out.append(COLUMN_NOTES)
+    seed = has_seed(rows)
+    out.append(COLUMN_NOTES + (SEED_NOTE if seed else ""))
     out.append(targets_markdown(rows))
-    ck = [r for r in rows if r.get("strategy") == "checkpointing"]
+    ck = [r for r in rows if r.get("strategy") in ("checkpointing", SEED)]
+    seed_of = {_seed_key(r): r for r in ck if r.get("strategy") == SEED}
     keyset = ("shape", "scenario", "state_dtype", "rounding")
     for key, grp in _groups(ck, keyset).items():
         shape, scenario, dt, rnd = key
         out.append(f"\n## {shape} · {scenario} · state {dt} · {rnd.upper()}\n")
+        seed_alone = {r.get("batch"): r for r in grp if r.get("strategy") == SEED}
+        grp = [r for r in grp if r.get("strategy") == "checkpointing"]
         byb = _groups(grp, ("batch",))
         body = []
-        for (batch,), g in sorted(byb.items()):
+        for batch in sorted({r.get("batch") for r in grp} | set(seed_alone)):
+            g = byb.get((batch,), [])
             b = _best(g)
-            if b is None:
-                reasons = sorted({str(r.get("reason")) for r in g})
-                body.append([batch, "-", "skipped: " + "; ".join(reasons)[:120]] + ["-"] * 8)
+            sr = seed_of.get(_seed_key(b or g[0])) if g else seed_alone[batch]
+            seed_cells = [_seed_cell(sr)] if seed else []
+            if b is None:   # ours did not run (or, in a run of the seed alone, was not asked for)
+                label = "skipped: " + "; ".join(sorted({str(r.get("reason")) for r in g}))[:120] if g else "not run"
+                body.append([batch, "-", label] + ["-"] * 5 + seed_cells
+                            + ["-"] * ((1 if seed else 0) + 3))
                 continue
             conv = [r for r in g if _num(r.get("conv_median_us")) is not None]
             body.append([batch, fmt(b["median_us"], 2), b.get("variant"),
                          f"{fmt(b.get('p10_us'), 2)}–{fmt(b.get('p90_us'), 2)}",
                          fmt(conv[0]["conv_median_us"], 2) if conv else "-", fmt(b.get("plan_us"), 2),
-                         fmt_x(b.get("speedup_vs_always_write")), fmt_x(b.get("speedup_vs_all_states")),
-                         fmt(b.get("floor_us"), 2), fmt(b.get("pct_floor")), fmt(b.get("write_frac"), 2)])
+                         fmt_x(b.get("speedup_vs_always_write")), fmt_x(b.get("speedup_vs_all_states"))]
+                        + (seed_cells + [fmt_x(b.get("speedup_vs_seed"))] if seed else [])
+                        + [fmt(b.get("floor_us"), 2), fmt(b.get("pct_floor")), fmt(b.get("write_frac"), 2)])
         out.append(markdown_table(["batch", "ckpt µs", "best variant", "p10–p90 µs", "with conv µs", "plan µs",
-                                   "× always-write", "× all-states", "floor µs", "% floor", "write frac"], body))
+                                   "× always-write", "× all-states"] + ([f"{SEED} µs", "× seed"] if seed else [])
+                                  + ["floor µs", "% floor", "write frac"], body))
         labels = sorted({r.get("variant") for r in grp})
         if len(labels) > 1:
             out.append("\nEvery checkpointing variant (median µs):\n\n")
@@ -270,6 +309,12 @@ Columns:
 - **floor µs**: bytes the step must move (state read, state write on flush rows + scales, history,
   new inputs, outputs, ring appends; DESIGN §6) / the copy bandwidth above. **% floor** = floor / median.
 - **write frac**: fraction of rows that flush their state in the measured steps.
+"""
+SEED_NOTE = f"""- **{SEED} µs / × seed**: TensorRT-LLM's Triton checkpointing kernel, the seed
+  (`--peer {SEED}=PATH`), as shipped (its own tuning table), on the same caches, slot sets, pnat mix and
+  inputs in the same run; its span runs from its first to its last kernel named `*precompute*` or
+  `*persistent*`, leaving out the torch gather/scatter its wrapper adds to read our ring layout.
+  × seed = seed median / the best variant's median.
 """
 
 

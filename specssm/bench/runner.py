@@ -4,7 +4,8 @@ One `Env` holds the caches and inputs of one (shape, state dtype, batch, strateg
 sets of `batch` slots, so a graph of `slot_sets` steps, step i on set i, touches more than `cold_factor`
 x L2 of state between two visits of a slot (state cold), while the new inputs (x, dt, B, C, z, out) are
 shared by all steps (hot). Scenarios only change the per-slot `pnat` (and the plans built from it), so the
-variants of one strategy reuse one Env.
+variants of one strategy reuse one Env. A peer (`--peer`) runs in the Env of our checkpointing strategy:
+same caches, slot sets, pnat draw and inputs.
 
 Nothing here runs at import time; torch.cuda is touched only by `GpuBench(...)`.
 """
@@ -18,8 +19,9 @@ import sys
 import numpy as np
 
 from specssm.bench import floor as fl
-from specssm.bench import mix, report
-from specssm.bench.cases import Case
+from specssm.bench import mix, report, timing
+from specssm.bench import peer as pr
+from specssm.bench.cases import Case, cache_strategy
 from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph
 
 OP_NAMES = {"checkpointing": "checkpointing_ssu", "always_write": "always_write_ssu",
@@ -68,7 +70,7 @@ class Env:
         from specssm.cache import SSMCache
 
         o = bench.opts
-        self.bench, self.case, self.strategy = bench, case, case.variant.strategy
+        self.bench, self.case, self.strategy = bench, case, cache_strategy(case.variant.strategy)
         sh, T, batch = case.shape, case.T, case.batch
         self.H, self.P, self.N, self.G, self.T, self.batch = sh.H, sh.P, sh.N, sh.G, T, batch
         self.W = 0 if self.strategy == "always_write" else case.W
@@ -137,6 +139,7 @@ class Env:
                 out=torch.empty(batch, T, conv_dim, dtype=act, device=dev))
         self.scenario = None
         self.plans = []
+        self._peer_items, self._peer_items_scenario = [], None
         self.plan_us = {}
         self.pnat_host = None
         _sync(dev)
@@ -194,9 +197,21 @@ class Env:
         self.conv_bytes = fl.conv_step_bytes(H=sh.H, P=sh.P, N=sh.N, G=sh.G, T=self.T, rows=self.batch,
                                              act_dtype=o.act_dtype, d_conv=o.d_conv)
 
+    def peer_work_items(self) -> list:
+        """The peer's (n_writes, replay_work_items) of every slot set in the current scenario, from our
+        plans: built once per scenario, outside any timed graph, as a serving engine builds them once per
+        step for all layers."""
+        if self._peer_items_scenario != self.scenario:
+            self._peer_items = [pr.replay_work_items(p, self.cache.pnat, self.cache.pad_slot_id) for p in self.plans]
+            self._peer_items_scenario = self.scenario
+            _sync(self.device)
+        return self._peer_items
+
     # ---- one step ------------------------------------------------------------------------------
     def step_fn(self, case: Case, pdl: bool = False):
         """fn(i, validate) running the op of `case` on slot set i (pdl: checkpointing only)."""
+        if case.variant.strategy in pr.PEERS:
+            return self.peer_step_fn(case)
         from specssm import ops
         name = OP_NAMES[self.strategy]
         op = getattr(ops, name, None)
@@ -223,15 +238,33 @@ class Env:
                 op(**kw, state_batch_indices=sets[i], validate=validate)
         return fn
 
+    def peer_step_fn(self, case: Case):
+        """fn(i, validate) running the peer of `case` (same cache as our op: it mutates state and rings
+        as our op does, values only)."""
+        why = pr.unsupported_reason(self.T, self.W)
+        if why:
+            raise Skip(why)
+        entry = getattr(self.bench, "peer_entry", None)
+        if entry is None:
+            raise Skip(getattr(self.bench, "peer_error", None) or f"{case.variant.strategy}: not loaded (no --peer)")
+        return pr.step_fn(entry, self, case, self.peer_work_items())
+
     def checked_step_fn(self, case: Case):
         """step_fn after one eager, validated call on slot set 0: the op's own checks decide whether it
-        runs this case (TypeError / ValueError / NotImplementedError -> Skip with the op's message)."""
+        runs this case (TypeError / ValueError / NotImplementedError -> Skip with the op's message). A peer
+        signals what it does not support on this card by any exception (mostly assertions): a Skip too."""
+        import torch
         step = self.step_fn(case)
+        peer = case.variant.strategy in pr.PEERS
         try:
             step(0, True)
             _sync(self.device)
-        except SKIP_ERRORS as e:
-            raise Skip(f"{OP_NAMES[self.strategy]} rejected it: {str(e).splitlines()[0][:300]}") from None
+        except Exception as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError) or not (peer or isinstance(e, SKIP_ERRORS)):
+                raise
+            what = f"{type(e).__name__}: {e}" if peer else str(e)
+            name = case.variant.strategy if peer else OP_NAMES[self.strategy]
+            raise Skip(f"{name} rejected it: {what.strip().splitlines()[0][:300]}") from None
         return step
 
     def conv_fn(self, pdl: bool = False):
@@ -265,6 +298,13 @@ class GpuBench:
         self.card = props.name
         self.l2_bytes = int(getattr(props, "L2_cache_size", 0) or 50 * 2**20)
         self.markers = StepMarkers(self.device)
+        self.peer_spec, self.peer_entry, self.peer_error = getattr(opts, "peer_spec", None), None, None
+        if self.peer_spec is not None:
+            try:
+                self.peer_entry = pr.load_entry(self.peer_spec)
+            except Exception as e:  # noqa: BLE001 - a peer that does not import only skips its cases
+                self.peer_error = f"importing {self.peer_spec.label()} failed: {type(e).__name__}: {e}"[:300]
+                print(f"specssm bench: {self.peer_error}; its cases are skipped", file=sys.stderr)
         self.conv_update = None
         if opts.conv:
             try:
@@ -288,11 +328,15 @@ class GpuBench:
                 "copy_bw_GBps": self.copy["copy_bw_GBps"], "copy_bytes": self.copy["copy_bytes"],
                 "T": o.T, "W": o.W, "act_dtype": o.act_dtype, "z": o.z, "d_conv": o.d_conv, "pdl": o.pdl,
                 "cold_factor": o.cold_factor, "histogram": {str(k): v for k, v in self.hist.items()},
+                "peer": self.peer_spec.label() if self.peer_spec else None,
                 "command": "specssm bench " + " ".join(o.argv)}
 
     def wants_conv(self, case: Case) -> bool:
         """The conv figure runs for the baselines and the default checkpointing variant (auto launch,
-        rectangle, RN) unless --conv-all asks for every variant."""
+        rectangle, RN) unless --conv-all asks for every variant; never for a peer (its span is its own
+        kernels only)."""
+        if case.variant.strategy in pr.PEERS:
+            return False
         if self.opts.conv_all:
             return True
         v = case.variant
@@ -312,7 +356,7 @@ class GpuBench:
         for n, case in enumerate(cases):
             if deadline is not None and time.monotonic() > deadline:
                 return rows, len(cases) - n
-            key = (case.shape, case.state_dtype, case.batch, case.variant.strategy)
+            key = (case.shape, case.state_dtype, case.batch, cache_strategy(case.variant.strategy))
             if key != env_key:
                 if env_key is not None and on_group_done is not None:
                     on_group_done(rows)
@@ -359,9 +403,10 @@ class GpuBench:
                 "date": self.meta["date"], **case.key(), "act_dtype": self.opts.act_dtype, "z": self.opts.z,
                 "pdl": self.uses_pdl(case), "copy_bw_GBps": round(self.copy["copy_bw_GBps"], 1)}
 
-    def _graph_stats(self, env: Env, one_step, max_steps=None):
+    def _graph_stats(self, env: Env, one_step, max_steps=None, keep=None):
         """Capture [begin, one_step(i), end] for the slot sets (all, or the first max_steps), replay,
-        return the span stats."""
+        return the span stats (of the activities whose names contain one of `keep`, if given) and the
+        unfiltered steps."""
         m, S = self.markers, env.sets_n if max_steps is None else min(env.sets_n, max_steps)
 
         def body():
@@ -375,17 +420,23 @@ class GpuBench:
             m.end()
         graph = capture_graph(body, warm)
         try:
-            st, _ = time_graph(graph, S, min_samples=self.opts.min_samples)
+            st, steps = time_graph(graph, S, min_samples=self.opts.min_samples, keep=keep)
         finally:
             del graph
-        return st
+        return st, steps
 
     def measure(self, env: Env, case: Case) -> dict:
         env.set_scenario(case.scenario)
         step = env.checked_step_fn(case)
         res = {"slot_sets": env.sets_n, "cold_x_L2": round(env.cold_ratio, 2)}
-        st = self._graph_stats(env, lambda i: step(i, False))
+        peer = case.variant.strategy in pr.PEERS
+        keep = pr.TIMED_KERNELS[case.variant.strategy] if peer else None
+        st, steps = self._graph_stats(env, lambda i: step(i, False), keep=keep)
         res.update(st.as_dict())
+        if peer:
+            # what the span kept, and the span with its wrapper's torch ops, so a run shows the filter at work
+            res["timed_kernels"] = sorted({e.name for s in timing.keep_named(steps, keep) for e in s})
+            res["all_ops_median_us"] = timing.stats(steps).median_us
         nbytes = float(np.mean([b.total for b in env.bytes]))
         bw = self.copy["copy_bw_bytes_per_s"]
         res["write_frac"] = float(np.mean([b.writes / max(1, b.rows) for b in env.bytes]))
@@ -393,15 +444,15 @@ class GpuBench:
         res["bytes_per_step"] = nbytes
         res["floor_us"] = fl.floor_us(nbytes, bw)
         res["pct_floor"] = 100.0 * res["floor_us"] / st.median_us
-        if env.plans:
+        if env.plans and not peer:
             if env.scenario not in env.plan_us:
                 # the plan reads only pnat and slot ids (tiny, L2-resident in serving too): few sets do
-                env.plan_us[env.scenario] = self._graph_stats(env, env.plan_fn(), max_steps=32).median_us
+                env.plan_us[env.scenario] = self._graph_stats(env, env.plan_fn(), max_steps=32)[0].median_us
             res["plan_us"] = env.plan_us[env.scenario]
         if env.conv is not None and self.wants_conv(case):
             pdl = self.uses_pdl(case)
             conv, cstep = env.conv_fn(pdl), env.step_fn(case, pdl) if pdl else step
-            cst = self._graph_stats(env, lambda i: (conv(i), cstep(i, False)))
+            cst, _ = self._graph_stats(env, lambda i: (conv(i), cstep(i, False)))
             res.update(conv_median_us=cst.median_us, conv_p10_us=cst.p10_us, conv_p90_us=cst.p90_us)
             cbytes = nbytes + env.conv_bytes
             res["conv_floor_us"] = fl.floor_us(cbytes, bw)

@@ -7,8 +7,10 @@ A CUDA graph holds several steps, each between a begin-marker and an end-marker 
 The graph is replayed under `torch.profiler` (ProfilerActivity.CUDA, i.e. CUPTI). The device activities of
 the trace (kernels, memsets, memcpys) are sorted by start time and split at the markers; a step's time is
 the span from the start of its first activity to the end of its last one. Anything outside a begin/end
-pair (e.g. work the graph replay itself launches) is dropped. The pure part (trace parsing, splitting,
-statistics) runs on a CPU; the GPU part imports torch.cuda / triton only when called.
+pair (e.g. work the graph replay itself launches) is dropped. For a peer, only its own kernels count
+(`keep_named`, by name), so its span skips the torch ops its wrapper adds around them. The pure part
+(trace parsing, splitting, statistics) runs on a CPU; the GPU part imports torch.cuda / triton only
+when called.
 """
 from __future__ import annotations
 
@@ -76,6 +78,24 @@ def split_by_count(events, per_step: int) -> list[list[DeviceEvent]]:
     if len(events) % per_step:
         raise ValueError(f"events: expected a multiple of per_step={per_step} activities, got {len(events)}")
     return [list(events[i:i + per_step]) for i in range(0, len(events), per_step)]
+
+
+def keep_named(steps, substrings) -> list[list[DeviceEvent]]:
+    """Each step's activities whose names contain one of `substrings` (a peer's own kernels, without
+    the torch ops its wrapper launches around them). Raises ValueError when a step with activity keeps
+    none of it: the kernels were renamed, or the filter is wrong, and the span would silently vanish."""
+    substrings = tuple(substrings)
+    if not substrings:
+        raise ValueError("substrings: expected at least one name fragment, got none")
+    kept = []
+    for i, step in enumerate(steps):
+        sel = [e for e in step if any(k in e.name for k in substrings)]
+        if step and not sel:
+            names = sorted({e.name for e in step})
+            raise ValueError(f"step {i}: expected an activity whose name contains one of {list(substrings)}, "
+                             f"got only {names[:8]}")
+        kept.append(sel)
+    return kept
 
 
 def step_span(step) -> float:
@@ -173,8 +193,13 @@ def profile_device_events(fn) -> list[DeviceEvent]:
 
 
 def time_graph(graph, steps_per_replay: int, min_samples: int = 200, min_replays: int = 2,
-               warmup_replays: int = 1) -> tuple[StepStats, list[list[DeviceEvent]]]:
-    """Replay a marker-delimited graph enough times for `min_samples` steps; stats of the step spans."""
+               warmup_replays: int = 1, keep=None) -> tuple[StepStats, list[list[DeviceEvent]]]:
+    """Replay a marker-delimited graph enough times for `min_samples` steps; stats of the step spans.
+
+    `keep`: None (every activity between the markers counts: our own strategies) or name fragments;
+    then a step's span runs from the first start to the last end of its activities whose names contain
+    one of them (`keep_named`). The returned steps are unfiltered either way.
+    """
     import torch
     for _ in range(warmup_replays):
         graph.replay()
@@ -190,7 +215,7 @@ def time_graph(graph, steps_per_replay: int, min_samples: int = 200, min_replays
     if len(steps) != expected:
         raise RuntimeError(f"trace: expected {expected} marked steps ({replays} replays x {steps_per_replay}), "
                            f"got {len(steps)} (the profiler lost device activity?)")
-    return stats(steps), steps
+    return stats(steps if keep is None else keep_named(steps, keep)), steps
 
 
 def copy_bandwidth(device, nbytes: int, iters: int = 20) -> dict:

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from specssm.bench import cases as cs
 from specssm.bench import cli
 from specssm.bench.cases import parse_shape
 
@@ -97,3 +98,75 @@ def test_render_writes_every_output(tmp_path, capsys):
     text = md.read_text()
     assert "| 4 | 6.00 | ckpt/auto/rect |" in text and "1.67x" in text
     assert "| super_tp8 | ckpt/auto/rect | bf16 | rn | mixed | 1 | 3.00 |" in capsys.readouterr().out
+
+
+@pytest.fixture
+def peer_dir(tmp_path):
+    """A folder holding trtllm_replay/ (never imported by a dry run)."""
+    pkg = tmp_path / "trtllm_replay"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "replay_selective_state_update.py").write_text("")
+    return tmp_path
+
+
+def test_peer_cases_follow_our_checkpointing_cases(peer_dir):
+    cases = cli.make_cases(args_of("--quick", "--batches", "16", "--dtypes", "fp32", "--rounding", "rn,sr",
+                                   "--scenarios", "mixed,all_no_write", "--peer", f"trtllm={peer_dir}"))
+    got = [(c.variant.label, c.rounding, c.scenario) for c in cases]
+    assert got == [("ckpt/auto/rect", "rn", "mixed"), ("ckpt/auto/rect", "sr", "mixed"),
+                   ("trtllm", "rn", "mixed"), ("trtllm", "sr", "mixed"),
+                   ("ckpt/auto/rect", "rn", "all_no_write"), ("ckpt/auto/rect", "sr", "all_no_write"),
+                   ("trtllm", "rn", "all_no_write"), ("trtllm", "sr", "all_no_write"),
+                   ("always-write", "rn", "any"), ("always-write", "sr", "any"), ("all-states", "rn", "any")]
+    k = cases[2].key()
+    assert (k["strategy"], k["variant"], k["launch"], k["no_write_form"]) == ("trtllm", "trtllm", "-", "-")
+    # the peer shares the checkpointing cache group: one run of cases per (shape, dtype, batch, cache)
+    groups = [cs.cache_strategy(c.variant.strategy) for c in cases]
+    assert groups == ["checkpointing"] * 8 + ["always_write"] * 2 + ["all_states"]
+    # without our checkpointing strategy the peer still runs (on checkpointing caches)
+    only = cli.make_cases(args_of("--quick", "--batches", "16", "--dtypes", "fp32", "--strategies", "all_states",
+                                  "--peer", f"trtllm={peer_dir / 'trtllm_replay'}"))
+    assert [c.variant.label for c in only] == ["trtllm", "all-states"]
+    assert len(cli.make_cases(args_of("--quick"))) == 27         # no --peer: nothing changes
+
+
+def test_dry_run_lists_the_peer_cases(peer_dir, capsys):
+    assert cli.main(["--dry-run", "--quick", "--peer", f"trtllm={peer_dir}"]) == 0
+    out = capsys.readouterr()
+    assert "super_tp8 trtllm bf16 rn mixed batch=256" in out.out and "36 cases" in out.err
+
+
+@pytest.mark.parametrize("spec,why", [("trtllm=/no/such/dir", "(no such folder)"), ("flashinfer=.", "unknown peer"),
+                                      ("trtllm", "no NAME=")])
+def test_bad_peer_exits_2_naming_the_argument(spec, why, capsys):
+    assert cli.main(["--dry-run", "--quick", "--peer", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specssm bench: --peer: expected 'trtllm=PATH'") and f"got {spec!r}" in err and why in err
+
+
+def test_render_with_the_seed(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from specssm.bench import plots
+    meta = {"card": "NVIDIA H200", "copy_bw_GBps": 4000.0, "T": 6, "W": 16, "act_dtype": "bf16"}
+    rows = [{"card": "NVIDIA H200", "shape": "super_tp8", "H": 16, "P": 64, "N": 128, "G": 1, "T": 6, "W": 16,
+             "act_dtype": "bf16", "z": False, "strategy": strategy, "variant": variant, "state_dtype": "bf16",
+             "rounding": "rn", "scenario": "mixed", "batch": batch, "status": "ok", "median_us": t * batch,
+             "pct_floor": 50.0}
+            for batch in (1, 8) for strategy, variant, t in (("checkpointing", "ckpt/auto/rect", 2.0),
+                                                              ("trtllm", "trtllm", 3.0))]
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps({"meta": meta, "rows": rows}))
+    out = tmp_path / "out"
+    assert cli.main(["--render", str(src), "--out", str(out)]) == 0
+    assert "| 8 | 16.00 | ckpt/auto/rect | -–- | - | - | - | - | 24.00 | 1.50x |" in (out / "summary.md").read_text()
+    back = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["speedup_vs_seed"] for r in back] == [1.5, None, 1.5, None]
+    captured, series = {}, plots._series
+
+    def spy(sel, key):
+        captured.setdefault(key, []).append(series(sel, key))
+        return captured[key][-1]
+    monkeypatch.setattr(plots, "_series", spy)
+    assert plots.plot_all(back, meta, tmp_path / "png")
+    assert captured["median_us"][0]["trtllm"] == [(1, 3.0), (8, 24.0)]      # the seed's line in the time plot

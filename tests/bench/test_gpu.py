@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,3 +77,42 @@ def test_quick_run_end_to_end(tmp_path):
     assert cli.main(["--quick", "--batches", "1,16", "--out", str(out), "--resume", "--no-plots"]) == 0
     again = json.loads((out / "results.json").read_text())["rows"]
     assert len(again) == len(rows)
+
+
+REPO = Path(__file__).resolve().parents[2]
+SEED_DIR = next((d for d in (REPO / ".peers", REPO.parent / "shared" / "peers") if (d / "trtllm_replay").is_dir()),
+                None)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.skipif(SEED_DIR is None, reason="no vendored seed (.peers/trtllm_replay or ../shared/peers)")
+def test_seed_runs_beside_ours(tmp_path):
+    """--peer trtllm=PATH: the seed's rows, its span of its own kernels only, × seed on ours."""
+    from specssm.bench import cli
+    out = tmp_path / "bench"
+    rc = cli.main(["--batches", "16", "--dtypes", "bf16,int8", "--rounding", "rn,sr", "--strategies", "checkpointing",
+                   "--min-samples", "20", "--no-conv", "--no-plots", "--out", str(out), "--peer", f"trtllm={SEED_DIR}"])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    seed = {(r["state_dtype"], r["rounding"]): r for r in rows if r["strategy"] == "trtllm"}
+    assert sorted(seed) == [("bf16", "rn"), ("bf16", "sr"), ("int8", "rn"), ("int8", "sr")]
+    # SR on bf16 states is not in the seed: a skip with its own message, the run goes on
+    assert seed[("bf16", "sr")]["status"] == "skipped" and "stochastic rounding" in seed[("bf16", "sr")]["reason"]
+    for key in (("bf16", "rn"), ("int8", "rn"), ("int8", "sr")):
+        r = seed[key]
+        assert r["status"] == "ok", r
+        names = r["timed_kernels"]
+        assert any("precompute" in n for n in names) and any("persistent" in n for n in names), names
+        assert r["kernels_per_step"] in (2, 3) and r["samples"] >= 20
+        assert r["all_ops_median_us"] > r["median_us"] > 0        # its wrapper's torch ops are left out
+        assert r.get("plan_us") is None and r.get("conv_median_us") is None
+        assert 0 < r["pct_floor"] < 200
+    compared = 0
+    for r in rows:
+        s = seed.get((r["state_dtype"], r["rounding"]))
+        if r["strategy"] == "checkpointing" and r["status"] == "ok" and s["status"] == "ok":
+            assert r["speedup_vs_seed"] == pytest.approx(s["median_us"] / r["median_us"])
+            compared += 1
+    assert compared >= 1
+    assert "× seed" in (out / "summary.md").read_text()

@@ -165,3 +165,53 @@ def test_progress_line():
     assert lines[0].startswith("[1/2") and "ckpt/auto/rect fp32 rn mixed b=8:      4.25 us 61.0% floor" in lines[0]
     assert lines[1].endswith("skipped: rejected")
     assert not math.isnan(p.t0)
+
+
+def seed_rows():
+    """Our checkpointing rows and the seed's (strategy trtllm) in one run; the seed's rows carry no launch."""
+    seed = {"launch": "-", "no_write_form": "-"}
+    return [
+        row("checkpointing", "ckpt/auto/rect", 4.0),
+        row("checkpointing", "ckpt/dynamic/rect", 3.0, launch="dynamic"),
+        row("trtllm", "trtllm", 6.0, **seed),
+        row("always_write", "always-write", 6.0, scenario="any"),
+        # batch 2: the seed did not run in RN (its SR row must not be taken instead)
+        row("checkpointing", "ckpt/auto/rect", 10.0, batch=2),
+        row("trtllm", "trtllm", None, batch=2, status="skipped", reason="trtllm rejected it: AssertionError: x", **seed),
+        row("trtllm", "trtllm", 5.0, batch=2, rounding="sr", **seed),
+        # other scenario, other card: never the seed of the mixed rows above
+        row("checkpointing", "ckpt/auto/rect", 2.0, scenario="all_no_write"),
+        row("trtllm", "trtllm", 1.0, card="NVIDIA H200", **seed),
+        # batch 4: only the seed ran
+        row("trtllm", "trtllm", 7.0, batch=4, **seed),
+    ]
+
+
+def test_seed_speedup_is_seed_median_over_ours_for_the_same_case():
+    rows = report.add_speedups(seed_rows())
+    assert report.has_seed(rows) and not report.has_seed(sample_rows())
+    got = [r["speedup_vs_seed"] for r in rows]
+    assert got[0] == pytest.approx(6.0 / 4.0) and got[1] == pytest.approx(6.0 / 3.0)
+    assert got[2:] == [None] * 8          # no seed row for them, or they are not ours
+    # without the seed every row reads None: '-' in the tables, blank in the CSV
+    plain = report.add_speedups(sample_rows())
+    assert all(r["speedup_vs_seed"] is None for r in plain)
+    assert "× seed" not in report.rows_table(plain)
+    assert "× seed" not in report.summary_markdown(plain, {"card": "x"})
+    assert {r["speedup_vs_seed"] for r in csv.DictReader(io.StringIO(report.csv_text(plain)))} == {""}
+
+
+def test_seed_columns_in_the_tables_and_csv():
+    rows = report.add_speedups(seed_rows())
+    table = report.rows_table(rows)
+    assert "| × AW | × AS | × seed | % floor |" in table
+    assert "| super_tp8 | ckpt/dynamic/rect | fp32 | rn | mixed | 1 | 3.00 | 2.70–3.30 | - | - | 2.00x | - | 2.00x |" in table
+    md = report.summary_markdown(rows, {"card": "x"})
+    assert "| × always-write | × all-states | trtllm µs | × seed | floor µs |" in md and "**trtllm µs / × seed**" in md
+    # best variant (dynamic, 3 us) against the seed's 6 us; batch 2: the seed was skipped; batch 4: the seed alone
+    assert "| 1 | 3.00 | ckpt/dynamic/rect | 2.70–3.30 | - | - | 2.00x | - | 6.00 | 2.00x | 1.50 | 50.0 | 0.31 |" in md
+    assert "| 2 | 10.00 | ckpt/auto/rect | 9.00–11.00 | - | - | - | - | skipped | - | 5.00 | 50.0 | 0.31 |" in md
+    assert "| 4 | - | not run | - | - | - | - | - | 7.00 | - | - | - | - |" in md
+    assert "trtllm rejected it: AssertionError: x" in md            # under Not measured
+    parsed = list(csv.DictReader(io.StringIO(report.csv_text(rows))))
+    assert [p["speedup_vs_seed"] for p in parsed[:3]] == ["1.5", "2", ""]

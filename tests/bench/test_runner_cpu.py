@@ -19,10 +19,10 @@ TINY = Shape("tiny", 2, 4, 8, 1)
 OP_ONLY = ("plan", "launch", "precision", "validate", "pdl")
 
 
-def fake_bench(argv=(), conv_update=None):
+def fake_bench(argv=(), conv_update=None, peer_entry=None, peer_error=None):
     opts = cli.resolve(cli.build_parser().parse_args(["--max-sets", "3", *argv]))
     return SimpleNamespace(opts=opts, hist=dict(mix.DEFAULT_ACCEPTANCE), device=torch.device("cpu"),
-                           l2_bytes=4096, conv_update=conv_update)
+                           l2_bytes=4096, conv_update=conv_update, peer_entry=peer_entry, peer_error=peer_error)
 
 
 def standin(ref, calls):
@@ -188,3 +188,109 @@ def test_op_rejection_is_a_skip():
     env.set_scenario("mixed")
     with pytest.raises(Skip, match="checkpointing_ssu rejected it: launch"):
         env.checked_step_fn(case)
+
+
+# ---- the peer (--peer trtllm=PATH) on our checkpointing Env, with a stand-in for its entry ----------------
+def standin_peer(calls, fail=None):
+    """Checks what the peers README and the peer's docstring ask of its arguments, records the call."""
+    def replay_selective_state_update(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens,
+                                      x, dt, A, B, C, out, *, n_writes, replay_work_items, D=None, z=None,
+                                      dt_bias=None, dt_softplus=False, state_batch_indices=None, rand_seed=None,
+                                      philox_rounds=10, state_scales=None):
+        if fail:
+            raise fail
+        S, H, P, N = state.shape
+        batch, T, G = x.shape[0], x.shape[1], B.shape[2]
+        L = x_cache.shape[2]
+        assert x_cache.shape == (S, H, L, P) and B_cache.shape == (S, G, L, N) and dt_cache.shape == (S, H, L)
+        assert dt_cache.dtype == torch.float32 and L - T >= T
+        assert ring_start.shape == prev_num_accepted_tokens.shape == (S,)
+        assert ring_start.dtype == prev_num_accepted_tokens.dtype == torch.int32
+        assert A.stride(-1) == A.stride(-2) == 0 and dt.stride(-1) == 0 and dt_bias.stride(-1) == 0   # tied
+        assert dt_softplus is True and out.shape == x.shape == (batch, T, H, P)
+        assert n_writes.shape == (1,) and n_writes.dtype == torch.int32
+        assert replay_work_items.shape == (batch, 4) and replay_work_items.dtype == torch.int32
+        assert replay_work_items.is_contiguous()
+        if state.dtype in (torch.int8, torch.float8_e4m3fn):
+            assert state_scales.shape == (S, H, P) and state_scales.dtype == torch.float32
+        if rand_seed is not None:
+            assert rand_seed.shape == (S,) and rand_seed.dtype == torch.int64
+        calls.append({"state": state, "state_scales": state_scales, "rand_seed": rand_seed,
+                      "philox_rounds": philox_rounds, "sbi": state_batch_indices, "n_writes": n_writes.tolist(),
+                      "items": replay_work_items.tolist()})
+        out.fill_(0.5)
+    return replay_selective_state_update
+
+
+def expected_work_items(env, i):
+    """Hand-built from pnat: write rows (pnat + T > W) first, then the others, each in row order."""
+    slots = env.slot_sets[i].tolist()
+    pnat = [int(env.cache.pnat[s]) for s in slots]
+    write = [p + env.T > env.W for p in pnat]
+    order = [r for r in range(len(slots)) if write[r]] + [r for r in range(len(slots)) if not write[r]]
+    return [sum(write)], [[r, slots[r], pnat[r], 0] for r in order]
+
+
+@pytest.mark.parametrize("dtype,rounding", [("int8", "sr"), ("fp32", "rn"), ("bf16", "rn")])
+def test_peer_runs_on_the_checkpointing_env(dtype, rounding):
+    calls = []
+    bench = fake_bench(peer_entry=standin_peer(calls))
+    case = Case(TINY, Variant("trtllm"), dtype, rounding, "mixed", batch=3, T=2, W=4)
+    env = Env(bench, case)
+    assert env.strategy == "checkpointing" and env.cache.strategy == "checkpointing" and env.W == 4
+    env.set_scenario("mixed")
+    assert len(env.plans) == 3
+    env.out.fill_(float("nan"))
+    step = env.checked_step_fn(case)          # one validated call on slot set 0
+    for i in range(env.sets_n):
+        step(i, False)
+    assert torch.equal(env.out.float(), torch.full_like(env.out.float(), 0.5))
+    layer = env.cache.layers[0]
+    for i, call in enumerate(calls[1:]):
+        assert call["state"] is layer.state and call["sbi"] is env.slot_sets[i]
+        assert (call["n_writes"], call["items"]) == expected_work_items(env, i)
+        assert call["philox_rounds"] == 10
+        assert (call["rand_seed"] is env.cache.seeds) == (rounding == "sr")
+        assert (call["rand_seed"] is None) == (rounding == "rn")
+        assert call["state_scales"] is layer.state_scale and (layer.state_scale is None) == (dtype != "int8")
+    assert env.peer_work_items() is env.peer_work_items()        # built once per scenario
+    env.set_scenario("all_write")
+    assert [n for n, _ in env.peer_work_items()] == [torch.tensor([3], dtype=torch.int32)] * 3
+
+
+def test_peer_as_shipped_gets_no_tuning_keywords():
+    seen = []
+    bench = fake_bench(peer_entry=lambda *a, **kw: seen.append(set(kw)))
+    case = Case(TINY, Variant("trtllm"), "int8", "sr", "mixed", batch=2, T=2, W=4)
+    env = Env(bench, case)
+    env.set_scenario("mixed")
+    env.step_fn(case)(0, False)
+    assert seen == [{"state", "x_cache", "B_cache", "dt_cache", "ring_start", "prev_num_accepted_tokens", "x", "dt",
+                     "A", "B", "C", "out", "D", "z", "dt_bias", "dt_softplus", "philox_rounds", "state_scales",
+                     "rand_seed", "state_batch_indices", "n_writes", "replay_work_items"}]
+
+
+def test_what_the_peer_cannot_run_is_a_skip():
+    from specssm.bench.runner import GpuBench
+    msg = "fp16 stochastic rounding (PTX cvt.rs.f16x2.f32) requires sm_100a (Blackwell B200+); current SM is 90."
+    bench = fake_bench(peer_entry=standin_peer([], fail=AssertionError(msg)))
+    case = Case(TINY, Variant("trtllm"), "fp16", "sr", "mixed", batch=2, T=2, W=4)
+    env = Env(bench, case)
+    env.set_scenario("mixed")
+    with pytest.raises(Skip, match=r"^trtllm rejected it: AssertionError: fp16 stochastic rounding \(PTX"):
+        env.checked_step_fn(case)
+    # its window is L - T = max(W, T): ours only when W >= T
+    short = Case(TINY, Variant("trtllm"), "fp32", "rn", "mixed", batch=2, T=3, W=2)
+    env = Env(bench, short)
+    env.set_scenario("mixed")
+    with pytest.raises(Skip, match="needs W >= T"):
+        env.step_fn(short)
+    # a peer that failed to import skips its cases with the import error
+    failed = fake_bench(peer_error="importing trtllm=/x failed: ImportError: no triton")
+    env = Env(failed, case)
+    env.set_scenario("mixed")
+    with pytest.raises(Skip, match="^importing trtllm=/x failed"):
+        env.step_fn(case)
+    # never a conv figure for a peer (its span is its own kernels), not even with --conv-all
+    assert not GpuBench.wants_conv(fake_bench(["--conv-all"]), case)
+    assert GpuBench.wants_conv(fake_bench(), Case(TINY, Variant("checkpointing"), "fp32", "rn", "mixed", 2, 2, 4))

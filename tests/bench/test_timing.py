@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from specssm.bench.timing import (BEGIN_MARKER, END_MARKER, DeviceEvent, events_from_trace, spans_by_position,
-                                  split_by_count, split_steps, stats, step_busy, step_span)
+from specssm.bench.timing import (BEGIN_MARKER, END_MARKER, DeviceEvent, events_from_trace, keep_named,
+                                  spans_by_position, split_by_count, split_steps, stats, step_busy, step_span)
 
 
 def ev(name, start, dur):
@@ -99,3 +99,33 @@ def test_split_by_count():
 def test_stats_needs_a_step():
     with pytest.raises(ValueError, match="at least one step"):
         stats([[], []])
+
+
+def peer_step(t):
+    """One step of a peer as its wrapper runs it: torch gathers, its two kernels (the second overlapping
+    the first under PDL), torch scatters. Only the kernels may count: t + 7 to t + 12, 5 us."""
+    return [B(t), ev("Memset (Device)", t + 1, 1), ev("void at::native::gather_kernel<float>", t + 2, 4),
+            ev("_dynamic_precompute_kernel", t + 7, 3), ev("_persistent_main_kernel", t + 8, 4),
+            ev("void at::native::_scatter_gather_elementwise_kernel", t + 13, 5), E(t + 19)]
+
+
+def test_name_filter_times_only_the_peer_kernels():
+    steps = split_steps(peer_step(0) + peer_step(100) + peer_step(200))
+    assert [step_span(s) for s in steps] == [17.0] * 3        # everything between the markers
+    kept = keep_named(steps, ("precompute", "persistent"))
+    assert [[e.name for e in s] for s in kept] == [["_dynamic_precompute_kernel", "_persistent_main_kernel"]] * 3
+    st = stats(kept)
+    assert st.median_us == 5.0 and st.busy_us == 7.0 and st.kernels_per_step == 2 and st.samples == 3
+    # the unfiltered steps are untouched (the filter returns new lists)
+    assert len(steps[0]) == 5
+    # one fragment is enough to keep a kernel; an empty step stays empty
+    assert [len(s) for s in keep_named([steps[0], []], ("persistent",))] == [1, 0]
+
+
+def test_name_filter_refuses_a_step_that_keeps_nothing():
+    steps = split_steps(peer_step(0) + [B(50), ev("void at::native::gather_kernel<float>", 51, 2), E(54)])
+    with pytest.raises(ValueError, match=r"step 1: expected an activity whose name contains one of "
+                                         r"\['precompute', 'persistent'\], got only \['void at::native::gather"):
+        keep_named(steps, ("precompute", "persistent"))
+    with pytest.raises(ValueError, match="at least one name fragment"):
+        keep_named(steps, ())
