@@ -31,8 +31,10 @@ def same_device(a, b) -> bool:
     return a.index == b.index
 
 
-def check_tensor(name: str, t, *, shape=None, dtype=None, dtypes=None, device=None, ndim=None):
-    """Check one tensor argument. `shape` may hold None for free dimensions."""
+def check_tensor(name: str, t, *, shape=None, dtype=None, dtypes=None, device=None, ndim=None, why=""):
+    """Check one tensor argument. `shape` may hold None for free dimensions; `why` says where the
+    expected sizes come from (e.g. "slots of state, H and P of x"), so that a message blaming `name`
+    for a size it shares with another tensor shows which one set it."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -41,7 +43,8 @@ def check_tensor(name: str, t, *, shape=None, dtype=None, dtypes=None, device=No
         ok = t.dim() == len(shape) and all(e is None or e == g for e, g in zip(shape, t.shape))
         if not ok:
             want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
-            raise ValueError(f"{name}: expected shape {want}, got {_shape(t)}")
+            src = f" ({why})" if why else ""
+            raise ValueError(f"{name}: expected shape {want}{src}, got {_shape(t)}")
     if dtype is not None and t.dtype != dtype:
         raise TypeError(f"{name}: expected dtype {dtype}, got {t.dtype}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -91,6 +94,26 @@ def tied_dt(dt, lead: tuple, H: int, P: int, device=None):
         raise ValueError(f"dt: expected tied over head_dim (stride(-1) == 0), got strides "
                          f"{tuple(dt.stride())}; pass dt[..., None].expand(..., P) or a (..., H) tensor")
     return dt[..., 0]
+
+
+def agreed_size(what: str, sizes: dict) -> int:
+    """A size several tensors must share (the slot count, the ring length), as `{name: size}`.
+
+    Returns the size; when they differ, blames the tensor that differs from the others (the odd one
+    out of a majority, else the first that differs from the first one named), so that one wrong tensor
+    is not reported as its neighbour's mistake."""
+    values = list(sizes.values())
+    common = max(values, key=values.count)
+    n = values.count(common)
+    if n == len(values):
+        return common
+    if n == 1 or sum(values.count(v) == n for v in set(values)) > 1:
+        common = values[0]                         # no majority: the first named sets the size
+    keep = [k for k, v in sizes.items() if v == common]
+    odd = next(k for k, v in sizes.items() if v != common)
+    got = ", ".join(f"{k} {v}" for k, v in sizes.items())
+    raise ValueError(f"{odd}: expected {what} {common} (that of {' and '.join(keep)}), got {sizes[odd]} "
+                     f"({what}: {got})")
 
 
 def check_slots_host(name: str, slots: torch.Tensor, num_slots: int, pad_slot_id: int):
@@ -147,30 +170,39 @@ def check_ssu_args(state, x_cache, B_cache, dt_cache, ring_start, pnat, x, dt, A
         check_tensor("x", x, ndim=4)
         batch, T, H, P = x.shape
         lead = (batch, T)
+    nd = len(lead) + 2
     check_tensor("state", state, ndim=4, dtypes=STATE_DTYPES, device=dev)
-    num_slots, Hs, Ps, N = state.shape
-    if (Hs, Ps) != (H, P):
-        raise ValueError(f"state: expected shape (slots, {H}, {P}, N) matching x, got {_shape(state)}")
+    check_tensor("B", B, ndim=nd, dtypes=FLOAT_ACT_DTYPES, device=dev)
+    check_tensor("C", C, ndim=nd, dtype=B.dtype, device=dev)
+    check_tensor("x_cache", x_cache, ndim=4, dtype=x.dtype, device=dev)
+    check_tensor("B_cache", B_cache, ndim=4, dtype=B.dtype, device=dev)
+    # float64 is for float64 reference runs; kernels take float32
+    check_tensor("dt_cache", dt_cache, ndim=3, dtypes=(torch.float32, torch.float64), device=dev)
+    check_tensor("ring_start", ring_start, ndim=1, dtype=torch.int32, device=dev)
+    check_tensor("prev_num_accepted_tokens", pnat, ndim=1, dtype=torch.int32, device=dev)
+    # sizes shared by several tensors: the odd one out is blamed, not the one checked after it
+    N = agreed_size("d_state (last dim)", {"state": state.shape[3], "B": B.shape[-1], "C": C.shape[-1],
+                                           "B_cache": B_cache.shape[3]})
+    num_slots = agreed_size("slot count (dim 0)", {
+        "state": state.shape[0], "x_cache": x_cache.shape[0], "B_cache": B_cache.shape[0],
+        "dt_cache": dt_cache.shape[0], "ring_start": ring_start.shape[0], "prev_num_accepted_tokens": pnat.shape[0]})
+    L = agreed_size("ring length (dim 2)", {"x_cache": x_cache.shape[2], "B_cache": B_cache.shape[2],
+                                            "dt_cache": dt_cache.shape[2]})
+    check_tensor("state", state, shape=(num_slots, H, P, N), why="H and P of x")
     check_inner_contiguous("state", state, 2)
-    check_tensor("B", B, shape=lead + (None, N), dtypes=FLOAT_ACT_DTYPES, device=dev)
+    check_tensor("B", B, shape=lead + (None, N), why="rows/tokens of x")
     G = B.shape[-2]
     if G < 1 or H % G:
         raise ValueError(f"B: expected ngroups dividing nheads={H}, got {G}")
-    check_tensor("C", C, shape=lead + (G, N), dtype=B.dtype, device=dev)
-    check_tensor("x_cache", x_cache, ndim=4, dtype=x.dtype, device=dev)
-    L = x_cache.shape[2]
-    check_tensor("x_cache", x_cache, shape=(num_slots, H, L, P))
-    check_tensor("B_cache", B_cache, shape=(num_slots, G, L, N), dtype=B.dtype, device=dev)
-    # float64 is for float64 reference runs; kernels take float32
-    check_tensor("dt_cache", dt_cache, shape=(num_slots, H, L), dtypes=(torch.float32, torch.float64),
-                 device=dev)
+    check_tensor("C", C, shape=lead + (G, N), why="like B")
+    check_tensor("x_cache", x_cache, shape=(num_slots, H, L, P), why="H and P of x")
+    check_tensor("B_cache", B_cache, shape=(num_slots, G, L, N), why="ngroups of B")
+    check_tensor("dt_cache", dt_cache, shape=(num_slots, H, L), why="H of x")
     for nm, t in (("x_cache", x_cache), ("B_cache", B_cache)):
         check_inner_contiguous(nm, t, 2)
-    check_tensor("ring_start", ring_start, shape=(num_slots,), dtype=torch.int32, device=dev)
-    check_tensor("prev_num_accepted_tokens", pnat, shape=(num_slots,), dtype=torch.int32, device=dev)
-    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev, why="like x")
     if z is not None:
-        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev, why="like x")
     dt_c = tied_dt(dt, lead, H, P, device=dev)
     if dt_c.dtype not in FLOAT_ACT_DTYPES:
         raise TypeError(f"dt: expected a floating dtype, got {dt_c.dtype}")
@@ -181,7 +213,8 @@ def check_ssu_args(state, x_cache, B_cache, dt_cache, ring_start, pnat, x, dt, A
         if state_scale is None:
             raise ValueError(f"state_scale: expected a (slots, {H}, {P}) float32 tensor for "
                              f"{state.dtype} state, got None")
-        check_tensor("state_scale", state_scale, shape=(num_slots, H, P), dtype=torch.float32, device=dev)
+        check_tensor("state_scale", state_scale, shape=(num_slots, H, P), dtype=torch.float32, device=dev,
+                     why="slots, H and P of state")
     if T < 1:
         raise ValueError(f"x: expected at least one token per row, got T={T}")
     W = L - T if window is None else int(window)
@@ -190,7 +223,8 @@ def check_ssu_args(state, x_cache, B_cache, dt_cache, ring_start, pnat, x, dt, A
                          f"when not given), got {W}")
     # pnat <= max(W, T) after any commit; its reads and the T appends must fit the ring disjointly.
     if max(W, T) + T > L:
-        raise ValueError(f"x: expected max(window, T) + T <= ring length {L} (window={W}), got T={T}")
+        raise ValueError(f"x: expected max(window, T) + T <= the ring length {L} of x_cache, B_cache and "
+                         f"dt_cache (window={W}), got T={T}")
     check_slot_rows(state_batch_indices, batch, num_slots, pad_slot_id, dev, check_slots)
     if varlen and check_slots:
         cs = cu_seqlens.detach().cpu().to(torch.int64)
@@ -209,7 +243,7 @@ def check_slot_rows(state_batch_indices, batch, num_slots, pad_slot_id, device, 
     """state_batch_indices: `(batch,)` int32/int64 slot ids (or None: row b uses slot b)."""
     if state_batch_indices is not None:
         check_tensor("state_batch_indices", state_batch_indices, shape=(batch,),
-                     dtypes=(torch.int32, torch.int64), device=device)
+                     dtypes=(torch.int32, torch.int64), device=device, why="one slot per row of x")
         if check_slots:
             check_slots_host("state_batch_indices", state_batch_indices, num_slots, pad_slot_id)
     elif batch > num_slots:
@@ -226,16 +260,18 @@ def check_all_states_args(states, state_index, x, dt, A, B, C, out, D, z, dt_bia
     check_tensor("states", states, ndim=5, dtypes=ALL_STATES_DTYPES, device=dev)
     slots, Ts, Hs, Ps, N = states.shape
     if (Ts, Hs, Ps) != (T, H, P):
-        raise ValueError(f"states: expected shape (slots, {T}, {H}, {P}, N), got {tuple(states.shape)}")
-    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=dev)
-    check_tensor("B", B, shape=(batch, T, None, N), dtypes=FLOAT_ACT_DTYPES, device=dev)
+        raise ValueError(f"states: expected shape (slots, {T}, {H}, {P}, N) (T, H and P of x), got "
+                         f"{tuple(states.shape)}")
+    check_tensor("state_index", state_index, shape=(slots,), dtype=torch.int32, device=dev, why="slots of states")
+    check_tensor("B", B, shape=(batch, T, None, N), dtypes=FLOAT_ACT_DTYPES, device=dev,
+                 why="batch and T of x, N of states")
     G = B.shape[2]
     if G < 1 or H % G:
         raise ValueError(f"B: expected ngroups dividing nheads={H}, got {G}")
-    check_tensor("C", C, shape=tuple(B.shape), dtype=B.dtype, device=dev)
-    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+    check_tensor("C", C, shape=tuple(B.shape), dtype=B.dtype, device=dev, why="like B")
+    check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=dev, why="like x")
     if z is not None:
-        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev)
+        check_tensor("z", z, shape=tuple(x.shape), dtype=x.dtype, device=dev, why="like x")
     dt_c = tied_dt(dt, (batch, T), H, P, device=dev)
     if dt_c.dtype not in FLOAT_ACT_DTYPES:
         raise TypeError(f"dt: expected a floating dtype, got {dt_c.dtype}")

@@ -131,3 +131,12 @@ def test_check_ssu_args_ring_bound():
                  out=torch.zeros(3, 6, 4, 8))
     ck.check_ssu_args(**ssu_args(**lead6, window=14))
     raises(ValueError, "x", ck.check_ssu_args, **ssu_args(**lead6, window=15))
+
+
+def test_agreed_size_blames_the_odd_one_out():
+    assert ck.agreed_size("L", {"a": 5, "b": 5, "c": 5}) == 5
+    msg = raises(ValueError, "a", ck.agreed_size, "ring length", {"a": 11, "b": 20, "c": 20})
+    assert msg == "a: expected ring length 20 (that of b and c), got 11 (ring length: a 11, b 20, c 20)"
+    raises(ValueError, "c", ck.agreed_size, "L", {"a": 20, "b": 20, "c": 11})
+    raises(ValueError, "b", ck.agreed_size, "L", {"a": 1, "b": 2, "c": 3})             # no majority: a sets it
+    raises(ValueError, "c", ck.agreed_size, "L", {"a": 1, "b": 1, "c": 2, "d": 2})     # a tie: a sets it

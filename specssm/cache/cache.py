@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specssm._checks import MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
+from specssm._checks import FLOAT_ACT_DTYPES, MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
 
@@ -121,8 +121,20 @@ class SSMCache:
                 lc.state_scale[idx] = 1.0
 
     def write_state(self, layer: int, slots: torch.Tensor, h: torch.Tensor) -> None:
-        """Store prefill states `h (n, H, P, N)` (rounded to nearest) as the checkpoint of `slots`,
-        with an empty history."""
+        """Store prefill states `h (n, H, P, N)` (rounded to nearest) as the checkpoint of `slots`
+        (n distinct slot ids), with an empty history. Checked before anything is written."""
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64))
+        s = slots.detach().cpu().long()
+        bad = (s < 0) | (s >= self.num_slots)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"slots: expected slot ids in [0, {self.num_slots}), got {int(s[i])} at index {i}")
+        if s.numel() != torch.unique(s).numel():
+            raise ValueError(f"slots: expected distinct slot ids, got {s.tolist()}")
+        check_tensor("h", h, shape=(s.numel(), self.H, self.P, self.N), dtypes=FLOAT_ACT_DTYPES,
+                     why="one (H, P, N) state per slot")
         lc = self.layers[layer]
         idx = slots.to(self.device, torch.int64)
         q, scale = encode_state(h, self.state_dtype)

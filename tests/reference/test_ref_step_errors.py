@@ -97,6 +97,15 @@ SLOTS = {
                         "state_batch_indices"),
     "more rows than slots without indices": (lambda kw: five_rows(kw), "x"),
 }
+# which tensor a size shared by several is blamed on: the one that differs, not the one checked after it
+SHARED_SIZES = {
+    "x_cache: ring of 11": (replace(x_cache=lambda t: t[:, :, :11]), "x_cache"),
+    "B_cache: ring of 11": (replace(B_cache=lambda t: t[:, :, :11]), "B_cache"),
+    "state: one slot less": (replace(state=lambda t: t[:-1]), "state"),
+    "x_cache: one slot less": (replace(x_cache=lambda t: t[:-1]), "x_cache"),
+    "state: N + 1": (replace(state=lambda t: torch.cat([t, t[..., :1]], -1)), "state"),
+    "B_cache: N - 1": (replace(B_cache=lambda t: t[..., :-1]), "B_cache"),
+}
 WINDOW = {
     "window 17": (replace(window=17), "window"),
     "window -1": (replace(window=-1), "window"),
@@ -106,7 +115,7 @@ OPTIONS = {
     "no_write_form": (replace(no_write_form="square"), "no_write_form"),
     "sr without seeds": (replace(rounding="sr"), "rand_seed"),
 }
-CASES = {**SHAPE, **DTYPE, **DEVICE, **TIED, **SLOTS, **WINDOW, **OPTIONS}
+CASES = {**SHAPE, **DTYPE, **DEVICE, **TIED, **SLOTS, **SHARED_SIZES, **WINDOW, **OPTIONS}
 
 
 @pytest.mark.parametrize("what", list(CASES))
@@ -115,6 +124,18 @@ def test_checkpointing_bad_input(what):
     case = base_case()
     assert_rejected_untouched(checkpointing_ssu_ref, mutate(case.kwargs()), name)
     assert case.unchanged_since(case.before) == []
+
+
+def test_shared_size_messages():
+    """A size several tensors share is blamed on the odd one out, and the message says whose size it
+    expected; a size set by x says so."""
+    case = base_case()
+    with pytest.raises(ValueError) as e:
+        checkpointing_ssu_ref(**SHARED_SIZES["x_cache: ring of 11"][0](case.kwargs()))
+    assert "expected ring length (dim 2) 20 (that of B_cache and dt_cache), got 11" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        checkpointing_ssu_ref(**SHAPE["x_cache: wrong H"][0](case.kwargs()))
+    assert str(e.value).startswith("x_cache: expected shape (4, 4, 20, 8) (H and P of x), got (4, 3, 20, 8)")
 
 
 @pytest.mark.parametrize("T,window", [(6, 16), (16, 16), (16, None), (11, 4)])
