@@ -129,6 +129,30 @@ def check_slots_host(name: str, slots: torch.Tensor, num_slots: int, pad_slot_id
         raise ValueError(f"{name}: expected each slot at most once per step, got duplicates in {s.tolist()}")
 
 
+def check_ring_values_host(ring_start, pnat, state_batch_indices, batch, pad_slot_id, W, T, L,
+                           names=("ring_start", "prev_num_accepted_tokens")):
+    """Range check of the per-slot ring position of the step's live rows, on the host (free for CPU
+    tensors, one sync for GPU ones): pnat in [0, max(W, T)] (a flush leaves pnat = accepted <= T, which
+    exceeds W when W < T) and ring_start in [0, L). Other slots (free, not in this step) may hold
+    anything. state_batch_indices None: row b uses slot b."""
+    if state_batch_indices is None:
+        slots = torch.arange(batch, dtype=torch.int64)
+    else:
+        slots = state_batch_indices.detach().to("cpu", torch.int64)
+    rows = (slots != pad_slot_id).nonzero().flatten()
+    live = slots[rows]
+    cap = max(W, T)
+    for name, values, lo, hi, rng in (
+            (names[1], pnat, 0, cap, f"[0, {cap}] (max(window={W}, T={T}))"),
+            (names[0], ring_start, 0, L - 1, f"[0, {L}) (the ring length)")):
+        v = values.detach().to("cpu", torch.int64)[live]
+        bad = (v < lo) | (v > hi)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}: expected values in {rng} for the slots of live rows, got {int(v[i])} "
+                             f"for slot {int(live[i])} (row {int(rows[i])})")
+
+
 @dataclass(frozen=True)
 class SSUShapes:
     """Sizes of one state-update call, derived and checked from its arguments."""
@@ -226,6 +250,8 @@ def check_ssu_args(state, x_cache, B_cache, dt_cache, ring_start, pnat, x, dt, A
         raise ValueError(f"x: expected max(window, T) + T <= the ring length {L} of x_cache, B_cache and "
                          f"dt_cache (window={W}), got T={T}")
     check_slot_rows(state_batch_indices, batch, num_slots, pad_slot_id, dev, check_slots)
+    if check_slots:
+        check_ring_values_host(ring_start, pnat, state_batch_indices, batch, pad_slot_id, W, T, L)
     if varlen and check_slots:
         cs = cu_seqlens.detach().cpu().to(torch.int64)
         lens = cs[1:] - cs[:-1]
