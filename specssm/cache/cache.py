@@ -182,16 +182,17 @@ class SSMCache:
             live = slots.detach().cpu() != self.pad_slot_id
             # a row of more than T tokens would leave pnat > max(W, T): the next step's reads and
             # appends would overlap in the ring
+            s = slots.detach().cpu()
             bad = live & ((n < 0) | (n > self.T))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"num_tokens: expected row lengths in [0, max_tokens={self.T}], got "
-                                 f"{int(n[i])} at row {i}")
+                                 f"{int(n[i])} at row {i} (slot {int(s[i])})")
             bad = live & ((a < 1) | (a > n))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
-                                 f"{int(a[i])} at row {i}")
+                                 f"{int(a[i])} at row {i} (slot {int(s[i])})")
         idx = torch.where(slots == self.pad_slot_id, self.num_slots, slots.long())
         acc = accepted.to(torch.int32)
         if self.strategy == "all_states":
