@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specssm._runtime import interpreting, kernels_interpreted
+
 FLOAT_ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8,
                 torch.float8_e4m3fn, torch.int16)
@@ -307,9 +309,31 @@ def check_all_states_args(states, state_index, x, dt, A, B, C, out, D, z, dt_bia
     return N, G, dt_c, A_h, D_h, bias_h
 
 
+CPU_FIX = ("set TRITON_INTERPRET=1 in the environment before triton is imported (e.g. `TRITON_INTERPRET=1 "
+           "python script.py`), or use a CUDA device; the float64 references (specssm.reference) run anywhere")
+
+
+def check_triton_device(name: str, device) -> None:
+    """The Triton kernels launch on a CUDA device, or on the CPU through the Triton interpreter only;
+    without it Triton fails at the launch with "0 active drivers". Raises RuntimeError naming the fix
+    before anything is written."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"{name}: expected a CUDA or CPU tensor for the Triton kernels, got device {device}")
+    if kernels_interpreted():
+        return
+    late = " (it is set now, but was not when the kernels were imported)" if interpreting() else ""
+    raise RuntimeError(f"{name}: got a CPU tensor, but the Triton kernels run on the CPU only through the "
+                       f"Triton interpreter, which is off{late}. Fix: {CPU_FIX}")
+
+
 def check_kernel_layout(x, B, C, out, z):
-    """What the Triton kernels need beyond the shapes: unit stride in the last dimension (vector
-    loads) and C laid out like B (one set of strides for both)."""
+    """What the Triton kernels need beyond the shapes: a device they run on (CUDA, or the CPU under
+    the interpreter), unit stride in the last dimension (vector loads) and C laid out like B (one set
+    of strides for both)."""
+    check_triton_device("x", x.device)
     for name, t in (("x", x), ("B", B), ("C", C), ("out", out), ("z", z)):
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a contiguous last dimension (stride 1), got strides "
