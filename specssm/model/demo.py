@@ -26,18 +26,21 @@ PROMPTS = [b"The quick brown fox jumps over the lazy dog. ", b"Mamba2 state spac
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="specssm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (default small)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (the Triton interpreter with TRITON_INTERPRET=1, else the float64 reference) or cuda")
     p.add_argument("--tokens", type=int, default=None, help="tokens generated per request "
                    "(default 48 on cpu, 256 on cuda)")
     p.add_argument("--batch", type=int, default=None, help="requests decoded together (default 2 on cpu, 8 on cuda)")
     p.add_argument("-T", "--tokens-per-step", dest="T", type=int, default=6,
                    help="tokens verified per step = draft length + 1 (default 6)")
     p.add_argument("--window", type=int, default=16, help="history window W of the checkpointing cache")
-    p.add_argument("--drafter", choices=("ngram", "random"), default="ngram")
+    p.add_argument("--drafter", choices=("ngram", "random"), default="ngram",
+                   help="draft tokens from n-grams of the context (accepts often) or at random (rarely)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp64"), default="fp32",
                    help="activations (default fp32: greedy equality needs ties that cannot flip)")
-    p.add_argument("--state-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--state-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the SSM checkpoint in the cache (default fp32)")
     p.add_argument("--ssu", choices=("auto", "op", "reference"), default="auto",
                    help="SSM step: the Triton op, the float64 reference, or auto (the op where it runs)")
     p.add_argument("--greedy", choices=("reference", "cache", "both"), default=None,
