@@ -13,6 +13,8 @@ import torch
 from specssm.ops import checkpointing_ssu
 from tests.ops.helpers import make_step
 
+# the interpreter's numpy warns about the NaN / Inf it is given here on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 FIELDS = ("state", "state_scale", "x_cache", "B_cache", "dt_cache")
 INPUTS = ("x", "z", "B", "C")
 # rows: write (pnat 14 + 4 > 16), padding, no-write (3 + 4), write at the boundary (13 + 4 = 17)
