@@ -4,10 +4,10 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml .ci/requirements.txt
 	$(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q "torch==2.13.0" "triton==3.6.0" "numpy<2.4" pytest matplotlib
+	$(VPY) -m pip install -q -r .ci/requirements.txt     # the pins, in one place
 	$(VPY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -19,8 +19,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m specssm demo
 
-# On a GPU machine (the device): the whole suite on real hardware.
+# On a GPU machine (the device): the whole suite on real hardware, on that machine's Python (its torch
+# is built for its CUDA; GPU_PY=... to pick another), after checking its versions against pyproject.toml.
+GPU_PY ?= python3
 gpu-test:
-	$(PY) -m pytest -q -m gpu tests
+	$(GPU_PY) scripts/check_versions.py
+	$(GPU_PY) -m pytest -q -m gpu tests
 
 .PHONY: setup test demo gpu-test

@@ -18,8 +18,10 @@ case "${1:-tests}" in
       rest) sel=(tests --ignore=tests/ops) ;;
       *) echo "tests: expected all, ops or rest, got ${2}" >&2; exit 2 ;;
     esac
-    python3 -m pytest -q -m gpu "${sel[@]}" -p no:cacheprovider --durations=5 > "$OUT/gpu_tests.log" 2>&1
-    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20 ;;
+    # the machine's torch / triton against pyproject.toml's range (logged; the suite runs either way)
+    python3 scripts/check_versions.py > "$OUT/gpu_tests.log" 2>&1
+    python3 -m pytest -q -m gpu "${sel[@]}" -p no:cacheprovider --durations=5 >> "$OUT/gpu_tests.log" 2>&1
+    grep -E "^versions|^unsupported|^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20 ;;
   bench)
     # the committed benchmarks/results/<card>.md (~2.5 min on an H200 or H100); --batches 1,2,4,...,1024 for the
     # full matrix (use --time-budget and --resume). With .peers/trtllm_replay (benchmarks/README.md) the seed

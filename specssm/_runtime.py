@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -10,6 +11,16 @@ import torch
 def interpreting() -> bool:
     """Whether Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernels_interpreted() -> bool:
+    """Whether specssm's Triton kernels were built for the CPU interpreter. `triton.jit` decides when a
+    kernel is defined, so what counts is TRITON_INTERPRET when the kernel modules were imported (read
+    back from specssm.quant.rounding, which every step kernel imports), not its value now."""
+    rounding = sys.modules.get("specssm.quant.rounding")
+    if rounding is not None:
+        return not rounding.COMPILED.value
+    return interpreting()
 
 
 @functools.lru_cache(maxsize=None)

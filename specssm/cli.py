@@ -16,8 +16,14 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {k:6s} {v[1]}" for k, v in COMMANDS.items())
-        print(f"usage: specssm <command> [options]\n\ncommands:\n{lines}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        usage = f"usage: specssm <command> [options]\n\ncommands:\n{lines}\n\n`specssm <command> --help` for its options"
+        if argv and argv[0] in ("-h", "--help"):
+            print(usage)
+            return 0
+        # no command or an unknown one: usage on stderr, exit code 2 (as argparse does)
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"specssm: {what}\n{usage}", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

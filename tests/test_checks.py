@@ -131,3 +131,54 @@ def test_check_ssu_args_ring_bound():
                  out=torch.zeros(3, 6, 4, 8))
     ck.check_ssu_args(**ssu_args(**lead6, window=14))
     raises(ValueError, "x", ck.check_ssu_args, **ssu_args(**lead6, window=15))
+
+
+def test_agreed_size_blames_the_odd_one_out():
+    assert ck.agreed_size("L", {"a": 5, "b": 5, "c": 5}) == 5
+    msg = raises(ValueError, "a", ck.agreed_size, "ring length", {"a": 11, "b": 20, "c": 20})
+    assert msg == "a: expected ring length 20 (that of b and c), got 11 (ring length: a 11, b 20, c 20)"
+    raises(ValueError, "c", ck.agreed_size, "L", {"a": 20, "b": 20, "c": 11})
+    raises(ValueError, "b", ck.agreed_size, "L", {"a": 1, "b": 2, "c": 3})             # no majority: a sets it
+    raises(ValueError, "c", ck.agreed_size, "L", {"a": 1, "b": 1, "c": 2, "d": 2})     # a tie: a sets it
+
+
+def test_check_ring_values_host():
+    """pnat in [0, max(W, T)], ring_start in [0, L) for the slots of live rows; free slots and
+    padding rows may hold anything. The message names the argument, value, slot, row and range."""
+    W, T, L = 16, 4, 20
+    rs = torch.tensor([0, 99, 19, 5, -3], dtype=torch.int32)          # slots 1 and 4 are not in the step
+    pn = torch.tensor([16, -1, 0, 3, 40], dtype=torch.int32)
+    sbi = torch.tensor([2, -1, 0, 3], dtype=torch.int32)
+    ck.check_ring_values_host(rs, pn, sbi, 4, -1, W, T, L)
+    cases = [("prev_num_accepted_tokens", pn, 17, "[0, 16]"), ("prev_num_accepted_tokens", pn, -1, "[0, 16]"),
+             ("ring_start", rs, 20, "[0, 20)"), ("ring_start", rs, -1, "[0, 20)")]
+    for name, t, v, rng in cases:
+        bad = t.clone()
+        bad[3] = v                                                       # slot 3 is row 3
+        args = (bad, pn, sbi) if name == "ring_start" else (rs, bad, sbi)
+        msg = raises(ValueError, name, ck.check_ring_values_host, *args, 4, -1, W, T, L)
+        assert f"got {v} for slot 3 (row 3)" in msg and rng in msg, msg
+    # W < T: a flush leaves pnat = accepted <= T, so T is in range
+    rs12 = rs % 12
+    ck.check_ring_values_host(rs12, torch.full((5,), 6, dtype=torch.int32), sbi, 4, -1, 4, 6, 12)
+    raises(ValueError, "prev_num_accepted_tokens", ck.check_ring_values_host, rs12,
+           torch.full((5,), 7, dtype=torch.int32), sbi, 4, -1, 4, 6, 12)
+    # no state_batch_indices: row b is slot b (slot 4, holding -3 / 40, is not in a batch of 4)
+    ck.check_ring_values_host(rs.clamp(0, 19), pn.clamp(0, 16), None, 4, -1, W, T, L)
+    msg = raises(ValueError, "ring_start", ck.check_ring_values_host, rs, pn.clamp(0, 16), None, 4, -1, W, T, L)
+    assert "got 99 for slot 1 (row 1)" in msg
+
+
+def test_check_ssu_args_ring_values():
+    """check_ssu_args runs the ring-value check with the slot check, and skips both with check_slots=False."""
+    pn = torch.zeros(5, dtype=torch.int32)
+    pn[4] = 17                                                          # row 0's slot
+    msg = raises(ValueError, "prev_num_accepted_tokens", ck.check_ssu_args, **ssu_args(pnat=pn))
+    assert "got 17 for slot 4 (row 0)" in msg
+    ck.check_ssu_args(**ssu_args(pnat=pn), check_slots=False)
+    rs = torch.zeros(5, dtype=torch.int32)
+    rs[0] = 20                                                          # row 2's slot; L = 20
+    msg = raises(ValueError, "ring_start", ck.check_ssu_args, **ssu_args(ring_start=rs))
+    assert "got 20 for slot 0 (row 2)" in msg
+    rs[0], rs[1] = 0, 20                                                # slot 1: not in the step
+    ck.check_ssu_args(**ssu_args(ring_start=rs))

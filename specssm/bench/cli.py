@@ -76,11 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cold-factor", type=float, default=4.0, help="state bytes between visits of a slot, x L2")
     t.add_argument("--max-sets", type=int, default=4096, help="most slot sets (steps) in one graph")
     t.add_argument("--mem-fraction", type=float, default=0.6, help="share of free GPU memory for the caches")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the inputs, slot sets and acceptance draws")
     o = ap.add_argument_group("output")
     o.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
     o.add_argument("--results-md", help="also write the summary markdown here (e.g. benchmarks/results/H100.md)")
-    o.add_argument("--no-plots", dest="plots", action="store_false")
+    o.add_argument("--no-plots", dest="plots", action="store_false", help="write no figures (no matplotlib needed)")
     o.add_argument("--resume", action="store_true", help="keep the measured cases of --out/results.json "
                    "(same card) and run only the others")
     o.add_argument("--time-budget", type=float, help="seconds; start no new case after it "

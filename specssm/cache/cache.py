@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specssm._checks import MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
+from specssm._checks import FLOAT_ACT_DTYPES, MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
 
@@ -121,8 +121,20 @@ class SSMCache:
                 lc.state_scale[idx] = 1.0
 
     def write_state(self, layer: int, slots: torch.Tensor, h: torch.Tensor) -> None:
-        """Store prefill states `h (n, H, P, N)` (rounded to nearest) as the checkpoint of `slots`,
-        with an empty history."""
+        """Store prefill states `h (n, H, P, N)` (rounded to nearest) as the checkpoint of `slots`
+        (n distinct slot ids), with an empty history. Checked before anything is written."""
+        if not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer: expected an int in [0, {self.num_layers}), got {layer!r}")
+        check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64))
+        s = slots.detach().cpu().long()
+        bad = (s < 0) | (s >= self.num_slots)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"slots: expected slot ids in [0, {self.num_slots}), got {int(s[i])} at index {i}")
+        if s.numel() != torch.unique(s).numel():
+            raise ValueError(f"slots: expected distinct slot ids, got {s.tolist()}")
+        check_tensor("h", h, shape=(s.numel(), self.H, self.P, self.N), dtypes=FLOAT_ACT_DTYPES,
+                     why="one (H, P, N) state per slot")
         lc = self.layers[layer]
         idx = slots.to(self.device, torch.int64)
         q, scale = encode_state(h, self.state_dtype)
@@ -170,16 +182,17 @@ class SSMCache:
             live = slots.detach().cpu() != self.pad_slot_id
             # a row of more than T tokens would leave pnat > max(W, T): the next step's reads and
             # appends would overlap in the ring
+            s = slots.detach().cpu()
             bad = live & ((n < 0) | (n > self.T))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"num_tokens: expected row lengths in [0, max_tokens={self.T}], got "
-                                 f"{int(n[i])} at row {i}")
+                                 f"{int(n[i])} at row {i} (slot {int(s[i])})")
             bad = live & ((a < 1) | (a > n))
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
-                                 f"{int(a[i])} at row {i}")
+                                 f"{int(a[i])} at row {i} (slot {int(s[i])})")
         idx = torch.where(slots == self.pad_slot_id, self.num_slots, slots.long())
         acc = accepted.to(torch.int32)
         if self.strategy == "all_states":

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from specssm._checks import check_slots_host
+from specssm._checks import CPU_FIX, check_slots_host
 from specssm._runtime import pdl_supported as _pdl_supported
 
 __all__ = ["conv1d_update"]
@@ -140,7 +140,8 @@ def _check_inputs(xBC, conv_state, conv_offset, weight, bias, activation, state_
         raise ValueError(f"xBC: got T = {T} tokens per row, expected T >= 1")
     device = xBC.device
     if device.type != "cuda" and not _interpreting():
-        raise ValueError(f"xBC: got device {device}, expected a CUDA device (or TRITON_INTERPRET=1 for CPU)")
+        raise ValueError(f"xBC: got device {device}, expected a CUDA device, or the CPU under the Triton "
+                         f"interpreter (off when this kernel was imported). Fix: {CPU_FIX}")
 
     _tensor("weight", weight, "a (conv_dim, d_conv) torch.Tensor")
     if weight.dim() == 3 and weight.shape[1] == 1:  # nn.Conv1d(groups=conv_dim).weight

@@ -12,11 +12,11 @@ import time
 
 import torch
 
+from specssm._runtime import kernels_interpreted
 from specssm.model.config import SIZES
 from specssm.model.decode import (NgramDrafter, RandomDrafter, compare_tokens, greedy_generate,
                                   reference_greedy, speculative_generate)
 from specssm.model.lm import TinyMamba2LM
-from specssm.model.mixer import interpreting
 from specssm.model.tp import DTYPES
 
 PROMPTS = [b"The quick brown fox jumps over the lazy dog. ", b"Mamba2 state space model, speculative decoding: ",
@@ -26,18 +26,21 @@ PROMPTS = [b"The quick brown fox jumps over the lazy dog. ", b"Mamba2 state spac
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="specssm demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="model size (default small)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (the Triton interpreter with TRITON_INTERPRET=1, else the float64 reference) or cuda")
     p.add_argument("--tokens", type=int, default=None, help="tokens generated per request "
                    "(default 48 on cpu, 256 on cuda)")
     p.add_argument("--batch", type=int, default=None, help="requests decoded together (default 2 on cpu, 8 on cuda)")
     p.add_argument("-T", "--tokens-per-step", dest="T", type=int, default=6,
                    help="tokens verified per step = draft length + 1 (default 6)")
     p.add_argument("--window", type=int, default=16, help="history window W of the checkpointing cache")
-    p.add_argument("--drafter", choices=("ngram", "random"), default="ngram")
+    p.add_argument("--drafter", choices=("ngram", "random"), default="ngram",
+                   help="draft tokens from n-grams of the context (accepts often) or at random (rarely)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16", "fp64"), default="fp32",
                    help="activations (default fp32: greedy equality needs ties that cannot flip)")
-    p.add_argument("--state-dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--state-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the SSM checkpoint in the cache (default fp32)")
     p.add_argument("--ssu", choices=("auto", "op", "reference"), default="auto",
                    help="SSM step: the Triton op, the float64 reference, or auto (the op where it runs)")
     p.add_argument("--greedy", choices=("reference", "cache", "both"), default=None,
@@ -57,6 +60,11 @@ def parse_args(argv):
         if getattr(a, name) < 1:
             p.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
     return a
+
+
+def _kernels_run_here() -> bool:
+    """On the CPU: the Triton interpreter was on when the kernels were (or will be) imported."""
+    return kernels_interpreted()
 
 
 def _show(tokens, n=24) -> str:
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
     cfg = SIZES[a.size]
     dtype = DTYPES[a.dtype]
     prompts = [torch.tensor(list(PROMPTS[i % len(PROMPTS)]), dtype=torch.int64) for i in range(a.batch)]
-    mode = "Triton interpreter" if a.device == "cpu" and interpreting() else a.device
+    mode = "Triton interpreter" if a.device == "cpu" and _kernels_run_here() else a.device
     print(f"specssm demo: tiny Mamba2 LM '{a.size}' (d_model {cfg.d_model}, {cfg.n_layers} layers, H {cfg.nheads}, "
           f"P {cfg.head_dim}, N {cfg.d_state}, G {cfg.ngroups}, vocab {cfg.vocab_size}), seed {a.seed}, "
           f"{a.dtype} on {mode}")
@@ -111,6 +119,11 @@ def main(argv=None) -> int:
           f"checkpointing cache W = {a.window}, {a.state_dtype} state")
     model = TinyMamba2LM(cfg, seed=a.seed, dtype=dtype, device=a.device, ssu=a.ssu, precision="exact")
     print(f"ops: ssu = {model.ssu_name}; conv = {model.conv_name}")
+    if a.device == "cpu" and a.ssu == "auto" and not _kernels_run_here():
+        print("note: TRITON_INTERPRET=1 is not set, so the Triton kernels cannot run on this CPU: the demo "
+              "falls back to the float64 reference step and the torch conv (it checks the cache contract, "
+              "not the kernels). `TRITON_INTERPRET=1 specssm demo` (what `make demo` runs) decodes through "
+              "the kernels in the interpreter.")
     state_dtype = DTYPES[a.state_dtype]
 
     def drafter():
@@ -166,7 +179,7 @@ def main(argv=None) -> int:
             print(f"fast mode: not available ({model.ssu_name} has one precision)")
     elif a.tp > 1:
         print("fast mode: not run with --tp")
-    elif interpreting():
+    elif _kernels_run_here():
         print("fast mode: skipped (the interpreter runs tf32 dots as fp32, so it equals exact; --fast-check on to run)")
     else:
         print("fast mode: skipped (--fast-check on to run)")

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from specssm._checks import check_ring_values_host, check_slots_host, check_tensor
 from specssm.cache import StepPlan
 from specssm.model.cache import ModelCache
 from specssm.model.config import Mamba2Config
@@ -66,12 +67,13 @@ class TinyMamba2LM(torch.nn.Module):
 
     def set_ops(self, ssu="auto", conv="auto", precision: str = "exact", validate: bool = True,
                 pdl: bool = False) -> None:
-        """Choose the SSM step op and the conv update used by `step`."""
+        """Choose the SSM step op and the conv update used by `step`. validate: `step` checks the
+        slots and their pnat / ring_start on the host first (a sync on a GPU; False in CUDA graphs)."""
         self.ssu, self.ssu_name = resolve_ssu(ssu, self.device, precision, validate, self.dtype, pdl)
         self._ssu_takes_plan = "plan" in inspect.signature(self.ssu).parameters
         self._plan = None
         self.conv, self.conv_name = resolve_conv(conv, self.device, self.dtype, pdl)
-        self.precision, self.pdl = precision, pdl
+        self.precision, self.pdl, self.validate = precision, pdl, validate
 
     @property
     def local_cfg(self) -> Mamba2Config:
@@ -106,6 +108,8 @@ class TinyMamba2LM(torch.nn.Module):
         if tokens.shape[1] > cache.max_tokens:
             raise ValueError(f"tokens: expected at most {cache.max_tokens} tokens per row (cache max_tokens), "
                              f"got {tokens.shape[1]}")
+        if self.validate:
+            self._check_slots(cache, slots, tokens.shape[0], tokens.shape[1])
         h = self.embedding[tokens.to(self.device)]
         ssu = self.ssu
         if self._ssu_takes_plan and self._reads_plan(slots.shape[0], cache):
@@ -113,6 +117,17 @@ class TinyMamba2LM(torch.nn.Module):
         for norm_w, mixer in zip(self.layer_norms, self.mixers):
             h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, ssu, self.conv)
         return self._logits(h)
+
+    @staticmethod
+    def _check_slots(cache: ModelCache, slots: torch.Tensor, batch: int, T: int) -> None:
+        """The step's slot ids and their ring position (pnat, ring_start), checked on the host before
+        the first layer's conv writes anything (the step op checks them again per layer)."""
+        ssm = cache.ssm
+        check_tensor("slots", slots, shape=(batch,), dtypes=(torch.int32, torch.int64),
+                     why="one slot per row of tokens")
+        check_slots_host("slots", slots, ssm.num_slots, cache.pad_slot_id)
+        check_ring_values_host(ssm.ring_start, ssm.pnat, slots, batch, cache.pad_slot_id, ssm.W, T, ssm.L,
+                               names=("cache.ssm.ring_start", "cache.ssm.pnat"))
 
     def _reads_plan(self, batch: int, cache: ModelCache) -> bool:
         """Whether this step's op reads a plan. The Triton op from `resolve_ssu` does not below its split

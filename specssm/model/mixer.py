@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from specssm._runtime import interpreting
+from specssm._runtime import interpreting, kernels_interpreted  # noqa: F401 (interpreting: imported from here)
 from specssm.conv import conv_state_from_prefill
 from specssm.conv.reference import conv1d_sequential_ref, conv1d_window_ref, conv_context_ref
 from specssm.model.config import Mamba2Config
@@ -95,7 +95,8 @@ def shard_mixer_params(cfg: Mamba2Config, params: dict, rank: int, tp: int) -> d
 # ---- pluggable pieces: the SSM step op and the conv update ------------------------------------------
 
 def _triton_usable(device) -> bool:
-    return torch.device(device).type == "cuda" or interpreting()
+    # the interpreter as the kernels were built (TRITON_INTERPRET at their import), not as it is now
+    return torch.device(device).type == "cuda" or kernels_interpreted()
 
 
 def resolve_ssu(ssu="auto", device="cpu", precision="exact", validate=True, dtype=torch.float32, pdl=False):

@@ -541,13 +541,13 @@ def main(argv=None) -> int:
     ap.add_argument("--roundings", default=",".join(ROUNDINGS), help="comma list of rn,sr")
     ap.add_argument("--policies", default=",".join(POLICIES),
                     help="comma list of W16 (window 16), W8 (window 8), always (flush every step)")
-    ap.add_argument("--rows", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=2, help="requests (slots) per configuration (default 2)")
     ap.add_argument("--heads", type=int, default=4,
                     help="H; the heads' decay rates |A|·dt are log-spaced over [--decay-lo, --decay-hi]")
-    ap.add_argument("--head-dim", type=int, default=16)
-    ap.add_argument("--d-state", type=int, default=32)
-    ap.add_argument("--T", type=int, default=6)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--head-dim", type=int, default=16, help="P (default 16)")
+    ap.add_argument("--d-state", type=int, default=32, help="N (default 32)")
+    ap.add_argument("--T", type=int, default=6, help="tokens per verify step = draft length + 1 (default 6)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the inputs and acceptance draws")
     ap.add_argument("--decay-lo", type=float, default=1e-3, help="decay rate |A|·dt per token, slowest head")
     ap.add_argument("--decay-hi", type=float, default=2.0, help="decay rate |A|·dt per token, fastest head")
     ap.add_argument("--dt-noise", type=float, default=0.5, help="std of raw dt around dt_bias (0: constant dt)")
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
                     help="persistent part of x and B (fixed ±1 patterns times this; 0: zero-mean inputs)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     ap.add_argument("--out", default="drift_out", help="output folder (results.md, drift.json, drift.png)")
-    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--no-plot", action="store_true", help="write no drift.png (no matplotlib needed)")
     a = ap.parse_args(argv)
     steps = a.steps if a.steps is not None else (QUICK_STEPS if a.quick else 2000)
     try:

@@ -58,7 +58,7 @@ def simulate(ssu, *, steps=200, num_slots=8, batch=6, layers=2, H=4, P=8, N=8, G
     def start(slot):
         hs = [torch.randn(H, P, N, dtype=torch.float64, generator=gen) for _ in range(layers)]
         for li, h in enumerate(hs):
-            cache.write_state(li, torch.tensor([slot]), h)
+            cache.write_state(li, torch.tensor([slot]), h[None])
         truth[slot] = [cache.implied_state(li, slot, params[li][0]) for li in range(layers)]
 
     for s in cache.allocate(min(batch, num_slots)).tolist():

@@ -48,9 +48,7 @@ def fake_ops(monkeypatch):
 @pytest.mark.parametrize("strategy,dtype,scenario,rounding", [
     ("checkpointing", "fp32", "mixed", "rn"), ("checkpointing", "bf16", "all_write", "rn"),
     ("checkpointing", "int8", "all_no_write", "rn"), ("checkpointing", "fp8", "mixed", "rn"),
-    pytest.param("checkpointing", "bf16", "mixed", "sr", marks=pytest.mark.skipif(
-        not hasattr(__import__("specssm.quant.reference", fromlist=["x"]), "philox_bits"),
-        reason="stochastic rounding reference not there yet")),
+    ("checkpointing", "bf16", "mixed", "sr"),
     ("always_write", "fp16", "any", "rn"), ("all_states", "bf16", "any", "rn")])
 def test_env_drives_the_reference(fake_ops, strategy, dtype, scenario, rounding):
     bench = fake_bench()

@@ -122,6 +122,35 @@ def test_all_states_write_and_implied_state():
     assert bool((c.implied_state(0, 1, torch.ones(H)) == 7).all())
 
 
+BAD_WRITE = {
+    "layer out of range": (dict(layer=2), "layer"),
+    "slot out of range": (dict(slots=torch.tensor([0, 3])), "slots"),
+    "padding slot": (dict(slots=torch.tensor([0, -1])), "slots"),
+    "duplicate slots": (dict(slots=torch.tensor([1, 1])), "slots"),
+    "slots 2-D": (dict(slots=torch.tensor([[0, 1]])), "slots"),
+    "h without the slot dim": (dict(h=torch.randn(H, P, N, dtype=torch.float64)), "h"),
+    "h of another head_dim": (dict(h=torch.randn(2, H, P + 1, N, dtype=torch.float64)), "h"),
+    "h integer": (dict(h=torch.ones(2, H, P, N, dtype=torch.int32)), "h"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_WRITE))
+def test_write_state_bad_input(what):
+    """Rejected before anything is written: states, scales, pnat, ring_start bit-identical."""
+    kw, name = BAD_WRITE[what]
+    c = SSMCache(2, 3, H, P, N, G, 4, state_dtype=torch.int8, act_dtype=torch.float64)
+    c.allocate(3)
+    c.pnat[1], c.ring_start[1] = 9, 4
+    before = [t.clone() for t in (c.pnat, c.ring_start, c.layers[1].state, c.layers[1].state_scale)]
+    args = dict(layer=1, slots=torch.tensor([0, 1]), h=torch.randn(2, H, P, N, dtype=torch.float64))
+    args.update(kw)
+    with pytest.raises((ValueError, TypeError)) as e:
+        c.write_state(**args)
+    assert str(e.value).startswith(f"{name}:"), e.value
+    after = (c.pnat, c.ring_start, c.layers[1].state, c.layers[1].state_scale)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 BAD_CTOR = {
     "strategy": (dict(strategy="eager"), "strategy"),
     "state dtype": (dict(state_dtype=torch.uint8), "state_dtype"),

@@ -193,3 +193,25 @@ def test_demo_runs_and_checks(capsys):
     for word in ("tokens/s", "mean accepted length", "flush (write) fraction", "check: spec decode tokens ==",
                  "fast mode", "demo: OK"):
         assert word in out, out
+
+
+def test_demo_says_when_it_falls_back_to_the_reference(capsys):
+    """Without TRITON_INTERPRET=1 the CPU demo runs the float64 reference step and the torch conv; its
+    output says so and how to run the kernels (and still checks the tokens)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root
+    r = subprocess.run([sys.executable, "-m", "specssm", "demo", "--size", "tiny", "--tokens", "4", "--batch", "1",
+                        "-T", "2"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ssu = checkpointing_ssu_ref (float64)" in r.stdout and "on cpu" in r.stdout, r.stdout
+    assert "note: TRITON_INTERPRET=1 is not set" in r.stdout and "TRITON_INTERPRET=1 specssm demo" in r.stdout
+    assert "demo: OK" in r.stdout
+    if interpreting():                      # with the interpreter: the kernels, no note
+        from specssm.model.demo import main
+        assert main(["--size", "tiny", "--tokens", "2", "--batch", "1", "-T", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "ssu = checkpointing_ssu(" in out and "note:" not in out, out

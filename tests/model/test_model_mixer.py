@@ -121,7 +121,8 @@ def test_reference_forward_is_resumable_and_sequential():
     a, st = mixer.reference_forward(seq[:5])
     b, (win2, h2) = mixer.reference_forward(seq[5:], st)
     assert torch.allclose(torch.cat([a, b]), full, rtol=0, atol=1e-13)
-    assert torch.equal(win, win2) and torch.allclose(h, h2, rtol=0, atol=1e-13)
+    # the window holds in_proj outputs: a BLAS matmul of 7 rows may round differently from one of 12
+    assert torch.allclose(win, win2, rtol=0, atol=1e-13) and torch.allclose(h, h2, rtol=0, atol=1e-13)
     xbc_in = (seq @ mixer.in_proj.T)[:, CFG.d_inner:CFG.d_inner + CFG.conv_dim]
     _, w = conv1d_sequential_ref(xbc_in[None], torch.zeros(1, 3, CFG.conv_dim, dtype=torch.float64),
                                  mixer.conv_weight, mixer.conv_bias)

@@ -73,7 +73,7 @@ def test_corrupt_ring_metadata_stays_inside_its_slot(launch, rs, pnat):
     s = [int(v) for v in ins["state_batch_indices"]]
     cache.ring_start[s[0]], cache.pnat[s[0]] = rs, pnat
     before = copy.deepcopy(cache)
-    checkpointing_ssu(**ins, **cache.op_kwargs(0), launch=launch)
+    checkpointing_ssu(**ins, **cache.op_kwargs(0), launch=launch, validate=False)
     others = [k for k in range(cache.num_slots) if k != s[0] and k != s[1]]
     for name in ("state", "x_cache", "B_cache", "dt_cache"):
         got, want = getattr(cache.layers[0], name)[others], getattr(before.layers[0], name)[others]

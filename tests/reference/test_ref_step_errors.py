@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specssm.reference import all_states_ssu_ref, checkpointing_ssu_ref
-from tests.reference.ssu_case import PAD, make_case, same_bits
+from tests.reference.ssu_case import PAD, make_case, run_case, same_bits
 
 META = torch.device("meta")
 
@@ -97,6 +97,31 @@ SLOTS = {
                         "state_batch_indices"),
     "more rows than slots without indices": (lambda kw: five_rows(kw), "x"),
 }
+def ring_value(name, slot, v):
+    """A mutation that sets per-slot `name` (ring_start / prev_num_accepted_tokens) of `slot` to v."""
+    def f(t):
+        t = t.clone()
+        t[slot] = v
+        return t
+    return replace(**{name: f})
+
+
+# base_case: rows [2, PAD, 0, 3] on 4 slots (slot 1 free), W = 16, T = 4, L = 20
+RING_VALUES = {
+    "pnat W + 1 on a live slot": (ring_value("prev_num_accepted_tokens", 0, 17), "prev_num_accepted_tokens"),
+    "pnat -1 on a live slot": (ring_value("prev_num_accepted_tokens", 3, -1), "prev_num_accepted_tokens"),
+    "ring_start L on a live slot": (ring_value("ring_start", 2, 20), "ring_start"),
+    "ring_start -1 on a live slot": (ring_value("ring_start", 0, -1), "ring_start"),
+}
+# which tensor a size shared by several is blamed on: the one that differs, not the one checked after it
+SHARED_SIZES = {
+    "x_cache: ring of 11": (replace(x_cache=lambda t: t[:, :, :11]), "x_cache"),
+    "B_cache: ring of 11": (replace(B_cache=lambda t: t[:, :, :11]), "B_cache"),
+    "state: one slot less": (replace(state=lambda t: t[:-1]), "state"),
+    "x_cache: one slot less": (replace(x_cache=lambda t: t[:-1]), "x_cache"),
+    "state: N + 1": (replace(state=lambda t: torch.cat([t, t[..., :1]], -1)), "state"),
+    "B_cache: N - 1": (replace(B_cache=lambda t: t[..., :-1]), "B_cache"),
+}
 WINDOW = {
     "window 17": (replace(window=17), "window"),
     "window -1": (replace(window=-1), "window"),
@@ -106,7 +131,7 @@ OPTIONS = {
     "no_write_form": (replace(no_write_form="square"), "no_write_form"),
     "sr without seeds": (replace(rounding="sr"), "rand_seed"),
 }
-CASES = {**SHAPE, **DTYPE, **DEVICE, **TIED, **SLOTS, **WINDOW, **OPTIONS}
+CASES = {**SHAPE, **DTYPE, **DEVICE, **TIED, **SLOTS, **RING_VALUES, **SHARED_SIZES, **WINDOW, **OPTIONS}
 
 
 @pytest.mark.parametrize("what", list(CASES))
@@ -115,6 +140,37 @@ def test_checkpointing_bad_input(what):
     case = base_case()
     assert_rejected_untouched(checkpointing_ssu_ref, mutate(case.kwargs()), name)
     assert case.unchanged_since(case.before) == []
+
+
+def test_ring_value_messages():
+    """The message says the argument, the value, the slot, the row and the range."""
+    case = base_case()
+    with pytest.raises(ValueError) as e:
+        checkpointing_ssu_ref(**RING_VALUES["pnat W + 1 on a live slot"][0](case.kwargs()))
+    assert "expected values in [0, 16]" in str(e.value) and "got 17 for slot 0 (row 2)" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        checkpointing_ssu_ref(**RING_VALUES["ring_start L on a live slot"][0](case.kwargs()))
+    assert "expected values in [0, 20)" in str(e.value) and "got 20 for slot 2 (row 0)" in str(e.value)
+
+
+def test_shared_size_messages():
+    """A size several tensors share is blamed on the odd one out, and the message says whose size it
+    expected; a size set by x says so."""
+    case = base_case()
+    with pytest.raises(ValueError) as e:
+        checkpointing_ssu_ref(**SHARED_SIZES["x_cache: ring of 11"][0](case.kwargs()))
+    assert "expected ring length (dim 2) 20 (that of B_cache and dt_cache), got 11" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        checkpointing_ssu_ref(**SHAPE["x_cache: wrong H"][0](case.kwargs()))
+    assert str(e.value).startswith("x_cache: expected shape (4, 4, 20, 8) (H and P of x), got (4, 3, 20, 8)")
+
+
+def test_ring_values_of_slots_outside_the_step_are_not_checked():
+    """Free slots (slot 1 here) may hold anything: the step neither reads nor checks them."""
+    case = base_case()
+    case.pnat[1], case.ring_start[1] = 10 ** 6, -7
+    run_case(case, checkpointing_ssu_ref)
+    case.check()
 
 
 @pytest.mark.parametrize("T,window", [(6, 16), (16, 16), (16, None), (11, 4)])
