@@ -41,12 +41,15 @@ def _state_tile(st_desc, coords, st_base, st_off, st_mask, TMA: tl.constexpr, BL
 
 
 @triton.jit
-def _fold(S, S_scale, Xf, Keys, w_fold, lam, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fold(S, S_scale, Xf, Keys, w_fold, hist_ok, lam, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
     """h_K = exp(Λ)·S + Σ_k exp(Λ − c_k)·dt_k · x_k ⊗ B_k: the checkpoint with the history folded in
-    (w_fold holds exp(Λ − c_k)·dt_k on history keys, 0 on new ones). S is the state tile read again
-    (from L2, or from shared memory after TMA): holding the first copy in registers through the whole
-    program would cost 64 registers per thread and half the write launch's occupancy."""
-    return tl.dot(Xf * w_fold[None, :], Keys.to(tl.float32),
+    (w_fold holds exp(Λ − c_k)·dt_k on history keys). The new keys are zeroed on both sides, not just
+    weighted 0: a NaN or Inf among the new tokens must not reach the checkpoint (0·Inf is NaN). S is the
+    state tile read again (from L2, or from shared memory after TMA): holding the first copy in
+    registers through the whole program would cost 64 registers per thread and half the write launch's
+    occupancy."""
+    return tl.dot(tl.where(hist_ok[None, :], Xf * w_fold[None, :], 0.0),
+                  tl.where(hist_ok[:, None], Keys.to(tl.float32), 0.0),
                   acc=tl.exp(lam) * decode_state_tile(S, S_scale, KIND), input_precision=DOT_PREC)
 
 
@@ -206,13 +209,13 @@ def fused_kernel(
                 y += tl.exp(c_new)[None, :] * cs
                 if do_write:
                     hK = _fold(_state_tile(st_desc, st_coords, st_base, st_off, st_mask, TMA, BLOCK_P, BLOCK_N, True),
-                               S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
+                               S_scale, Xf, Keys, w_fold, hist_ok, lam, KIND, DOT_PREC)
                     store_state_tile(hK, st_base, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr, slot,
                                      st_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
             else:
                 # replay: materialize h_K, then y from it
                 hK = _fold(_state_tile(st_desc, st_coords, st_base, st_off, st_mask, TMA, BLOCK_P, BLOCK_N, True),
-                           S_scale, Xf, Keys, w_fold, lam, KIND, DOT_PREC)
+                           S_scale, Xf, Keys, w_fold, hist_ok, lam, KIND, DOT_PREC)
                 y += tl.exp(c_new - lam)[None, :] * tl.dot(hK, Ct.to(tl.float32), input_precision=DOT_PREC)
                 if do_write:
                     store_state_tile(hK, st_base, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr, slot,
