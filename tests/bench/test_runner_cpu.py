@@ -165,7 +165,7 @@ def test_slot_set_count():
                                                    ("always_write", "auto", "fp16"), ("all_states", "auto", "fp32")])
 def test_env_drives_the_triton_ops(strategy, launch, dtype):
     """The real ops (interpreted) accept what the runner passes; rejected cases become skips."""
-    pytest.importorskip("specssm.ops.checkpointing")
+    pytest.importorskip("specssm.step")
     bench = fake_bench()
     case = Case(TINY, Variant(strategy, launch, "rectangle"), dtype, "rn",
                 "mixed" if strategy == "checkpointing" else "any", batch=2, T=2, W=4)
@@ -179,7 +179,7 @@ def test_env_drives_the_triton_ops(strategy, launch, dtype):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton ops on CPU need TRITON_INTERPRET=1")
 def test_op_rejection_is_a_skip():
-    pytest.importorskip("specssm.ops.checkpointing")
+    pytest.importorskip("specssm.step")
     bench = fake_bench()
     case = Case(TINY, Variant("checkpointing", "no-such-launch", "rectangle"), "fp32", "rn", "mixed", 2, 2, 4)
     env = Env(bench, case)
