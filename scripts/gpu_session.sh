@@ -5,7 +5,7 @@
 #   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min);
 #                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
-#   bash scripts/gpu_session.sh sweep      # register caps / token tile / TMA of the split launches, 5 dtypes (~4 min)
+#   bash scripts/gpu_session.sh sweep      # split-family variants beside the seed and the fused launch, 5 dtypes (~5 min)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -35,11 +35,11 @@ case "${1:-tests}" in
   pdl)
     python3 scripts/pdl_check.py --out "$OUT" | tail -6 ;;
   sweep)
-    # the split launches' register caps, token tile and TMA state reads of the write launch, per state dtype,
-    # against the card's table ({}; an override replaces a table's whole write / no_write entry)
-    for st in float32 bfloat16 float16 int8 float8_e4m3fn; do
-      python3 scripts/quick_bench.py --batches 1024,256 --modes split_rect --state $st --out "$OUT" \
-        --sweep '[{},{"TN_MIN":16},{"no_write":{"maxnreg":96}},{"write":{"maxnreg":128}},{"write":{"maxnreg":128,"tma":true}},{"write":{"maxnreg":168,"tma":true}},{"write":{"maxnreg":168}}]' \
-        2>&1 | grep -v "^#\|^kernel" | sed "s/^/$st /"
-    done ;;
+    # the split family's stages / programs per SM / tile rows beside the seed (.peers) and the fused launch;
+    # --check compares the first variant with the float64 reference first
+    peer=()
+    [ -d .peers/trtllm_replay ] && peer=(--peer .peers)
+    python3 scripts/step_sweep.py ${peer[@]+"${peer[@]}"} --states fp32,bf16,fp16,int8,fp8 --batches 1,8,32,64,256,1024 \
+      --check --out "$OUT" --variants '[{}, {"launch":"dynamic"}, {"write":{"stages":3},"no_write":{"stages":3}}, {"coef":{"HB":4}}]' \
+      2>&1 | tee "$OUT/sweep.log" | grep -v "^   \|Warn\|warn" ;;
 esac
