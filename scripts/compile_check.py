@@ -60,11 +60,11 @@ def compile_plan():
     """The StepPlan kernel at its smallest and largest usual blocks, fixed and varlen lengths."""
     from specssm.cache.plan_kernel import _plan_kernel, _num_warps
     ptr = {"pnat_ptr": "*i32", "sbi_ptr": "*i32", "lens_ptr": "*i32", "write_flag_ptr": "*i32",
-           "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32"}
+           "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32", "rs_ptr": "*i32", "faults_ptr": "*i64"}
     for block in (1, 4096):
         for varlen in (False, True):
-            compile_one(_plan_kernel, ptr, dict(VARLEN=varlen, BLOCK=block), num_warps=_num_warps(block),
-                        label=f"plan block={block} varlen={varlen}")
+            compile_one(_plan_kernel, ptr, dict(VARLEN=varlen, CHECK_RING=not varlen, BLOCK=block),
+                        num_warps=_num_warps(block), label=f"plan block={block} varlen={varlen} checks={not varlen}")
 
 
 def compile_conv():
@@ -73,7 +73,7 @@ def compile_conv():
     ptr = {"xbc_ptr": "*bf16", "state_ptr": "*bf16", "offset_ptr": "*i32", "weight_ptr": "*bf16",
            "bias_ptr": "*bf16", "out_ptr": "*bf16", "slot_idx_ptr": "*i32"}
     # contiguous (batch, 6, 1280) inputs/outputs, (slots, 3 + 6, 1280) state, (1280, 4) weight
-    ints = dict(conv_dim=1280, pad_slot_id=-1, stride_x_row=7680, stride_x_tok=1280, stride_x_ch=1,
+    ints = dict(conv_dim=1280, pad_slot_id=-1, num_slots=1024, max_offset=6, stride_x_row=7680, stride_x_tok=1280, stride_x_ch=1,
                 stride_s_slot=11520, stride_s_row=1280, stride_s_ch=1, stride_w_ch=4, stride_w_tap=1,
                 stride_o_row=7680, stride_o_tok=1280, stride_o_ch=1)
     for pdl in (False, True):
@@ -116,7 +116,7 @@ SSU_BASE = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
                 EVEN_TILE=True, TMA=False, KIND=0, SR=False, SR_ROWS=True, PHILOX_ROUNDS=10, BLOCK_P=64, BLOCK_N=128,
                 KH=16, TN=8, NK=32, DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
 # the coefficient kernel's and the mains' (Super TP8, T = 6: 8 query rows)
-COEF_BASE = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True, WAIT=False,
+COEF_BASE = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, WAIT=False,
                  LAUNCH_DEPS=True, UPCAST=False, HB=8, BLOCK_N=128, TO=8)
 MAIN_BASE = dict(H=16, P=64, N=128, HPG=16, WRITE=False, HAS_Z=True, VARLEN=False, KIND=0, CS16=False, SR=False,
                  SR_ROWS=True, PHILOX_ROUNDS=10, TMA=True, PDL=True, LAUNCH_DEPS=False, UPCAST=False,

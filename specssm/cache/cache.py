@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from specssm._checks import FLOAT_ACT_DTYPES, MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
+from specssm.cache import faults as flt
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
 
@@ -88,6 +89,8 @@ class SSMCache:
                 torch.zeros(S, G, L, N, dtype=act_dtype, device=dev),
                 torch.zeros(S, H, L, dtype=self.dt_dtype, device=dev)))
         self._free = list(range(S))
+        # the no-sync path's fault record (specssm/cache/faults.py): raise_if_faulted() reads it
+        self.faults = flt.new_record(dev)
         self._generation = 0
         self._base_seed = base_seed
 
@@ -155,7 +158,8 @@ class SSMCache:
         if self.strategy == "all_states":
             return dict(states=lc.state, state_index=self.state_index)
         kw = dict(state=lc.state, x_cache=lc.x_cache, B_cache=lc.B_cache, dt_cache=lc.dt_cache,
-                  ring_start=self.ring_start, prev_num_accepted_tokens=self.pnat, window=self.W)
+                  ring_start=self.ring_start, prev_num_accepted_tokens=self.pnat, window=self.W,
+                  faults=self.faults)
         if lc.state_scale is not None:
             kw["state_scale"] = lc.state_scale
         return kw
@@ -166,7 +170,9 @@ class SSMCache:
         slots `(batch,)` int (pad rows hold pad_slot_id), accepted `(batch,)` int in [1, len of row],
         num_tokens: None (every row has T tokens) or `(batch,)` per-row lengths (varlen).
         Device tensor ops only; `validate=True` checks the values on the host first (one sync on a
-        GPU: pass False inside CUDA graphs).
+        GPU: pass False inside CUDA graphs). Without validation, a live row whose slot id, length or
+        `accepted` breaks the contract is not committed and is recorded in `faults`
+        (`raise_if_faulted`).
         """
         check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
         check_tensor("accepted", accepted, shape=tuple(slots.shape), dtypes=(torch.int32, torch.int64),
@@ -193,7 +199,14 @@ class SSMCache:
                 i = int(bad.nonzero()[0, 0])
                 raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
                                  f"{int(a[i])} at row {i} (slot {int(s[i])})")
-        idx = torch.where(slots == self.pad_slot_id, self.num_slots, slots.long())
+        live = slots != self.pad_slot_id
+        slot_ok = (slots >= 0) & (slots < self.num_slots)
+        n = torch.as_tensor(lens, device=self.device).expand_as(accepted)
+        acc_ok = (accepted >= 1) & (accepted <= n) & (n <= self.T)
+        flt.record(self.faults, live & ~slot_ok, flt.SLOT, slots)
+        flt.record(self.faults, live & slot_ok & ~acc_ok, flt.ACCEPTED, accepted)
+        # rows that commit nothing (padding, faulted) are redirected to the scratch entry num_slots
+        idx = torch.where(live & slot_ok & acc_ok, slots.long(), self.num_slots)
         acc = accepted.to(torch.int32)
         if self.strategy == "all_states":
             self._state_index[idx] = acc - 1
@@ -203,6 +216,12 @@ class SSMCache:
             self._ring_start[idx] = torch.where(flushed, (rs + pn) % self.L, rs)
             self._pnat[idx] = torch.where(flushed, acc, pn + acc)
         self._seeds[idx] = self._seeds[idx] + 1
+
+    def raise_if_faulted(self) -> None:
+        """Raise ValueError naming the first row (of a step or commit run with validate=False since the
+        last call) whose slot id, pnat, ring_start or accepted broke the contract, with its value, and
+        clear the record. One host sync; call it between steps, outside CUDA-graph capture."""
+        flt.raise_if_faulted(self.faults)
 
     # ---- inspection ---------------------------------------------------------------------------
     def implied_state(self, layer: int, slot: int, A) -> torch.Tensor:

@@ -10,6 +10,7 @@ from numbers import Integral
 import torch
 
 from specssm._checks import MAX_WINDOW, check_slots_host, check_tensor
+from specssm.cache import faults as flt
 from specssm.cache.plan_kernel import kernel_runs_on, launch_plan_kernel
 
 
@@ -59,7 +60,8 @@ class StepPlan:
                              torch.full((self.max_batch, nheads, VEC), nan, dtype=torch.float32, device=self.device))
         return self._scratch[1], self._scratch[2]
 
-    def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
+    def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None,
+              ring_start=None, ring_len=0, max_pnat=0, faults=None):
         """Fill the buffers for one step. `pnat`: the per-slot `(slots,)` int32/int64 counts;
         `state_batch_indices`: `(batch,)` int32/int64 slot ids, `pad_slot_id` on padding rows;
         `num_tokens`: an int T or a `(batch,)` int32/int64 tensor of row lengths.
@@ -69,21 +71,35 @@ class StepPlan:
         Shapes, dtypes, devices and `window` are always checked; slot ids (range, duplicates) are checked
         on the host when `validate` is True, or when it is None (default) and the tensors are on the
         CPU, where that costs no sync (CUDA-graph safe).
+
+        Rows whose slot id lies outside the pool are put with the padding rows (no launch visits them).
+        With `ring_start` `(slots,)` int32, `ring_len` (L), `max_pnat` (max(window, T)) and a fault
+        record `faults` (specssm/cache/faults.py), so are rows whose pnat or ring_start breaks the
+        contract, and every such row is recorded.
         """
         batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
+        ring = None
+        if ring_start is not None:
+            check_tensor("ring_start", ring_start, shape=(pnat.shape[0],), dtypes=(torch.int32, torch.int64),
+                         device=self.device)
+            check_tensor("faults", faults, shape=(1,), dtype=torch.int64, device=self.device)
+            ring = (ring_start, int(ring_len), int(max_pnat), faults)
         if kernel_runs_on(self.device):
             launch_plan_kernel(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
-                               self.write_flag, self.order, self.slots, self.counts)
+                               self.write_flag, self.order, self.slots, self.counts,
+                               *(ring if ring is not None else ()))
         else:
-            self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id)
+            self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, ring)
         self.batch = batch
         return self
 
-    def build_reference(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
+    def build_reference(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None,
+                        ring_start=None, ring_len=0, max_pnat=0, faults=None):
         """`build` with ~10 small torch ops instead of the Triton kernel (same arguments, checks and
         result); the reference the kernel is tested against."""
         batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
-        self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id)
+        ring = None if ring_start is None else (ring_start, int(ring_len), int(max_pnat), faults)
+        self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, ring)
         self.batch = batch
         return self
 
@@ -106,10 +122,23 @@ class StepPlan:
             check_slots_host("state_batch_indices", state_batch_indices, pnat.shape[0], pad_slot_id)
         return batch
 
-    def _fill_with_torch(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id):
+    def _fill_with_torch(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id, ring=None):
         batch = state_batch_indices.shape[0]
         live = state_batch_indices != pad_slot_id
-        slot = torch.where(live, state_batch_indices.long(), 0)
+        sbi = state_batch_indices.long()
+        slot_ok = live & (sbi >= 0) & (sbi < pnat.shape[0])
+        slot = torch.where(slot_ok, sbi, 0)
+        if ring is not None:
+            ring_start, ring_len, max_pnat, faults = ring
+            pn, rs = pnat[slot], ring_start[slot]
+            pnat_ok = (pn >= 0) & (pn <= max_pnat)
+            rs_ok = (rs >= 0) & (rs < ring_len)
+            for bad, field, value in ((live & ~slot_ok, flt.SLOT, sbi), (slot_ok & ~pnat_ok, flt.PNAT, pn),
+                                      (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs)):
+                flt.record(faults, bad, field, value)
+            live = slot_ok & pnat_ok & rs_ok
+        else:
+            live = slot_ok
         write = live & (pnat[slot] + num_tokens > window)
         nowrite = live & ~write
         pad = ~live

@@ -13,13 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+NO_FAULT = tl.constexpr((1 << 63) - 1)     # specssm.cache.faults.NO_FAULT
+
 
 # batch, the row length, the window and the pad id change between steps; specializing on their values
 # (== 1, divisible by 16) would compile a new variant mid-serving, possibly during a graph capture.
-@triton.jit(do_not_specialize=["batch", "num_tokens", "window", "pad_slot_id"])
+@triton.jit(do_not_specialize=["batch", "num_tokens", "window", "pad_slot_id", "max_pnat", "ring_len"])
 def _plan_kernel(pnat_ptr, pnat_stride, num_slots, sbi_ptr, sbi_stride, lens_ptr, lens_stride,
                  write_flag_ptr, order_ptr, slots_ptr, counts_ptr, batch, num_tokens, window, pad_slot_id,
-                 VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+                 rs_ptr, rs_stride, ring_len, max_pnat, faults_ptr,
+                 VARLEN: tl.constexpr, CHECK_RING: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.arange(0, BLOCK)
     in_batch = rows < batch
     slot = tl.load(sbi_ptr + rows * sbi_stride, mask=in_batch, other=pad_slot_id)
@@ -31,9 +34,23 @@ def _plan_kernel(pnat_ptr, pnat_stride, num_slots, sbi_ptr, sbi_stride, lens_ptr
         length = tl.load(lens_ptr + rows * lens_stride, mask=in_batch, other=0)
     else:
         length = num_tokens
+    if CHECK_RING:
+        # a live row whose slot, pnat or ring_start breaks the contract does no work (it joins the
+        # padding group, which no launch visits) and leaves a fault in the record (the smallest key)
+        rs = tl.load(rs_ptr + slot * rs_stride, mask=slot_ok, other=0)
+        pnat_ok = (pnat >= 0) & (pnat <= max_pnat)
+        rs_ok = (rs >= 0) & (rs < ring_len)
+        field = tl.where(~slot_ok, 1, tl.where(~pnat_ok, 2, 3)).to(tl.int64)
+        value = tl.where(~slot_ok, slot, tl.where(~pnat_ok, pnat, rs)).to(tl.int64) & 0xFFFFFFFF
+        bad = live & ~(slot_ok & pnat_ok & rs_ok)
+        key = tl.where(bad, (rows.to(tl.int64) << 36) | (field << 32) | value, NO_FAULT)
+        tl.atomic_min(faults_ptr, tl.min(key, axis=0))
+        live = live & ~bad
+    else:
+        live = slot_ok      # a slot id outside the pool is never handed to a launch, record or not
     write = live & (pnat + length > window)
     stay = live & ~write
-    pad = in_batch & (slot == pad_slot_id)
+    pad = in_batch & ~live
 
     write_i = write.to(tl.int32)
     stay_i = stay.to(tl.int32)
@@ -73,13 +90,15 @@ def _num_warps(block: int) -> int:
 
 def launch_plan_kernel(pnat: torch.Tensor, state_batch_indices: torch.Tensor, window: int, num_tokens,
                        pad_slot_id: int, write_flag: torch.Tensor, order: torch.Tensor, slots: torch.Tensor,
-                       counts: torch.Tensor) -> None:
+                       counts: torch.Tensor, ring_start=None, ring_len=0, max_pnat=0, faults=None) -> None:
     """Fill `write_flag[:batch]`, `order[:batch]`, `slots[:batch]` and `counts[0:2]` (int32, contiguous)
     in one launch.
 
     pnat: (slots,) int32/int64; state_batch_indices: (batch,) int32/int64, pad rows hold pad_slot_id;
-    num_tokens: int T, or a (batch,) int32/int64 tensor of row lengths. Arguments as checked by
-    `StepPlan.build`; 1-D inputs may be strided.
+    num_tokens: int T, or a (batch,) int32/int64 tensor of row lengths. With ring_start (slots,) and the
+    fault record `faults` (specssm/cache/faults.py): live rows whose slot, pnat (> max_pnat) or
+    ring_start (>= ring_len) breaks the contract are put with the padding rows and recorded.
+    Arguments as checked by `StepPlan.build`; 1-D inputs may be strided.
     """
     batch = state_batch_indices.shape[0]
     if batch == 0:
@@ -88,7 +107,10 @@ def launch_plan_kernel(pnat: torch.Tensor, state_batch_indices: torch.Tensor, wi
     varlen = isinstance(num_tokens, torch.Tensor)
     lens = num_tokens if varlen else state_batch_indices   # a placeholder pointer when not VARLEN
     block = triton.next_power_of_2(batch)
+    check = ring_start is not None
     _plan_kernel[(1,)](
         pnat, pnat.stride(0), pnat.shape[0], state_batch_indices, state_batch_indices.stride(0),
         lens, lens.stride(0), write_flag, order, slots, counts, batch, 0 if varlen else int(num_tokens),
-        int(window), int(pad_slot_id), VARLEN=varlen, BLOCK=block, num_warps=_num_warps(block))
+        int(window), int(pad_slot_id), ring_start if check else pnat, ring_start.stride(0) if check else 0,
+        int(ring_len), int(max_pnat), faults if check else counts, VARLEN=varlen, CHECK_RING=check, BLOCK=block,
+        num_warps=_num_warps(block))

@@ -45,13 +45,14 @@ def checkpointing_ssu_ref(state, x_cache, B_cache, dt_cache, ring_start, prev_nu
                           x, dt, A, B, C, out, D=None, z=None, dt_bias=None, dt_softplus=False,
                           state_batch_indices=None, pad_slot_id=-1, state_scale=None, rand_seed=None,
                           philox_rounds=10, cu_seqlens=None, max_seqlen=None, window=None,
-                          rounding="rn", no_write_form="replay"):
+                          rounding="rn", no_write_form="replay", faults=None):
     """Checkpointing replay, one step. Row b uses slot s = state_batch_indices[b] (b if None).
 
     History: ring rows (ring_start[s] + k) % L for k < pnat[s]. New tokens are appended at rows
     (ring_start[s] + pnat[s] + t) % L. A row writes its state (the history folded in, rounded) when
     pnat + len > W; otherwise the state is untouched. Outputs use the unrounded state.
     ring_start / pnat are not changed: `SSMCache.commit` does that after verification.
+    `faults` (the kernels' no-sync fault record) is accepted and unused: the reference validates.
     """
     if no_write_form not in ("replay", "rectangle"):
         raise ValueError(f"no_write_form: expected 'replay' or 'rectangle', got {no_write_form!r}")

@@ -192,14 +192,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from specssm.cache.plan_kernel import _num_warps, _plan_kernel
 pointers = dict(pnat_ptr="*i32", sbi_ptr="*i64", lens_ptr="*i32", write_flag_ptr="*i32", order_ptr="*i32",
-                slots_ptr="*i32", counts_ptr="*i32")
-for block in (1, 4096):
-    for varlen in (False, True):
-        constexprs = dict(VARLEN=varlen, BLOCK=block)
-        sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in _plan_kernel.arg_names}
-        k = triton.compile(ASTSource(_plan_kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=_num_warps(block)))
-        assert len(k.asm["cubin"]) > 0
+                slots_ptr="*i32", counts_ptr="*i32", rs_ptr="*i32", faults_ptr="*i64")
+for block, varlen, check in ((1, False, False), (1, True, True), (4096, False, True), (4096, True, False)):
+    constexprs = dict(VARLEN=varlen, CHECK_RING=check, BLOCK=block)
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in _plan_kernel.arg_names}
+    k = triton.compile(ASTSource(_plan_kernel, sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=_num_warps(block)))
+    assert len(k.asm["cubin"]) > 0
 print("compiled")
 """
 

@@ -67,6 +67,7 @@ def to_device(cache, inputs, device):
         setattr(c, name, getattr(c, name).to(device))
     S = c.num_slots
     c.ring_start, c.pnat, c.seeds, c.state_index = c._ring_start[:S], c._pnat[:S], c._seeds[:S], c._state_index[:S]
+    c.faults = c.faults.to(device)
     for lc in c.layers:
         for f in ("state", "state_scale", "x_cache", "B_cache", "dt_cache"):
             t = getattr(lc, f)

@@ -1,0 +1,59 @@
+"""The device-side fault record of the no-sync path (validate=False).
+
+Kernels and the commit never read or write outside the caches whatever a row's slot, pnat,
+ring_start or accepted value is: a live row with a value outside the contract does no work and
+records a fault. The record is one int64 on the device holding the smallest key
+
+    key = row << 36 | field << 32 | (value mod 2**32)
+
+over all faults since it was last cleared (an atomic min, no host sync), so it names the first faulted
+row, the field and its value. `raise_if_faulted` reads it (one sync, outside CUDA graphs).
+"""
+from __future__ import annotations
+
+import torch
+
+NO_FAULT = (1 << 63) - 1
+# field codes: the argument a faulted value came from, what the contract expects
+FIELDS = {1: ("state_batch_indices", "a slot id in [0, num_slots) or pad_slot_id"),
+          2: ("prev_num_accepted_tokens", "pnat in [0, max(window, T)]"),
+          3: ("ring_start", "ring_start in [0, L)"),
+          4: ("accepted", "accepted in [1, tokens of the row]")}
+SLOT, PNAT, RING_START, ACCEPTED = 1, 2, 3, 4
+
+
+def new_record(device) -> torch.Tensor:
+    return torch.full((1,), NO_FAULT, dtype=torch.int64, device=device)
+
+
+def fault_keys(rows: torch.Tensor, field: int, values: torch.Tensor) -> torch.Tensor:
+    """The record keys of (row, field, value) triples (int64 tensors), as the kernels encode them."""
+    return (rows.long() << 36) | (field << 32) | (values.long() & 0xFFFFFFFF)
+
+
+def record(faults: torch.Tensor, bad: torch.Tensor, field: int, values: torch.Tensor) -> None:
+    """Fold the faults of the rows flagged in `bad` into the record with device ops only."""
+    if bad.numel() == 0:
+        return
+    rows = torch.arange(bad.shape[0], device=bad.device)
+    keys = torch.where(bad, fault_keys(rows, field, values), NO_FAULT)
+    torch.minimum(faults, keys.amin().reshape(1), out=faults)
+
+
+def decode(key: int) -> tuple[int, int, int]:
+    """(row, field, value) of a record key."""
+    value = key & 0xFFFFFFFF
+    return key >> 36, (key >> 32) & 0xF, value - (1 << 32) if value >= 1 << 31 else value
+
+
+def raise_if_faulted(faults: torch.Tensor) -> None:
+    """Raise ValueError naming the first faulted row, its field and value, and clear the record; one
+    host sync. Outside CUDA-graph capture only."""
+    key = int(faults.item())
+    if key == NO_FAULT:
+        return
+    faults.fill_(NO_FAULT)
+    row, field, value = decode(key)
+    name, expected = FIELDS.get(field, (f"field {field}", "?"))
+    raise ValueError(f"{name}: row {row} of a step or commit run without validation had {value}, expected "
+                     f"{expected}; the row did no work (its outputs and its slot were left as they were)")
