@@ -149,7 +149,10 @@ class TinyMamba2LM(torch.nn.Module):
         batch = slots.shape[0]
         if self._plan is None or self._plan.max_batch < batch:
             self._plan = StepPlan(max(batch, 1), self.device)
-        return self._plan.build(cache.ssm.pnat, slots.to(self.device), cache.window, T, cache.pad_slot_id)
+        ssm = cache.ssm
+        return self._plan.build(ssm.pnat, slots.to(self.device), cache.window, T, cache.pad_slot_id,
+                                validate=self.validate, ring_start=ssm.ring_start, ring_len=ssm.L,
+                                max_pnat=max(ssm.W, ssm.T), faults=ssm.faults)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor, cache: ModelCache, slot) -> torch.Tensor:

@@ -23,7 +23,7 @@ def always_write_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_acc
                      B, C, out, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None,
                      pad_slot_id=-1, state_scale=None, rand_seed=None, philox_rounds=10, cu_seqlens=None,
                      max_seqlen=None, window=0, rounding="rn", no_write_form="rectangle", plan=None,
-                     launch="always_write", precision="fast", validate=True):
+                     launch="always_write", precision="fast", validate=True, faults=None):
     """Always-write replay (Triton): `checkpointing_ssu` with window 0, every row writes its state.
     Use with `SSMCache(strategy="always_write")` (ring of 2T rows). Same shapes as checkpointing_ssu."""
     if window not in (0, None):
@@ -31,7 +31,7 @@ def always_write_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_acc
     return _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C,
                 out, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
                 philox_rounds, cu_seqlens, max_seqlen, 0, rounding, no_write_form, None, "always_write",
-                precision, validate)
+                precision, validate, faults=faults)
 
 
 @triton.jit

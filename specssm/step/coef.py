@@ -43,28 +43,30 @@ def _first_cols(v, TO: tl.constexpr):
 
 @triton.jit
 def coef_kernel(
-    pnat_ptr, ring_start_ptr, sbi_ptr, cu_ptr, dt_ptr, dt_bias_ptr, A_ptr, D_ptr, B_ptr, C_ptr,
-    Bc_ptr, dtc_ptr, coef_ptr, vec_ptr,
-    T, W, L, pad_slot_id, N, HPG,
+    pnat_ptr, ring_start_ptr, order_ptr, slots_ptr, counts_ptr, cu_ptr, dt_ptr, dt_bias_ptr, A_ptr, D_ptr,
+    B_ptr, C_ptr, Bc_ptr, dtc_ptr, coef_ptr, vec_ptr,
+    batch, T, W, L, N, HPG,
     s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
     s_cf_b, s_cf_h, s_v_b, s_v_h,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_SBI: tl.constexpr, WAIT: tl.constexpr, LAUNCH_DEPS: tl.constexpr, UPCAST: tl.constexpr,
+    WAIT: tl.constexpr, LAUNCH_DEPS: tl.constexpr, UPCAST: tl.constexpr,
     HB: tl.constexpr, BLOCK_N: tl.constexpr, TO: tl.constexpr,
 ):
     """Program (row, head block): history keys k < K and new tokens s < n_tok as two blocks of KH keys
     each, queries t < TO (T <= TO). The blocks are stored at their key positions: history at k, new
-    tokens at new0 + s."""
-    row = tl.program_id(0)
+    tokens at new0 + s. Programs run over the StepPlan's entries: the write and no-write groups; the
+    padding group between them (padding rows, rows with a faulted slot / pnat / ring_start) does no
+    work."""
+    entry = tl.program_id(0)
     h0 = tl.program_id(1) * HB
     if LAUNCH_DEPS:
         # the mains may start now: they load their state tiles while this grid finishes
         gdc_launch_dependents()
-    if HAS_SBI:
-        slot = tl.load(sbi_ptr + row).to(tl.int64)
-    else:
-        slot = row.to(tl.int64)
-    if slot != pad_slot_id:
+    n_write = tl.load(counts_ptr)
+    n_live = tl.load(counts_ptr + 1)
+    if (entry < n_write) | (entry >= batch - (n_live - n_write)):
+        row = tl.load(order_ptr + entry)
+        slot = tl.load(slots_ptr + entry).to(tl.int64)
         K = tl.load(pnat_ptr + slot)
         rs = tl.load(ring_start_ptr + slot)
         if VARLEN:
@@ -157,4 +159,4 @@ def coef_kernel(
             tl.store(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + new_row[:, None] * s_Bc_l + offs_n[None, :], Bn,
                      mask=new_ok[:, None] & n_ok[None, :])
     elif WAIT:
-        gdc_wait()      # padding row: nothing to do, but the grid must not finish before its producer
+        gdc_wait()      # a padding entry: nothing to do, but the grid must not finish before its producer

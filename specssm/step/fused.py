@@ -54,11 +54,18 @@ def _fold(S, S_scale, Xf, Keys, w_fold, hist_ok, lam, KIND: tl.constexpr, DOT_PR
 
 
 @triton.jit
+def _record_fault(faults_ptr, row, field, value):
+    """Fold (row, field, value) into the fault record (specssm/cache/faults.py): an atomic min."""
+    key = (row.to(tl.int64) << 36) | (tl.full((), field, tl.int64) << 32) | (value.to(tl.int64) & 0xFFFFFFFF)
+    tl.atomic_min(faults_ptr, key)
+
+
+@triton.jit
 def fused_kernel(
     state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
     sbi_ptr, cu_ptr, order_ptr, slots_ptr, counts_ptr, seed_ptr, st_desc,
-    batch, T, W, L, pad_slot_id, H, P, N, HPG, NPT,
+    batch, T, W, L, pad_slot_id, num_slots, max_pnat, faults_ptr, H, P, N, HPG, NPT,
     s_st_s, s_st_h, s_st_p, s_sc_s, s_sc_h,
     s_xc_s, s_xc_h, s_xc_l, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
     s_x_b, s_x_t, s_x_h, s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g,
@@ -97,7 +104,7 @@ def fused_kernel(
         else:
             slot = row.to(tl.int64)
     if row_i < n_rows:
-        if slot != pad_slot_id:
+        if (slot != pad_slot_id) & (slot >= 0) & (slot < num_slots):
             offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
             offs_n = tl.arange(0, BLOCK_N)
             if EVEN_TILE:
@@ -123,6 +130,11 @@ def fused_kernel(
                 S_scale = 1.0
             K = tl.load(pnat_ptr + slot)
             rs = tl.load(ring_start_ptr + slot)
+            # a pnat or ring_start outside the contract: the row stores nothing and records a fault
+            pnat_ok = (K >= 0) & (K <= max_pnat)
+            ok = pnat_ok & (rs >= 0) & (rs < L)
+            if not ok:
+                _record_fault(faults_ptr, row, tl.where(pnat_ok, 3, 2), tl.where(pnat_ok, rs, K))
             if VARLEN:
                 tok0 = tl.load(cu_ptr + row).to(tl.int64)
                 n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
@@ -132,9 +144,9 @@ def fused_kernel(
                 n_tok = T
                 row_off = row.to(tl.int64)
             if BRANCH == DYNAMIC:
-                do_write = K + n_tok > W
+                do_write = (K + n_tok > W) & ok
             else:
-                do_write = BRANCH == WRITE
+                do_write = (BRANCH == WRITE) & ok
             g = h // HPG
             # one key axis: KH history slots (ring rows rs + k), then TN new-token slots, padded to NK (a
             # power of two; padding keys are masked like the new tokens past n_tok)
@@ -222,7 +234,7 @@ def fused_kernel(
                                      st_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
             if HAS_D:
                 y += tl.load(D_ptr + h).to(tl.float32) * Xnf
-            io_mask = p_ok[:, None] & t_ok[None, :]
+            io_mask = p_ok[:, None] & t_ok[None, :] & ok
             if HAS_Z:
                 zt = tl.load(z_ptr + row_off * s_z_b + tok[None, :] * s_z_t + h * s_z_h + offs_p[:, None],
                              mask=io_mask, other=0.0).to(tl.float32)
@@ -232,7 +244,7 @@ def fused_kernel(
 
             # ring appends of the new keys, disjoint from the history rows read above (pnat + T <= L)
             new_ring_row = wrap(rs + K + j_new, L)
-            new_ok = ~is_hist & key_ok & (new_ring_row >= 0) & (new_ring_row < L)
+            new_ok = ~is_hist & key_ok & (new_ring_row >= 0) & (new_ring_row < L) & ok
             tl.store(xc_base + new_ring_row[None, :] * s_xc_l + offs_p[:, None], X_all,
                      mask=p_ok[:, None] & new_ok[None, :])
             if pt == 0:
@@ -240,7 +252,10 @@ def fused_kernel(
                 if h % HPG == 0:
                     tl.store(Bc_base + new_ring_row[:, None] * s_Bc_l + offs_n[None, :], Keys,
                              mask=new_ok[:, None] & n_ok[None, :])
-        elif PDL:
-            gdc_wait()      # padding row: nothing to do, but the launch must not finish before its producer
+        else:
+            if slot != pad_slot_id:
+                _record_fault(faults_ptr, row, 1, slot)
+            if PDL:
+                gdc_wait()      # padding row: nothing to do, but the launch must not finish before its producer
     elif PDL:
         gdc_wait()          # past the plan's count: likewise

@@ -14,6 +14,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, check_tensor
 from specssm._runtime import interpreting, pdl_supported
+from specssm.cache.faults import new_record as new_fault_record
 from specssm.cache.plan import StepPlan
 from specssm.step.store import STATE_KIND
 from specssm.step import tuning
@@ -91,7 +92,8 @@ def _launch_fused(branch, a, cfg, order, slots, counts, use_order, grid):
         ring_start_ptr=a["ring_start"], pnat_ptr=a["pnat"], x_ptr=a["x"], dt_ptr=a["dt"], A_ptr=a["A"],
         B_ptr=a["B"], C_ptr=a["C"], out_ptr=a["out"], D_ptr=a["D"], z_ptr=a["z"], dt_bias_ptr=a["dt_bias"],
         sbi_ptr=a["sbi"], cu_ptr=a["cu"], order_ptr=order, slots_ptr=slots, counts_ptr=counts, seed_ptr=a["seed"],
-        st_desc=desc, batch=a["batch"], T=a["T"], W=a["W"], L=a["L"], pad_slot_id=a["pad"], H=a["H"], P=P, N=N,
+        st_desc=desc, batch=a["batch"], T=a["T"], W=a["W"], L=a["L"], pad_slot_id=a["pad"],
+        num_slots=a["num_slots"], max_pnat=max(a["W"], a["T"]), faults_ptr=a["faults"], H=a["H"], P=P, N=N,
         HPG=a["HPG"], NPT=npt, **a["strides"],
         BRANCH=branch, RECT=f["RECT"], HAS_D=f["HAS_D"], HAS_Z=f["HAS_Z"], HAS_BIAS=f["HAS_BIAS"],
         SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], HAS_SBI=f["HAS_SBI"], USE_ORDER=use_order,
@@ -113,16 +115,16 @@ def _launch_split(a, cfg, plan):
     to = MAX_TOKENS // 2 if a["T"] <= MAX_TOKENS // 2 else MAX_TOKENS    # query rows: T <= to
     block_n = triton.next_power_of_2(N)
     coef_kernel[(a["batch"], H // hb)](
-        pnat_ptr=a["pnat"], ring_start_ptr=a["ring_start"], sbi_ptr=a["sbi"], cu_ptr=a["cu"], dt_ptr=a["dt"],
-        dt_bias_ptr=a["dt_bias"], A_ptr=a["A"], D_ptr=a["D"], B_ptr=a["B"], C_ptr=a["C"], Bc_ptr=a["B_cache"],
-        dtc_ptr=a["dt_cache"], coef_ptr=coef, vec_ptr=vec, T=a["T"], W=a["W"], L=a["L"], pad_slot_id=a["pad"], N=N,
+        pnat_ptr=a["pnat"], ring_start_ptr=a["ring_start"], order_ptr=plan.order, slots_ptr=plan.slots,
+        counts_ptr=plan.counts, cu_ptr=a["cu"], dt_ptr=a["dt"], dt_bias_ptr=a["dt_bias"], A_ptr=a["A"], D_ptr=a["D"],
+        B_ptr=a["B"], C_ptr=a["C"], Bc_ptr=a["B_cache"], dtc_ptr=a["dt_cache"], coef_ptr=coef, vec_ptr=vec,
+        batch=a["batch"], T=a["T"], W=a["W"], L=a["L"], N=N,
         HPG=a["HPG"], s_dt_b=a["strides"]["s_dt_b"], s_dt_t=a["strides"]["s_dt_t"], s_dt_h=a["strides"]["s_dt_h"],
         s_B_b=a["strides"]["s_B_b"], s_B_t=a["strides"]["s_B_t"], s_B_g=a["strides"]["s_B_g"],
         s_Bc_s=a["strides"]["s_Bc_s"], s_Bc_g=a["strides"]["s_Bc_g"], s_Bc_l=a["strides"]["s_Bc_l"],
         s_dtc_s=a["strides"]["s_dtc_s"], s_dtc_h=a["strides"]["s_dtc_h"],
         s_cf_b=coef.stride(0), s_cf_h=coef.stride(1), s_v_b=vec.stride(0), s_v_h=vec.stride(1),
-        HAS_D=f["HAS_D"], HAS_BIAS=f["HAS_BIAS"], SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], HAS_SBI=f["HAS_SBI"],
-        WAIT=f["PDL"], LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, TO=to,
+        HAS_D=f["HAS_D"], HAS_BIAS=f["HAS_BIAS"], SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], WAIT=f["PDL"], LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, TO=to,
         num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}))
     s = a["strides"]
     for write in (True, False):
@@ -156,7 +158,7 @@ def _launch_split(a, cfg, plan):
 def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C, out,
          D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
          philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch, precision,
-         validate, pdl=False):
+         validate, pdl=False, faults=None):
     """The launcher shared by checkpointing_ssu and always_write_ssu: checks every argument before
     anything is written, picks the launches and their configs, launches."""
     if precision not in PRECISIONS:
@@ -176,6 +178,8 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
             raise ValueError(f"rand_seed: expected per-slot seeds (slots,) int64 for rounding='sr', "
                              f"got {type(rand_seed).__name__}")
         check_tensor("rand_seed", rand_seed, shape=(sh.num_slots,), dtype=torch.int64, device=x.device)
+    if faults is not None:
+        check_tensor("faults", faults, shape=(1,), dtype=torch.int64, device=x.device)
     if sh.batch == 0:
         return out
     if sh.T > MAX_TOKENS or sh.L > 2 * MAX_WINDOW:
@@ -204,6 +208,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
         sbi=state_batch_indices if state_batch_indices is not None else dummy,
         cu=cu_seqlens if cu_seqlens is not None else dummy, seed=rand_seed if rounding == "sr" else dummy,
         batch=sh.batch, T=sh.T, W=sh.W, L=sh.L, pad=pad_slot_id, H=sh.H, P=sh.P, N=sh.N,
+        num_slots=sh.num_slots, faults=faults if faults is not None else new_fault_record(dev),
         HPG=sh.H // sh.G,
         strides=dict(
             s_st_s=state.stride(0), s_st_h=state.stride(1), s_st_p=state.stride(2),
@@ -236,7 +241,8 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
         sbi_plan = state_batch_indices if state_batch_indices is not None else torch.arange(
             sh.batch, dtype=torch.int32, device=dev)
         lens = sh.T if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1])
-        plan.build(prev_num_accepted_tokens, sbi_plan, sh.W, lens, pad_slot_id)
+        plan.build(prev_num_accepted_tokens, sbi_plan, sh.W, lens, pad_slot_id, validate=validate,
+                   ring_start=ring_start, ring_len=sh.L, max_pnat=max(sh.W, sh.T), faults=a["faults"])
     elif plan.batch != sh.batch:
         raise ValueError(f"plan: expected a plan built for this step's {sh.batch} rows, got one for {plan.batch}")
     if no_write_form == "rectangle":
@@ -252,7 +258,7 @@ def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_ac
                       state_batch_indices=None, pad_slot_id=-1, state_scale=None, rand_seed=None,
                       philox_rounds=10, cu_seqlens=None, max_seqlen=None, window=None, rounding="rn",
                       no_write_form="rectangle", plan=None, launch="auto", precision="fast",
-                      validate=True, pdl=False):
+                      validate=True, pdl=False, faults=None):
     """One verify step of checkpointing replay (Triton). Mutates the caches; returns `out`.
 
     Shapes (batch rows, T tokens per row, H heads, P head_dim, N d_state, G groups, L ring rows):
@@ -276,6 +282,9 @@ def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_ac
     int64); validate=False skips the host-side slot checks (needed inside CUDA graphs); pdl=True (CUDA)
     launches the first kernel with Programmatic Dependent Launch: it may start while the previous
     kernel (e.g. conv1d_update(pdl=True)) finishes. Ignored on the CPU.
+    Rows whose slot id, pnat or ring_start break the contract (what validate=True rejects on the host)
+    do no work and never touch memory outside the caches; with `faults` (SSMCache.faults, an int64 (1,)
+    record) they are recorded: SSMCache.raise_if_faulted() names the first.
     """
     if no_write_form not in ("rectangle", "replay"):
         raise ValueError(f"no_write_form: expected 'rectangle' or 'replay', got {no_write_form!r}")
@@ -284,6 +293,6 @@ def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_ac
     return _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C,
                 out, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
                 philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch,
-                precision, validate, pdl)
+                precision, validate, pdl, faults)
 
 

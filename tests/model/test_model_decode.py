@@ -215,3 +215,30 @@ def test_demo_says_when_it_falls_back_to_the_reference(capsys):
         assert main(["--size", "tiny", "--tokens", "2", "--batch", "1", "-T", "2"]) == 0
         out = capsys.readouterr().out
         assert "ssu = checkpointing_ssu(" in out and "note:" not in out, out
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("split_min_batch", [1, 128])
+def test_model_step_records_a_bad_pnat_without_validation(split_min_batch, monkeypatch):
+    """validate=False: a row whose slot holds a pnat outside the contract does no SSM work in any layer,
+    the other rows' logits are those of a step without it, and the cache's fault record names it."""
+    from specssm.step import tuning
+    monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": split_min_batch})
+    runs = []
+    for bad in (False, True):
+        model = TinyMamba2LM(TINY, seed=4, dtype=torch.float32, ssu="op", conv="triton", precision="exact",
+                             validate=False)
+        cache = model.new_cache(4, 3, window=4)
+        for r, s in enumerate((2, 0)):
+            model.prefill(prompts(r, 1)[0], cache, s)
+        cache.ssm.pnat[2], cache.ssm.pnat[0] = 2, 1
+        if bad:
+            cache.ssm.pnat[0] = 99
+        tokens = torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(1))
+        slots = torch.tensor([2, cache.pad_slot_id, 0 if bad else cache.pad_slot_id], dtype=torch.int32)
+        runs.append((model.step(tokens, cache, slots), cache))
+    (clean_logits, clean), (logits, cache) = runs
+    assert torch.equal(logits[0], clean_logits[0])
+    assert torch.equal(cache.ssm.layers[0].state[2], clean.ssm.layers[0].state[2])
+    with pytest.raises(ValueError, match=r"^prev_num_accepted_tokens: row 2 .* had 99"):
+        cache.ssm.raise_if_faulted()
