@@ -38,7 +38,7 @@ _ACTIVATIONS = (None, "silu", "swish")
 @triton.jit
 def _conv1d_update_kernel(
     xbc_ptr, state_ptr, offset_ptr, weight_ptr, bias_ptr, out_ptr, slot_idx_ptr,
-    conv_dim, pad_slot_id,
+    conv_dim, pad_slot_id, num_slots, max_offset,
     stride_x_row, stride_x_tok, stride_x_ch,
     stride_s_slot, stride_s_row, stride_s_ch,
     stride_w_ch, stride_w_tap,
@@ -59,9 +59,12 @@ def _conv1d_update_kernel(
     else:
         slot = row
     # A pad row keeps every access masked off; slot 0 only keeps the (never dereferenced) pointers sane.
-    live = slot != pad_slot_id
+    # So does a slot id outside the pool or a read offset past the slot's rows (validate=False: the
+    # step's plan records such rows; here they only must not touch memory outside their slot).
+    live = (slot != pad_slot_id) & (slot >= 0) & (slot < num_slots)
     slot = tl.where(live, slot, 0)
     offset = tl.load(offset_ptr + slot, mask=live, other=0).to(tl.int64)
+    live = live & (offset >= 0) & (offset <= max_offset)
 
     ch = ch_block * BLOCK_C + tl.arange(0, BLOCK_C)
     ch_ok = (ch < conv_dim) & live
@@ -251,7 +254,7 @@ def _launch(xBC, conv_state, conv_offset, weight, bias, silu, state_batch_indice
     _conv1d_update_kernel[grid](
         xBC, conv_state, conv_offset, weight, bias if bias is not None else weight, out,
         state_batch_indices if has_idx else conv_offset,
-        conv_dim, pad_slot_id,
+        conv_dim, pad_slot_id, conv_state.shape[0], conv_state.shape[1] - (d_conv - 1),
         xBC.stride(0), xBC.stride(1), xBC.stride(2),
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
         weight.stride(0), weight.stride(1),

@@ -30,7 +30,8 @@ results = []
 for act, T, d_conv, has_bias, has_idx, pdl in json.loads(sys.argv[1]):
     names = kernel.arg_names
     sig = dict(xbc_ptr="*" + act, state_ptr="*" + act, offset_ptr="*i32", weight_ptr="*fp32",
-               bias_ptr="*fp32", out_ptr="*" + act, slot_idx_ptr="*i32", conv_dim="i32", pad_slot_id="i32")
+               bias_ptr="*fp32", out_ptr="*" + act, slot_idx_ptr="*i32", conv_dim="i32", pad_slot_id="i32",
+               num_slots="i32", max_offset="i32")
     for n in ("stride_x_row", "stride_x_tok", "stride_s_slot", "stride_s_row", "stride_w_ch",
               "stride_o_row", "stride_o_tok"):
         sig[n] = "i32"

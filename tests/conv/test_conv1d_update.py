@@ -374,3 +374,29 @@ def test_window_reference_equals_sequential_reference():
     seq_out, win = conv1d_sequential_ref(xBC, ctx, w, b)
     torch.testing.assert_close(conv1d_window_ref(xBC, ctx, w, b), seq_out, rtol=1e-12, atol=1e-12)
     assert torch.equal(win, xBC[:, -3:])
+
+
+@interp
+@pytest.mark.parametrize("bad", ["slot", "offset"])
+def test_bad_slot_or_offset_touches_nothing_without_validation(bad):
+    """The kernel's own guard (what validate=False leaves on a GPU; on the CPU the wrapper checks these
+    values on the host, so the launch is called directly): a row naming a slot outside the pool, or a
+    slot whose read offset lies past its rows, writes no output and no conv state; the other rows and
+    slots are those of the same step with the row as padding."""
+    from specssm.conv.conv1d import _launch
+    xBC, conv_state, conv_offset, weight, b, idx = make_case(3, 4, 150, 4, T_max=6, num_slots=5,
+                                                               dtype=torch.float32, device="cpu")
+    if bad == "slot":
+        idx[1] = 5
+    else:
+        conv_offset[int(idx[1])] = 1000
+    clean_idx = idx.clone()
+    clean_idx[1] = -1
+    runs = []
+    for rows in (idx, clean_idx):
+        state, out = conv_state.clone(), torch.full_like(xBC, float("nan"))
+        _launch(xBC, state, conv_offset, weight, b, True, rows, -1, out)
+        runs.append((state, out))
+    (state, out), (clean_state, clean_out) = runs
+    assert torch.equal(state, clean_state) and torch.equal(out.isnan(), clean_out.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(clean_out)) and bool(out[1].isnan().all())
