@@ -29,7 +29,7 @@ TABLE_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 
 _MAIN = {"BLOCK_P": 64, "num_warps": 4, "stages": 2, "ctas_per_sm": 4, "tma": True, "maxnreg": None}
 DEFAULT = {
-    "split_min_batch": 32,
+    "split_min_batch": 64,
     "fused": {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "TN_MIN": 8, "tma": False,
               "write": {"maxnreg": 168}, "no_write": {}},
     "coef": {"HB": 8, "num_warps": 2},
