@@ -72,8 +72,8 @@ def fused_kernel(
     s_o_b, s_o_t, s_o_h, s_z_b, s_z_t, s_z_h,
     BRANCH: tl.constexpr, RECT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr, HAS_SBI: tl.constexpr,
-    USE_ORDER: tl.constexpr, EVEN_TILE: tl.constexpr, TMA: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr, SR_ROWS: tl.constexpr,
-    PHILOX_ROUNDS: tl.constexpr,
+    USE_ORDER: tl.constexpr, EVEN_TILE: tl.constexpr, TMA: tl.constexpr, KIND: tl.constexpr, SR: tl.constexpr,
+    SR_ROWS: tl.constexpr, PHILOX_ROUNDS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, KH: tl.constexpr, TN: tl.constexpr, NK: tl.constexpr,
     DOT_PREC: tl.constexpr, NATIVE_CS: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -196,7 +196,7 @@ def fused_kernel(
             c_new = tl.sum(tl.where(pick, c_key[None, :], 0.0), axis=1)
 
             # Bᵀ·C over the keys (16-bit operands give exact products), decayed and masked
-            cbT = dot16(Keys, Ct, tl.zeros((NK, TN), tl.float32), UPCAST)                                                   # (NK, TN)
+            cbT = dot16(Keys, Ct, tl.zeros((NK, TN), tl.float32), UPCAST)                    # (NK, TN)
             vis = (~is_hist[:, None] & (j_new[:, None] <= jn[None, :])) & t_ok[None, :]
             if RECT:
                 vis = vis | (hist_ok[:, None] & t_ok[None, :])

@@ -73,7 +73,7 @@ def _block_p(cfg, P, N):
     return min(cfg["BLOCK_P"], max(16, triton.next_power_of_2(P)), max(16, MAX_TILE // block_n))
 
 
-def _launch_fused(branch, a, cfg, order, slots, counts, use_order, grid):
+def _launch_fused(branch, a, cfg, order, slots, counts, use_order):
     fcfg = cfg["fused"]
     if branch == WRITE:
         fcfg = {**fcfg, **fcfg.get("write", {})}
@@ -107,7 +107,7 @@ def _launch_fused(branch, a, cfg, order, slots, counts, use_order, grid):
 
 def _launch_split(a, cfg, plan):
     """Coefficient kernel, then the write and no-write mains, over `plan`'s rows."""
-    f, state, dev = a["flags"], a["state"], a["state"].device
+    f, s, state, dev = a["flags"], a["strides"], a["state"], a["state"].device
     H, P, N = a["H"], a["P"], a["N"]
     coef, vec = plan.scratch(H, a["x"].dtype)
     chain = pdl_supported(dev)      # mains launched as dependents of the coefficient kernel
@@ -118,15 +118,13 @@ def _launch_split(a, cfg, plan):
         pnat_ptr=a["pnat"], ring_start_ptr=a["ring_start"], order_ptr=plan.order, slots_ptr=plan.slots,
         counts_ptr=plan.counts, cu_ptr=a["cu"], dt_ptr=a["dt"], dt_bias_ptr=a["dt_bias"], A_ptr=a["A"], D_ptr=a["D"],
         B_ptr=a["B"], C_ptr=a["C"], Bc_ptr=a["B_cache"], dtc_ptr=a["dt_cache"], coef_ptr=coef, vec_ptr=vec,
-        batch=a["batch"], T=a["T"], W=a["W"], L=a["L"], N=N,
-        HPG=a["HPG"], s_dt_b=a["strides"]["s_dt_b"], s_dt_t=a["strides"]["s_dt_t"], s_dt_h=a["strides"]["s_dt_h"],
-        s_B_b=a["strides"]["s_B_b"], s_B_t=a["strides"]["s_B_t"], s_B_g=a["strides"]["s_B_g"],
-        s_Bc_s=a["strides"]["s_Bc_s"], s_Bc_g=a["strides"]["s_Bc_g"], s_Bc_l=a["strides"]["s_Bc_l"],
-        s_dtc_s=a["strides"]["s_dtc_s"], s_dtc_h=a["strides"]["s_dtc_h"],
-        s_cf_b=coef.stride(0), s_cf_h=coef.stride(1), s_v_b=vec.stride(0), s_v_h=vec.stride(1),
-        HAS_D=f["HAS_D"], HAS_BIAS=f["HAS_BIAS"], SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], WAIT=f["PDL"], LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, TO=to,
+        batch=a["batch"], T=a["T"], W=a["W"], L=a["L"], N=N, HPG=a["HPG"],
+        s_dt_b=s["s_dt_b"], s_dt_t=s["s_dt_t"], s_dt_h=s["s_dt_h"], s_B_b=s["s_B_b"], s_B_t=s["s_B_t"],
+        s_B_g=s["s_B_g"], s_Bc_s=s["s_Bc_s"], s_Bc_g=s["s_Bc_g"], s_Bc_l=s["s_Bc_l"], s_dtc_s=s["s_dtc_s"],
+        s_dtc_h=s["s_dtc_h"], s_cf_b=coef.stride(0), s_cf_h=coef.stride(1), s_v_b=vec.stride(0), s_v_h=vec.stride(1),
+        HAS_D=f["HAS_D"], HAS_BIAS=f["HAS_BIAS"], SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], WAIT=f["PDL"],
+        LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, TO=to,
         num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}))
-    s = a["strides"]
     for write in (True, False):
         mcfg = cfg["write" if write else "no_write"]
         block_p = _block_p(mcfg, P, N)
@@ -147,10 +145,8 @@ def _launch_split(a, cfg, plan):
             s_v_b=vec.stride(0), s_v_h=vec.stride(1), H=H, P=P, N=N, HPG=a["HPG"],
             WRITE=write, HAS_Z=f["HAS_Z"], VARLEN=f["VARLEN"], KIND=f["KIND"], CS16=f["CS16"], SR=f["SR"],
             SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=f["PHILOX_ROUNDS"], TMA=tma, PDL=chain,
-            LAUNCH_DEPS=chain and write,
-            UPCAST=f["UPCAST"], DOT_PREC=f["DOT_PREC"], BLOCK_P=block_p, BLOCK_N=block_n, TM=MAX_TOKENS,
-            TO=to,
-            STAGES=mcfg["stages"], num_warps=mcfg["num_warps"],
+            LAUNCH_DEPS=chain and write, UPCAST=f["UPCAST"], DOT_PREC=f["DOT_PREC"], BLOCK_P=block_p,
+            BLOCK_N=block_n, TM=MAX_TOKENS, TO=to, STAGES=mcfg["stages"], num_warps=mcfg["num_warps"],
             **({"launch_pdl": True} if chain else {}),
             **({"maxnreg": mcfg["maxnreg"]} if mcfg.get("maxnreg") and a["cuda"] else {}))
 
@@ -234,7 +230,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     elif launch == "auto":
         launch = "split" if _splits(sh.batch, cfg, launch, no_write_form) else "dynamic"
     if launch == "dynamic":
-        _launch_fused(DYNAMIC, a, cfg, dummy, dummy, dummy, False, None)
+        _launch_fused(DYNAMIC, a, cfg, dummy, dummy, dummy, False)
         return out
     if plan is None:
         plan = StepPlan(sh.batch, dev)
@@ -248,8 +244,8 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     if no_write_form == "rectangle":
         _launch_split(a, cfg, plan)
     else:   # the replay form: the fused kernel's own split launches over the plan
-        _launch_fused(WRITE, a, cfg, plan.order, plan.slots, plan.counts, True, None)
-        _launch_fused(NO_WRITE, a, cfg, plan.order, plan.slots, plan.counts, True, None)
+        _launch_fused(WRITE, a, cfg, plan.order, plan.slots, plan.counts, True)
+        _launch_fused(NO_WRITE, a, cfg, plan.order, plan.slots, plan.counts, True)
     return out
 
 

@@ -48,11 +48,10 @@ def _caches_equal(a, b):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
 
 
-BAD = [("slot", 7, "state_batch_indices"), ("slot", 8, "state_batch_indices"), ("slot", 100000, "state_batch_indices"),
-       ("slot", -5, "state_batch_indices"), ("slot", -2, "state_batch_indices"),
-       ("pnat", 17, "prev_num_accepted_tokens"), ("pnat", -3, "prev_num_accepted_tokens"),
-       ("pnat", 10 ** 6, "prev_num_accepted_tokens"), ("ring_start", 20, "ring_start"), ("ring_start", -1, "ring_start"),
-       ("ring_start", 10 ** 6, "ring_start")]
+SBI, PN, RS = "state_batch_indices", "prev_num_accepted_tokens", "ring_start"
+BAD = [("slot", 7, SBI), ("slot", 8, SBI), ("slot", 100000, SBI), ("slot", -5, SBI), ("slot", -2, SBI),
+       ("pnat", 17, PN), ("pnat", -3, PN), ("pnat", 10 ** 6, PN),
+       ("ring_start", 20, RS), ("ring_start", -1, RS), ("ring_start", 10 ** 6, RS)]
 
 
 @pytest.mark.parametrize("launch,state_dtype", [("dynamic", torch.float32), ("split", torch.float32),
