@@ -130,3 +130,31 @@ def test_plan_kernel_and_torch_reference_agree_on_faults():
     assert all(torch.equal(a, b) for a, b in zip(got[0][:3], got[1][:3])) and got[0][3] == got[1][3]
     assert got[0][2].tolist() == [0, 0]                     # every live row faulted: nothing to launch
     assert flt.decode(got[0][3]) == (0, flt.SLOT, -7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("launch", ["dynamic", "split"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
+@pytest.mark.parametrize("field,value,name", [("slot", 100000, SBI), ("slot", -5, SBI), ("slot", 7, SBI),
+                                              ("pnat", 10 ** 6, PN), ("ring_start", -1, RS)])
+def test_gpu_a_bad_row_does_nothing_and_is_recorded(field, value, name, state_dtype, launch):
+    """The device-side checks on sm_90 at Super TP8 shapes (on an H200 a slot id of 100000 or -5 used to
+    end in an illegal memory access that killed the CUDA context)."""
+    from tests.ops.helpers import to_device
+    cache, ins = make_step(batch=48, slots=52, H=16, P=64, N=128, G=1, T=6, act=torch.bfloat16,
+                           state_dtype=state_dtype, seed=73)
+    cache, ins = to_device(cache, ins, "cuda")
+    ins = dict(ins, state_batch_indices=ins["state_batch_indices"].clone())
+    dirty = copy.deepcopy(cache)
+    d_ins = _corrupt(dirty, ins, field, value if field != "slot" else {7: dirty.num_slots}.get(value, value))
+    clean = copy.deepcopy(dirty)
+    c_ins = dict(d_ins, state_batch_indices=d_ins["state_batch_indices"].clone(), out=ins["out"].clone())
+    c_ins["state_batch_indices"][BAD_ROW] = clean.pad_slot_id
+    checkpointing_ssu(**c_ins, **clean.op_kwargs(0), launch=launch, validate=False)
+    checkpointing_ssu(**d_ins, **dirty.op_kwargs(0), launch=launch, validate=False)
+    torch.cuda.synchronize()
+    assert torch.equal(torch.nan_to_num(d_ins["out"]), torch.nan_to_num(c_ins["out"]))
+    _caches_equal(dirty, clean)
+    with pytest.raises(ValueError, match=rf"^{name}: row {BAD_ROW} "):
+        dirty.raise_if_faulted()
