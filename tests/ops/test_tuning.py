@@ -196,6 +196,30 @@ class _Recorder:
         return lambda **kw: self.seen.append((self.name, kw))
 
 
+def test_launcher_asks_the_table_with_its_step(test_card, monkeypatch):
+    """checkpointing_ssu passes batch, T, W, rounding, H and G to config_for: at batch 3 (nearest
+    bucket 1 of the only H=4, P=16 entry) its write main gets that bucket's stages, not bucket 64's."""
+    from specssm.ops import checkpointing_ssu
+    from specssm.step import launch as step_launch
+    from tests.ops.helpers import make_step
+    table = {"schema": 2, "card": "TEST", "provenance": PROV, "entries": [
+        _entry(state="float32", T=4, H=4, P=16, N=16, G=2, batches={"1": {"write": {"stages": 3}},
+                                                                     "64": {"write": {"stages": 1}}}),
+        _entry(state="float32", T=5, H=4, P=16, N=16, G=2, batches={"1": {"write": {"stages": 4}}})]}
+    (test_card / "TEST.json").write_text(tables.dumps(table))
+    tuning.reload()
+    calls, seen = [], []
+    real = tuning.config_for
+    monkeypatch.setattr(tuning, "config_for", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for name in ("fused_kernel", "coef_kernel", "main_kernel"):
+        monkeypatch.setattr(step_launch, name, _Recorder(name, seen))
+    cache, ins = make_step(batch=3, T=4, pnat=[14, 3, 13], act=torch.float32, seed=2)
+    checkpointing_ssu(**ins, **cache.op_kwargs(0), launch="split")
+    assert calls == [dict(batch=3, T=4, W=16, rounding="rn", H=4, G=2)]
+    # the write main from the table's bucket 1, the no-write main from DEFAULT (no bucket configures it)
+    assert [(kw["WRITE"], kw["STAGES"]) for name, kw in seen if name == "main_kernel"] == [(True, 3), (False, 2)]
+
+
 @pytest.mark.parametrize("launch", ["dynamic", "split", "always_write"])
 def test_launch_configs_reach_their_launches(launch, monkeypatch):
     """Each launch gets its own fields: the fused kernel its top-level config in its dynamic launch, the
