@@ -134,14 +134,17 @@ class Pruner:
         self.log, self.settings, self.compiler = log, settings, compiler
         self.compiled = 0
 
-    def _jobs(self, t: Target, family, point: dict) -> list:
+    def _jobs(self, t: Target, launches, point: dict) -> list:
         base = space.default_knobs("fused")
-        return [(launch, offline.job_for(t, launch, point[launch], base)) for launch in family.launches]
+        return [(launch, offline.job_for(t, launch, point[launch], base)) for launch in launches]
 
-    def reasons(self, t: Target, family, points: list) -> list:
+    def reasons(self, t: Target, family, points: list, launches=None) -> list:
+        """Why each point is ruled out by the compile reports of `launches` (default: all of the
+        family's; a descent passes the block's launch only: the others are the incumbent's, which
+        is timed whatever its report says)."""
         if not self.settings.compile_check or not points:
             return [None] * len(points)
-        per_point = [self._jobs(t, family, p) for p in points]
+        per_point = [self._jobs(t, launches or family.launches, p) for p in points]
         todo = {}
         for jobs in per_point:
             for _, job in jobs:
@@ -174,9 +177,9 @@ class Search:
         self.oracle, self.pruner, self.settings, self.progress = oracle, pruner, settings, progress
 
     # ---- building blocks -------------------------------------------------------------------------
-    def _keep(self, case: Case, points: list) -> list:
+    def _keep(self, case: Case, points: list, launches=None) -> list:
         fam = FAMILIES[case.family]
-        reasons = self.pruner.reasons(case.target, fam, points)
+        reasons = self.pruner.reasons(case.target, fam, points, launches)
         return [p for p, why in zip(points, reasons) if why is None]
 
     def _confirm(self, case: Case, inc: dict, ch: dict):
@@ -204,7 +207,7 @@ class Search:
         for _ in range(self.settings.max_sweeps):
             changed = False
             for block in fam.blocks:
-                pts = self._keep(case, space.block_neighbors(fam, inc["point"], block, t))
+                pts = self._keep(case, space.block_neighbors(fam, inc["point"], block, t), (block[0],))
                 inc, ch = self._improve(case, inc, pts)
                 changed |= ch
             if not changed:

@@ -248,16 +248,20 @@ def default_point(family: Family, t: Target) -> dict:
     return {launch: effective(launch, default_knobs(launch), t) for launch in family.launches}
 
 
-def block_neighbors(family: Family, point: dict, block: tuple, t: Target) -> list[dict]:
-    """Valid points that differ from `point` only in the block's knobs (launch, names)."""
+def block_points(family: Family, point: dict, block: tuple) -> list[dict]:
+    """Every point that differs from `point` only in the block's knobs (launch, names), valid or not."""
     launch, names = block
     out = []
     for vs in itertools.product(*(_knob(launch, n).values for n in names)):
         knobs = {**point[launch], **dict(zip(names, vs))}
-        if knobs == point[launch] or launch_reason(launch, knobs, t):
-            continue
-        out.append({**point, launch: knobs})
+        if knobs != point[launch]:
+            out.append({**point, launch: knobs})
     return out
+
+
+def block_neighbors(family: Family, point: dict, block: tuple, t: Target) -> list[dict]:
+    """The valid points among block_points."""
+    return [p for p in block_points(family, point, block) if launch_reason(block[0], p[block[0]], t) is None]
 
 
 def random_point(family: Family, t: Target, rng: random.Random) -> dict:
