@@ -56,7 +56,7 @@ class SyntheticTimer:
     def __init__(self, noise: float = 0.0, seed: int = 0, cost=cost_us, bad_outputs=()):
         self.noise, self.seed, self.cost = noise, seed, cost
         self.bad_outputs = [json.dumps(p, sort_keys=True) for p in bad_outputs]
-        self.calls = 0
+        self.calls = 0          # requests answered (time and check)
 
     def _gauss(self, *key) -> float:
         h = hashlib.sha1(json.dumps([self.seed, *key], sort_keys=True).encode()).hexdigest()
@@ -71,5 +71,6 @@ class SyntheticTimer:
         return out
 
     def check(self, target: Target, cand: dict, reference: dict) -> dict:
+        self.calls += 1
         bad = json.dumps(cand["point"], sort_keys=True) in self.bad_outputs
         return {"ok": not bad, "detail": "outputs differ from DEFAULT's (synthetic)" if bad else ""}
