@@ -126,21 +126,30 @@ class GpuTimer:
             self.env = Env(t, self.device)
         return self.env
 
-    def _warm(self, t: Target, cands: list) -> None:
-        new = [c for c in cands if json.dumps([t.as_dict(), c], sort_keys=True) not in self._seen]
+    def _key(self, t: Target, cand: dict) -> str:
+        return json.dumps([t.as_dict(), cand], sort_keys=True)
+
+    def _warm(self, t: Target, cands: list) -> dict:
+        """Compile the candidates this process has not run yet in the worker processes; returns
+        {key: error} of those that failed there (the timing process does not launch them: a fault
+        would poison its CUDA context for every later measurement)."""
+        new = [c for c in cands if self._key(t, c) not in self._seen]
         if self.warm_workers < 2 or len(new) < 2:
-            return
+            return {}
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
             self._pool = ProcessPoolExecutor(self.warm_workers, mp_context=multiprocessing.get_context("spawn"))
         parts = [new[i::self.warm_workers] for i in range(self.warm_workers)]
+        parts = [p for p in parts if p]
         try:
-            list(self._pool.map(_warm_task, [(t.as_dict(), p) for p in parts if p]))
+            errors = list(self._pool.map(_warm_task, [(t.as_dict(), p) for p in parts]))
         except Exception as e:  # noqa: BLE001 - warming only saves time; timing compiles what it must
             print(f"specssm tune: parallel compile failed ({type(e).__name__}: {e}); compiling in order",
                   file=sys.stderr)
             self.warm_workers = 0
+            return {}
+        return {self._key(t, c): err for part, errs in zip(parts, errors) for c, err in zip(part, errs) if err}
 
     def _capture(self, env: Env, cand: dict):
         m = self.markers
@@ -154,19 +163,25 @@ class GpuTimer:
             env.step(cand, 0)             # compiles, allocates the plans' scratch outside the capture
             torch.cuda.synchronize()
             graph = capture_graph(body)
-        self._seen.add(json.dumps([env.target.as_dict(), cand], sort_keys=True))
+        self._seen.add(self._key(env.target, cand))
         return graph
 
     def time(self, t: Target, candidates: list, rounds: int, request=None) -> list:
         env = self._env_for(t)
-        self._warm(t, candidates)
+        failed = self._warm(t, candidates)
         graphs = []
         for c in candidates:
+            if self._key(t, c) in failed:
+                print(f"specssm tune: {json.dumps(c)} failed in a compile worker: {failed[self._key(t, c)]}",
+                      file=sys.stderr)
+                graphs.append(None)
+                continue
             try:
                 graphs.append(self._capture(env, c))
-            except Exception as e:  # noqa: BLE001 - a candidate that does not run is timed as inf
+            except Exception as e:  # noqa: BLE001 - a candidate that does not compile is timed as inf
+                if "CUDA error" in str(e) or "illegal" in str(e):
+                    raise        # the context is gone: every later measurement would be wrong
                 print(f"specssm tune: {json.dumps(c)} failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
-                torch.cuda.synchronize()
                 graphs.append(None)
         replays = max(1, -(-self.min_steps // env.sets))
         orders = [[(i + r) % len(candidates) for i in range(len(candidates))] for r in range(rounds)]
