@@ -21,6 +21,7 @@ The exact shared memory, registers and spills come from an offline sm_90 compile
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 from dataclasses import asdict, dataclass
@@ -224,9 +225,15 @@ def point_reason(family: Family, point: dict, t: Target) -> str | None:
 
 def launch_points(launch: str, t: Target) -> list[dict]:
     """Every valid setting of one launch's knobs for target t, in knob-value order."""
+    return list(_launch_points(launch, t))
+
+
+@functools.lru_cache(maxsize=1024)
+def _launch_points(launch: str, t: Target) -> tuple:
+    # cached: plans of many cases count their points for the ETA (callers copy before changing one)
     names = [k.name for k in KNOBS[launch]]
     combos = (dict(zip(names, vs)) for vs in itertools.product(*(k.values for k in KNOBS[launch])))
-    return [c for c in combos if launch_reason(launch, c, t) is None]
+    return tuple(c for c in combos if launch_reason(launch, c, t) is None)
 
 
 def count_valid(family: Family, t: Target) -> int:
@@ -239,7 +246,7 @@ def count_valid(family: Family, t: Target) -> int:
 
 def all_points(family: Family, t: Target) -> list[dict]:
     per = [launch_points(launch, t) for launch in family.launches]
-    return [dict(zip(family.launches, combo)) for combo in itertools.product(*per)]
+    return [{launch: dict(knobs) for launch, knobs in zip(family.launches, combo)} for combo in itertools.product(*per)]
 
 
 def default_point(family: Family, t: Target) -> dict:
