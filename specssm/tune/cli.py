@@ -306,6 +306,9 @@ def main(argv=None, timer=None, clock=None) -> int:
     except LogMismatch as e:
         print(f"specssm tune: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:     # e.g. the profiler lost activity: what was measured stays in the log
+        print(f"specssm tune: {type(e).__name__}: {e}; the log is kept, run again with --resume", file=sys.stderr)
+        return 1
     if log.results:
         path = store.write_outputs(args.out, timer.card, log)
         print(f"specssm tune: wrote {path} and {Path(args.out) / 'summary.md'} ({oracle.live} measurements, "

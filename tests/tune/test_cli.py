@@ -133,3 +133,25 @@ def test_tuned_table_loads_in_config_for_and_installs(tmp_path, monkeypatch):
 def test_bad_selections_are_named(argv, what, capsys):
     assert cli.main(["--dry-run"] + argv) == 2
     assert what in capsys.readouterr().err
+
+
+class FailsOnce(synthetic.SyntheticTimer):
+    """The synthetic timer, except that its 5th request fails as a lost profiler trace would."""
+
+    def time(self, *a, **k):
+        if self.calls == 4 and not getattr(self, "failed", False):
+            self.failed = True
+            raise RuntimeError("trace: expected 64 marked steps, got 63")
+        return super().time(*a, **k)
+
+
+def test_a_failed_measurement_keeps_the_log(tmp_path, capsys):
+    out = tmp_path / "o"
+    timer = FailsOnce(noise=0.02, seed=3)
+    assert cli.main(PLAN + ["--out", str(out)], timer=timer, clock=Ticks()) == 1
+    assert "got 63; the log is kept, run again with --resume" in capsys.readouterr().err
+    assert len(RunLog(out / "log.jsonl").requests) == 4
+    assert cli.main(PLAN + ["--out", str(out), "--resume"], timer=timer, clock=Ticks()) == 0
+    whole = tmp_path / "whole"
+    assert run(whole)[0] == 0
+    assert entries(out) == entries(whole)
