@@ -33,6 +33,7 @@ Lookup (`lookup`), for one call (state dtype, rounding, T, W, H, P, N, G, batch)
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -231,13 +232,31 @@ def lookup(table: dict, state: str, rounding=None, T=None, W=None, H=None, P=Non
 
 
 def merge_entries(base: dict, new_entries, provenance: dict) -> dict:
-    """`base` (a schema-2 table) with `new_entries` in place of its entries of the same keys; each new
-    entry keeps its own provenance when it has one, else gets `provenance`."""
-    fresh = {entry_key(e): {**e, "provenance": e.get("provenance", provenance)} for e in new_entries}
-    # entries of older runs keep the provenance they came with
-    kept = [{**e, "provenance": e.get("provenance", base["provenance"])}
-            for e in base.get("entries", []) if entry_key(e) not in fresh]
-    entries = sorted(kept + list(fresh.values()), key=entry_key)
+    """`base` (a schema-2 table) with `new_entries` merged in (base is not changed). A new entry of a
+    key base lacks is added; one of a key base has is merged into it bucket by bucket: each launch it
+    configures replaces that launch's fields in the bucket of the same batch, field by field, so knobs
+    it did not tune stay (the replay form's "write" / "no_write" overrides of the fused launch, say);
+    its split_min_batch and timing replace the old ones, and the entry takes its provenance (an
+    entry's provenance names the newest run that changed it). New entries without a provenance get
+    `provenance`, which also becomes the table's."""
+    merged = {entry_key(e): {**copy.deepcopy(e), "provenance": e.get("provenance", base["provenance"])}
+              for e in base.get("entries", [])}
+    for e in new_entries:
+        key, prov = entry_key(e), e.get("provenance", provenance)
+        if key not in merged:
+            merged[key] = {**copy.deepcopy(e), "provenance": prov}
+            continue
+        m = merged[key]
+        for b, launches in e.get("batches", {}).items():
+            bucket = m.setdefault("batches", {}).setdefault(b, {})
+            for launch, fields in launches.items():
+                bucket[launch] = {**bucket.get(launch, {}), **copy.deepcopy(fields)}
+        if "split_min_batch" in e:
+            m["split_min_batch"] = e["split_min_batch"]
+        if "timing" in e:
+            m.setdefault("timing", {}).update(copy.deepcopy(e["timing"]))
+        m["provenance"] = prov
+    entries = sorted(merged.values(), key=entry_key)
     return {"schema": SCHEMA, "card": base["card"], "provenance": provenance, "entries": entries}
 
 

@@ -173,17 +173,26 @@ def test_unknown_card_gets_default(monkeypatch):
         tuning.reload()
 
 
-def test_merge_entries_replaces_by_key_and_keeps_provenance():
+def test_merge_entries_merges_buckets_by_launch_and_keeps_provenance():
     base = copy.deepcopy(LOOKUP_TABLE)
+    base["entries"][0]["batches"]["1"]["fused"]["write"] = {"maxnreg": 96}      # a replay-form override
     new_prov = dict(PROV, commit="1111111")
-    fresh = _entry(batches={"8": {"coef": {"HB": 2}}})
-    merged = tables.validate(tables.merge_entries(base, [fresh], new_prov), tuning.DEFAULT)
-    assert len(merged["entries"]) == 5 and merged["provenance"] == new_prov
+    tuned = _entry(split_min_batch=16, batches={"1": {"fused": {"num_warps": 8, "BLOCK_P": 32}},
+                                                 "8": {"coef": {"HB": 2}}})
+    fresh = _entry(state="int8", batches={"8": {"coef": {"HB": 2}}})
+    merged = tables.validate(tables.merge_entries(base, [tuned, fresh], new_prov), tuning.DEFAULT)
+    assert len(merged["entries"]) == 6 and merged["provenance"] == new_prov
     got = {tables.entry_key(e): e for e in merged["entries"]}
-    assert got[tables.entry_key(fresh)]["batches"] == {"8": {"coef": {"HB": 2}}}
+    e = got[tables.entry_key(tuned)]
+    assert e["split_min_batch"] == 16 and e["provenance"] == new_prov
+    # bucket 1: the tuned fused fields replace, the untuned override stays; buckets 64 and 1024 untouched
+    assert e["batches"]["1"] == {"fused": {"num_warps": 8, "BLOCK_P": 32, "write": {"maxnreg": 96}}}
+    assert e["batches"]["8"] == {"coef": {"HB": 2}}
+    assert e["batches"]["64"] == LOOKUP_TABLE["entries"][0]["batches"]["64"]
     assert got[tables.entry_key(fresh)]["provenance"] == new_prov
     assert got[("bfloat16", "sr", 6, 16, 16, 64, 128, 1)]["provenance"] == PROV
-    assert base == LOOKUP_TABLE, "the base table is not modified"
+    assert base["entries"][0]["batches"]["1"]["fused"] == {"num_warps": 2, "write": {"maxnreg": 96}}, \
+        "the base table is not modified"
 
 
 class _Recorder:
