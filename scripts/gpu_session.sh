@@ -6,6 +6,7 @@
 #                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
 #   bash scripts/gpu_session.sh sweep      # split-family variants beside the seed and the fused launch, 5 dtypes (~5 min)
+#   bash scripts/gpu_session.sh tune       # an ~8 min slice of `specssm tune` (resumes out/tune: carry it along)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -42,4 +43,18 @@ case "${1:-tests}" in
     python3 scripts/step_sweep.py ${peer[@]+"${peer[@]}"} --states fp32,bf16,fp16,int8,fp8 --batches 1,8,32,64,256,1024 \
       --check --out "$OUT" --variants '[{}, {"launch":"dynamic"}, {"write":{"stages":3},"no_write":{"stages":3}}, {"coef":{"HB":4}}]' \
       2>&1 | tee "$OUT/sweep.log" | grep -v "^   \|Warn\|warn" ;;
+  tune)
+    # one resumable slice of the tuner (docs/tuning.md): Super TP8, T=6, bf16 states (TUNE_STATES), the fused launch at
+    # batch 1 and the split launches at batch 1024 (TUNE_BATCHES), one descent of at most two sweeps per case.
+    # Measurements stop after TUNE_BUDGET seconds (default 400: with start-up and the last request, ~8 min); the run
+    # continues from out/tune/log.jsonl when that folder is carried to the next call (carry: ["out/tune"]).
+    # $OUT/tune gets the log, the tuned table <card>.json and summary.md (tuned vs default).
+    python3 -m specssm tune --shapes super_tp8 --states "${TUNE_STATES:-bf16}" --T 6 --batches "${TUNE_BATCHES:-1,1024}" \
+      --families fused,split --restarts 0 --max-sweeps 2 --out out/tune --resume --time-budget "${TUNE_BUDGET:-400}" \
+      > "$OUT/tune.log" 2>&1
+    rc=$?
+    mkdir -p "$OUT/tune" && cp out/tune/log.jsonl out/tune/*.json out/tune/summary.md "$OUT/tune/" 2>/dev/null
+    grep -v "^\[" "$OUT/tune.log" | tail -20
+    cat out/tune/summary.md 2>/dev/null
+    exit $rc ;;
 esac

@@ -1,4 +1,4 @@
-"""`specssm` command line: `specssm demo | bench | drift | sim` (each with --help)."""
+"""`specssm` command line: `specssm demo | bench | drift | sim | tune` (each with --help)."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +9,7 @@ COMMANDS = {
     "sim": ("specssm.sim.cli", "the reference-level speculative-decoding simulator"),
     "bench": ("specssm.bench.cli", "benchmark of the strategies against the bandwidth floor (GPU)"),
     "drift": ("specssm.quant.drift", "long-horizon drift of rounded / quantized checkpoints"),
+    "tune": ("specssm.tune.cli", "search the step's launch knobs on this GPU and write its tuning table"),
 }
 
 

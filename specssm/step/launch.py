@@ -182,7 +182,8 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
         raise ValueError(f"x: expected at most {MAX_TOKENS} tokens per row and ring length <= {2 * MAX_WINDOW}, "
                          f"got T={sh.T}, L={sh.L}")
     dev = x.device
-    cfg = tuning.config_for(dev, sh.P, sh.N, state.dtype)
+    cfg = tuning.config_for(dev, sh.P, sh.N, state.dtype, batch=sh.batch, T=sh.T, W=sh.W, rounding=rounding,
+                            H=sh.H, G=sh.G)
     kind = STATE_KIND[state.dtype]
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     if sh.varlen:

@@ -1,10 +1,11 @@
 """Launch configurations of the step kernels, from per-GPU tables (specssm/step/configs/<card>.json).
 
-A table maps a shape key "P{P}:N{N}:{state dtype}" to a partial config, merged over `DEFAULT` one level
-deep (each launch's dict field by field); unknown cards and shapes get `DEFAULT`. A table's
-"provenance" entry says which card, versions, date, command and commit produced it.
+The tables follow schema 2 (specssm/step/tables.py: layout, checks, lookup and its fallbacks): entries
+keyed by state dtype, rounding, T, W and shape (H, P, N, G), each with configs per batch bucket and
+provenance. `specssm tune` writes them (specssm/tune/). A folder named by SPECSSM_TUNING_DIR is searched
+for <card>.json before the shipped one (to try a freshly tuned table without installing it).
 
-Fields:
+Fields of a config (`DEFAULT` lists them all):
   split_min_batch   from this batch on, launch="auto" runs the split family (coefficient kernel, then
                     the write and no-write mains); below it the fused single launch
   fused             the single-launch kernel (specssm/step/fused.py): BLOCK_P, num_warps, maxnreg,
@@ -18,14 +19,19 @@ Fields:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
+import os
 import pathlib
 
 import torch
 
+from specssm.step import tables
+
 TABLE_DIR = pathlib.Path(__file__).resolve().parent / "configs"
+TABLE_DIR_ENV = "SPECSSM_TUNING_DIR"
 
 _MAIN = {"BLOCK_P": 64, "num_warps": 4, "stages": 2, "ctas_per_sm": 4, "tma": True, "maxnreg": None}
 DEFAULT = {
@@ -48,14 +54,54 @@ def card_name(device) -> str:
     return name.replace(" ", "_")
 
 
+def dtype_name(state_dtype) -> str:
+    """A state dtype as tables spell it ("float32", "int8", "float8_e4m3fn", ...)."""
+    return str(state_dtype).replace("torch.", "")
+
+
+def table_path(card: str) -> pathlib.Path:
+    """The table file of a card: $SPECSSM_TUNING_DIR/<card>.json if there is one, else the shipped one."""
+    extra = os.environ.get(TABLE_DIR_ENV)
+    if extra and (pathlib.Path(extra) / f"{card}.json").exists():
+        return pathlib.Path(extra) / f"{card}.json"
+    return TABLE_DIR / f"{card}.json"
+
+
+def read_table(path, card: str | None = None) -> dict:
+    """A table file checked against schema 2 (a schema-1 file is converted first); TableError names
+    the file and the part at fault."""
+    path = pathlib.Path(path)
+    data = json.loads(path.read_text())
+    if isinstance(data, dict) and "schema" not in data:
+        data = tables.from_v1(data, card or path.stem)
+    try:
+        return tables.validate(data, DEFAULT)
+    except tables.TableError as e:
+        raise tables.TableError(f"{path}: {e}") from None
+
+
 @functools.lru_cache(maxsize=None)
 def _table(card: str) -> dict:
-    path = TABLE_DIR / f"{card}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    path = table_path(card)
+    return read_table(path, card) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(card, state, rounding, T, W, H, P, N, G, batch) -> str:
+    # cached per call shape (the launcher asks once per step); JSON so no caller can mutate the cache
+    partial, _ = tables.lookup(_table(card), state, rounding, T, W, H, P, N, G, batch)
+    return json.dumps(partial)
+
+
+def reload() -> None:
+    """Forget loaded tables and lookups (after a table file or SPECSSM_TUNING_DIR changed)."""
+    _table.cache_clear()
+    _lookup.cache_clear()
 
 
 def shape_key(P: int, N: int, state_dtype: torch.dtype) -> str:
-    return f"P{P}:N{N}:{str(state_dtype).replace('torch.', '')}"
+    """Schema 1's key of a (P, N, state dtype); kept for scripts that print it."""
+    return f"P{P}:N{N}:{dtype_name(state_dtype)}"
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -66,10 +112,35 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-# set by the sweeps and tests to try a config without editing tables (same shape as a table entry)
+# set by the sweeps, the tuner and tests to try a config without editing tables (same shape as a config)
 OVERRIDE: dict = {}
 
 
-def config_for(device, P: int, N: int, state_dtype) -> dict:
-    cfg = merge(DEFAULT, _table(card_name(device)).get(shape_key(P, N, state_dtype), {}))
-    return merge(cfg, OVERRIDE)
+@contextlib.contextmanager
+def overridden(over: dict):
+    """`over` merged on top of OVERRIDE inside the block (the tuner times a candidate this way)."""
+    global OVERRIDE
+    saved = OVERRIDE
+    OVERRIDE = merge(saved, over)
+    try:
+        yield
+    finally:
+        OVERRIDE = saved
+
+
+def config_for(device, P: int, N: int, state_dtype, batch=None, T=None, W=None, rounding=None, H=None,
+               G=None, override=None) -> dict:
+    """The launch config of a step: DEFAULT, then the card's table (lookup and fallbacks:
+    specssm/step/tables.py), then OVERRIDE, then `override` (this call only)."""
+    partial = json.loads(_lookup(card_name(device), dtype_name(state_dtype), rounding, T, W, H, P, N, G, batch))
+    cfg = merge(merge(DEFAULT, partial), OVERRIDE)
+    return merge(cfg, override) if override else cfg
+
+
+def explain(device, P: int, N: int, state_dtype, batch=None, T=None, W=None, rounding=None, H=None,
+            G=None) -> dict:
+    """Where config_for's table part comes from: {"card", "path", "entry", "buckets"} ({"card", "path"}
+    only when the defaults apply)."""
+    card = card_name(device)
+    _, where = tables.lookup(_table(card), dtype_name(state_dtype), rounding, T, W, H, P, N, G, batch)
+    return {"card": card, "path": str(table_path(card)), **where}

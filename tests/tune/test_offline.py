@@ -1,0 +1,68 @@
+"""Offline sm_90 compiles for pruning (specssm/tune/offline.py): jobs carry the launcher's choices,
+reports rule points out by hand-computed residency limits, and one real compile in a worker process
+(no GPU: Triton compiles for a GPUTarget) reports registers and shared memory or the compile error."""
+import pytest
+
+from specssm.tune import offline
+from specssm.tune.space import Target
+
+
+def tgt(state="float32", T=6, batch=1024, H=16, G=1):
+    return Target(state, "rn", T, 16, H, 64, 128, G, batch, 132)
+
+
+MAIN = {"BLOCK_P": 64, "num_warps": 4, "stages": 2, "ctas_per_sm": 4, "tma": True, "maxnreg": None}
+
+
+def test_jobs_carry_what_the_launcher_launches():
+    job = offline.job_for(tgt(), "write", MAIN)
+    cx = job["constexprs"]
+    assert job["kernel"] == "main" and job["num_warps"] == 4 and job["maxnreg"] is None
+    assert (cx["BLOCK_P"], cx["BLOCK_N"], cx["TO"], cx["STAGES"], cx["WRITE"], cx["TMA"], cx["KIND"]) == \
+        (64, 128, 8, 2, True, True, 0)
+    assert job["ints"]["n_progs"] == 4 * 132, "min(1024 x 16 tiles, 4 programs x 132 SMs)"
+    assert job["pointers"]["st_desc"] == "tensordesc<fp32[1,1,64,128]>"
+    assert job["ints"]["s_st_s"] == 16 * 64 * 128 and job["ints"]["s_xc_h"] == 22 * 64, "L = W + T = 22"
+    nw = offline.job_for(tgt("int8", batch=1), "no_write", dict(MAIN, tma=False))
+    assert nw["constexprs"]["CS16"] and not nw["constexprs"]["TMA"] and nw["pointers"]["st_desc"] == "*i8"
+    assert nw["ints"]["n_progs"] == 16 and nw["ints"]["batch"] == 1
+    coef = offline.job_for(tgt(H=16, G=8), "coef", {"HB": 8, "num_warps": 2})
+    assert coef["constexprs"]["HB"] == 2, "HB runs as the largest power of two dividing H/G"
+    fused = offline.job_for(tgt(T=12), "fused", {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "TN_MIN": 8,
+                                                 "tma": False})
+    assert (fused["constexprs"]["TN"], fused["constexprs"]["NK"], fused["constexprs"]["RECT"]) == (16, 32, True)
+    rep = offline.job_for(tgt(), "fused.no_write", {"num_warps": 8, "maxnreg": 96, "tma": False, "TN_MIN": 16},
+                          {"BLOCK_P": 32})
+    assert (rep["constexprs"]["BRANCH"], rep["constexprs"]["BLOCK_P"], rep["constexprs"]["RECT"],
+            rep["constexprs"]["USE_ORDER"], rep["maxnreg"]) == (2, 32, False, True, 96)
+    assert offline.job_key(job) == offline.job_key(offline.job_for(tgt(), "write", dict(MAIN)))
+    assert offline.job_key(job) != offline.job_key(offline.job_for(tgt(), "write", dict(MAIN, stages=3)))
+
+
+def _rep(shared=43048, regs=128, spill=0, ok=True):
+    return {"ok": ok, "shared": shared, "regs": regs, "spill": spill, "error": "" if ok else "CompilationError: x"}
+
+
+@pytest.mark.parametrize("report,knobs,reason", [
+    (_rep(), MAIN, None),
+    # 4 x (86132 + 1024) = 348624 > 233472
+    (_rep(shared=86132), MAIN, "write: 4 programs x 86132 + 1024 bytes exceed 233472 of shared memory"),
+    (_rep(shared=86132), dict(MAIN, ctas_per_sm=2), None),
+    # 128 registers: 4096 per warp, 4 x 4 x 4096 = 65536 fits; 130: 4160 -> 4352 per warp, 69632 does not
+    (_rep(regs=130), MAIN, "write: 4 programs x 4 warps at 130 registers exceed 65536"),
+    (_rep(spill=600), MAIN, "write: spills 600 bytes per thread at 128 registers"),
+    (_rep(spill=400), MAIN, None),
+    (_rep(shared=240000), dict(MAIN, ctas_per_sm=1), "write: 240000 bytes of shared memory exceed a block's 232448"),
+    (_rep(ok=False), MAIN, "write: compile failed: CompilationError: x"),
+])
+def test_report_reasons(report, knobs, reason):
+    assert offline.report_reason(report, "write", knobs, max_spill=512) == reason
+
+
+def test_real_compile_in_a_worker():
+    ok = offline.job_for(tgt("bfloat16"), "coef", {"HB": 4, "num_warps": 1})
+    bad = offline.job_for(tgt("bfloat16"), "coef", {"HB": 4, "num_warps": 1})
+    bad["constexprs"]["HB"] = 3          # tl.arange needs a power of two
+    good, broken = offline.compile_jobs([ok, bad], workers=2)
+    assert good["ok"] and good["regs"] > 0 and good["shared"] > 0 and good["spill"] >= 0, good
+    assert not broken["ok"] and "CompilationError" in broken["error"] and broken["regs"] == 0
