@@ -112,7 +112,7 @@ class TinyMamba2LM(torch.nn.Module):
             self._check_slots(cache, slots, tokens.shape[0], tokens.shape[1])
         h = self.embedding[tokens.to(self.device)]
         ssu = self.ssu
-        if self._ssu_takes_plan and self._reads_plan(slots.shape[0], cache):
+        if self._ssu_takes_plan and self._reads_plan(slots.shape[0], cache, tokens.shape[1]):
             ssu = functools.partial(ssu, plan=self._step_plan(cache, slots, tokens.shape[1]))
         for norm_w, mixer in zip(self.layer_norms, self.mixers):
             h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, ssu, self.conv)
@@ -129,7 +129,7 @@ class TinyMamba2LM(torch.nn.Module):
         check_ring_values_host(ssm.ring_start, ssm.pnat, slots, batch, cache.pad_slot_id, ssm.W, T, ssm.L,
                                names=("cache.ssm.ring_start", "cache.ssm.pnat"))
 
-    def _reads_plan(self, batch: int, cache: ModelCache) -> bool:
+    def _reads_plan(self, batch: int, cache: ModelCache, T: int) -> bool:
         """Whether this step's op reads a plan. The Triton op from `resolve_ssu` does not below its split
         batch (one dynamic launch), so no plan is built there (a launch saved per step); any other
         callable that takes a plan gets one."""
@@ -140,9 +140,10 @@ class TinyMamba2LM(torch.nn.Module):
             return True
         if not (isinstance(fn, functools.partial) and fn.func is checkpointing_ssu):
             return True
-        cfg = self.local_cfg
-        return reads_plan(batch, self.device, cfg.head_dim, cfg.d_state, cache.ssm.layers[0].state.dtype,
-                          fn.keywords.get("launch", "auto"))
+        cfg, ssm = self.local_cfg, cache.ssm
+        return reads_plan(batch, self.device, cfg.head_dim, cfg.d_state, ssm.layers[0].state.dtype,
+                          fn.keywords.get("launch", "auto"), T=T, W=ssm.W, H=ssm.H, G=ssm.G,
+                          rounding=fn.keywords.get("rounding", "rn"))
 
     def _step_plan(self, cache: ModelCache, slots: torch.Tensor, T: int) -> StepPlan:
         """This step's plan (from the committed pnat), in buffers reused while the batch fits them."""

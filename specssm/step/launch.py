@@ -49,10 +49,13 @@ def _splits(batch, cfg, launch, no_write_form):
     return launch == "split"
 
 
-def reads_plan(batch, device, P, N, state_dtype, launch="auto") -> bool:
+def reads_plan(batch, device, P, N, state_dtype, launch="auto", T=None, W=None, H=None, G=None,
+               rounding=None) -> bool:
     """Whether a step of `batch` rows reads a StepPlan: the split launches do, the fused one does not
-    (launch="auto" splits from the tuning table's split_min_batch on)."""
-    return _splits(batch, tuning.config_for(device, P, N, state_dtype), launch, "rectangle")
+    (launch="auto" splits from the tuning table's split_min_batch on; T, W, H, G and rounding pick the
+    table entry as the op itself does)."""
+    cfg = tuning.config_for(device, P, N, state_dtype, batch=batch, T=T, W=W, rounding=rounding, H=H, G=G)
+    return _splits(batch, cfg, launch, "rectangle")
 
 
 def _state_desc(state, block_p, block_n):

@@ -32,7 +32,8 @@ def _ints(t: Target, n_progs: int) -> dict:
     H, P, N, G, T = t.H, t.P, t.N, t.G, t.T
     L = t.W + T
     nk = 32
-    return dict(batch=t.batch, T=T, W=t.W, L=L, pad_slot_id=-1, H=H, P=P, N=N, HPG=t.hpg, n_progs=n_progs,
+    return dict(batch=t.batch, T=T, W=t.W, L=L, pad_slot_id=-1, num_slots=4 * t.batch, max_pnat=max(t.W, T),
+                H=H, P=P, N=N, HPG=t.hpg, n_progs=n_progs,
                 s_st_s=H * P * N, s_st_h=P * N, s_st_p=N, s_sc_s=H * P, s_sc_h=P,
                 s_xc_s=H * L * P, s_xc_h=L * P, s_xc_l=P, s_Bc_s=G * L * N, s_Bc_g=L * N, s_Bc_l=N,
                 s_dtc_s=H * L, s_dtc_h=L, s_x_b=T * H * P, s_x_t=H * P, s_x_h=P, s_dt_b=T * H, s_dt_t=H,
@@ -47,7 +48,7 @@ def _pointers(t: Target, names) -> dict:
     ptr.update({"xc_ptr": act, "Bc_ptr": act, "x_ptr": act, "B_ptr": act, "C_ptr": act, "out_ptr": act,
                 "z_ptr": act, "coef_ptr": act, "ring_start_ptr": "*i32", "pnat_ptr": "*i32", "sbi_ptr": "*i32",
                 "cu_ptr": "*i32", "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32",
-                "seed_ptr": "*i64", "state_ptr": st, "st_desc": st})
+                "seed_ptr": "*i64", "faults_ptr": "*i64", "state_ptr": st, "st_desc": st})
     return {n: v for n, v in ptr.items() if n in names}
 
 
@@ -61,8 +62,7 @@ def job_for(t: Target, launch: str, knobs: dict, fused_base: dict | None = None)
     kind, sr = KIND[t.state], t.rounding == "sr"
     if launch == "coef":
         kernel, names = "coef", _COEF_ARGS
-        cx = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, HAS_SBI=True, WAIT=False,
-                  LAUNCH_DEPS=True, UPCAST=False, HB=knobs["HB"], BLOCK_N=block_n, TO=to)
+        cx = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, WAIT=False, LAUNCH_DEPS=True, UPCAST=False, HB=knobs["HB"], BLOCK_N=block_n, TO=to)
         n_progs = 1
     elif launch in ("write", "no_write"):
         kernel, names = "main", _MAIN_ARGS
@@ -99,10 +99,10 @@ def job_key(job: dict) -> str:
 
 
 # argument names of the kernels (kept here so building a job imports no Triton kernel)
-_COEF_ARGS = ("pnat_ptr", "ring_start_ptr", "sbi_ptr", "cu_ptr", "dt_ptr", "dt_bias_ptr", "A_ptr", "D_ptr", "B_ptr",
-              "C_ptr", "Bc_ptr", "dtc_ptr", "coef_ptr", "vec_ptr", "T", "W", "L", "pad_slot_id", "N", "HPG",
-              "s_dt_b", "s_dt_t", "s_dt_h", "s_B_b", "s_B_t", "s_B_g", "s_Bc_s", "s_Bc_g", "s_Bc_l", "s_dtc_s",
-              "s_dtc_h", "s_cf_b", "s_cf_h", "s_v_b", "s_v_h")
+_COEF_ARGS = ("pnat_ptr", "ring_start_ptr", "order_ptr", "slots_ptr", "counts_ptr", "cu_ptr", "dt_ptr", "dt_bias_ptr",
+              "A_ptr", "D_ptr", "B_ptr", "C_ptr", "Bc_ptr", "dtc_ptr", "coef_ptr", "vec_ptr", "batch", "T", "W", "L",
+              "N", "HPG", "s_dt_b", "s_dt_t", "s_dt_h", "s_B_b", "s_B_t", "s_B_g", "s_Bc_s", "s_Bc_g", "s_Bc_l",
+              "s_dtc_s", "s_dtc_h", "s_cf_b", "s_cf_h", "s_v_b", "s_v_h")
 _MAIN_ARGS = ("state_ptr", "st_desc", "scale_ptr", "xc_ptr", "Bc_ptr", "ring_start_ptr", "pnat_ptr", "x_ptr", "C_ptr",
               "out_ptr", "z_ptr", "coef_ptr", "vec_ptr", "order_ptr", "slots_ptr", "counts_ptr", "cu_ptr", "seed_ptr",
               "batch", "T", "L", "n_progs", "s_st_s", "s_st_h", "s_st_p", "s_sc_s", "s_sc_h", "s_xc_s", "s_xc_h",
@@ -111,10 +111,10 @@ _MAIN_ARGS = ("state_ptr", "st_desc", "scale_ptr", "xc_ptr", "Bc_ptr", "ring_sta
 _FUSED_ARGS = ("state_ptr", "scale_ptr", "xc_ptr", "Bc_ptr", "dtc_ptr", "ring_start_ptr", "pnat_ptr", "x_ptr",
                "dt_ptr", "A_ptr", "B_ptr", "C_ptr", "out_ptr", "D_ptr", "z_ptr", "dt_bias_ptr", "sbi_ptr", "cu_ptr",
                "order_ptr", "slots_ptr", "counts_ptr", "seed_ptr", "st_desc", "batch", "T", "W", "L",
-               "pad_slot_id", "H", "P", "N", "HPG", "NPT", "s_st_s", "s_st_h", "s_st_p", "s_sc_s", "s_sc_h",
-               "s_xc_s", "s_xc_h", "s_xc_l", "s_Bc_s", "s_Bc_g", "s_Bc_l", "s_dtc_s", "s_dtc_h", "s_x_b", "s_x_t",
-               "s_x_h", "s_dt_b", "s_dt_t", "s_dt_h", "s_B_b", "s_B_t", "s_B_g", "s_o_b", "s_o_t", "s_o_h", "s_z_b",
-               "s_z_t", "s_z_h")
+               "pad_slot_id", "num_slots", "max_pnat", "faults_ptr", "H", "P", "N", "HPG", "NPT", "s_st_s", "s_st_h",
+               "s_st_p", "s_sc_s", "s_sc_h", "s_xc_s", "s_xc_h", "s_xc_l", "s_Bc_s", "s_Bc_g", "s_Bc_l", "s_dtc_s",
+               "s_dtc_h", "s_x_b", "s_x_t", "s_x_h", "s_dt_b", "s_dt_t", "s_dt_h", "s_B_b", "s_B_t", "s_B_g",
+               "s_o_b", "s_o_t", "s_o_h", "s_z_b", "s_z_t", "s_z_h")
 
 
 def report_reason(report: dict, launch: str, knobs: dict, max_spill: int = 0) -> str | None:

@@ -66,3 +66,17 @@ def test_real_compile_in_a_worker():
     good, broken = offline.compile_jobs([ok, bad], workers=2)
     assert good["ok"] and good["regs"] > 0 and good["shared"] > 0 and good["spill"] >= 0, good
     assert not broken["ok"] and "CompilationError" in broken["error"] and broken["regs"] == 0
+
+
+def test_job_argument_names_are_the_kernels():
+    """The jobs name the kernels' runtime arguments without importing them: a kernel signature change
+    must show here, not as a worker's compile failure on the GPU."""
+    from specssm.step.coef import coef_kernel
+    from specssm.step.fused import fused_kernel
+    from specssm.step.mains import main_kernel
+    import inspect
+    for names, kernel in ((offline._COEF_ARGS, coef_kernel), (offline._MAIN_ARGS, main_kernel),
+                          (offline._FUSED_ARGS, fused_kernel)):
+        params = inspect.signature(kernel.fn).parameters.values()
+        runtime = tuple(p.name for p in params if "constexpr" not in str(p.annotation))
+        assert names == runtime, f"{kernel.fn.__name__}: {set(names) ^ set(runtime)}"
