@@ -15,18 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from specssm.bench.mix import DEFAULT_ACCEPTANCE, sample_pnat  # noqa: E402
 from specssm.bench.timing import StepMarkers, capture_graph, profile_device_events, split_steps  # noqa: E402
-from specssm.cache import SSMCache, StepPlan  # noqa: E402
 from specssm.ops import checkpointing_ssu  # noqa: E402
 from specssm.step import tuning  # noqa: E402
+from specssm.tune.gpu import Env  # noqa: E402
+from specssm.tune.space import Target  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
           "fp8": torch.float8_e4m3fn}
@@ -45,61 +44,36 @@ def load_peer(path):
     return replay_selective_state_update
 
 
+INPUTS = ("x", "dt", "A", "B", "C", "out", "D", "z", "dt_bias", "dt_softplus")
+
+
 class Case:
+    """One (state dtype, batch): the tuner's cold-state environment (specssm/tune/gpu.py), plus the
+    seed's work items from each slot set's plan."""
+
     def __init__(self, state, batch, shape, T=6, W=16, rounding="rn", seed=0):
         H, P, N, G = SHAPES[shape]
-        dev = torch.device("cuda")
-        sdt = DTYPES[state]
-        l2 = torch.cuda.get_device_properties(0).L2_cache_size
-        per_set = batch * H * P * N * sdt.itemsize
-        self.sets = sets = max(2, min(64, math.ceil(4 * l2 / per_set)))
-        gen = torch.Generator().manual_seed(seed)
-        self.cache = c = SSMCache(1, batch * sets, H, P, N, G, T, W, state_dtype=sdt, act_dtype=torch.bfloat16,
-                                  device=dev)
-        lc = c.layers[0]
-        if sdt.is_floating_point:
-            lc.state.copy_(torch.randn(lc.state.shape, device=dev))
-        else:
-            lc.state.random_(-100, 100)
-        if lc.state_scale is not None:
-            lc.state_scale.uniform_(0.001, 0.01)
-        lc.x_cache.normal_(0, 0.5)
-        lc.B_cache.normal_(0, 0.5)
-        lc.dt_cache.uniform_(0.001, 0.1)
-        pn = sample_pnat("mixed", batch * sets, DEFAULT_ACCEPTANCE, T, W, seed=seed)
-        c.pnat.copy_(torch.as_tensor(pn, dtype=torch.int32).to(dev))
-        c.ring_start.copy_(torch.randint(0, c.L, (batch * sets,), generator=gen, dtype=torch.int32).to(dev))
-        c.seeds.copy_(torch.arange(batch * sets, device=dev) * 7919)
-        perm = torch.randperm(batch * sets, generator=gen).to(torch.int32).to(dev)
-        self.sbis = [perm[i * batch:(i + 1) * batch].contiguous() for i in range(sets)]
-        self.plans = [StepPlan(batch, dev).build(c.pnat, s, W, T) for s in self.sbis]
+        t = Target(state=str(DTYPES[state]).replace("torch.", ""), rounding=rounding, T=T, W=W, H=H, P=P, N=N, G=G,
+                   batch=batch)
+        env = Env(t, torch.device("cuda"), seed=seed)
+        self.sets, self.cache, self.sbis, self.plans, self.kw = env.sets, env.cache, env.sbis, env.plans, env.kw
+        c = self.cache
         self.items = []
         for p in self.plans:
             slots = p.slots[:batch].long()
             self.items.append(torch.stack([p.order[:batch], p.slots[:batch], c.pnat[slots],
                                            torch.zeros_like(p.order[:batch])], 1).to(torch.int32).contiguous())
-        x = (torch.randn(batch, T, H, P, device=dev) * 0.5).to(torch.bfloat16)
-        dt = (torch.randn(batch, T, H, device=dev) * 0.5 - 2).to(torch.bfloat16)
-        self.kw = dict(x=x, dt=dt[..., None].expand(batch, T, H, P),
-                       A=(-torch.rand(H, device=dev) - 0.1)[:, None, None].expand(H, P, N),
-                       B=(torch.randn(batch, T, G, N, device=dev) * 0.5).to(torch.bfloat16),
-                       C=(torch.randn(batch, T, G, N, device=dev) * 0.5).to(torch.bfloat16),
-                       out=torch.empty_like(x), D=torch.randn(H, device=dev)[:, None].expand(H, P),
-                       z=torch.randn_like(x), dt_bias=(torch.rand(H, device=dev) - 3)[:, None].expand(H, P),
-                       dt_softplus=True)
         self.rounding = rounding
-        self.writes = sum(int(p.counts[0]) for p in self.plans) / sets
+        self.writes = sum(int(p.counts[0]) for p in self.plans) / self.sets
 
     def ours(self, launch="auto"):
-        ck = self.cache.op_kwargs(0)
-        extra = dict(rounding="sr", rand_seed=self.cache.seeds) if self.rounding == "sr" else {}
-        return [lambda s=s, p=p: checkpointing_ssu(**self.kw, **ck, state_batch_indices=s, plan=p, launch=launch,
-                                                    validate=False, **extra)
+        return [lambda s=s, p=p: checkpointing_ssu(**self.kw, state_batch_indices=s, plan=p, launch=launch,
+                                                    validate=False)
                 for s, p in zip(self.sbis, self.plans)]
 
     def seed(self, fn):
         lc, c = self.cache.layers[0], self.cache
-        kw = {k: v for k, v in self.kw.items()}
+        kw = {k: v for k, v in self.kw.items() if k in INPUTS}
         extra = dict(rand_seed=c.seeds, philox_rounds=10) if self.rounding == "sr" else {}
         if lc.state_scale is not None:
             extra["state_scales"] = lc.state_scale
