@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from specssm.step.device import dot16, softplus, split_hi_lo, wrap
+from specssm.step.device import dot16, row_tokens, softplus, split_hi_lo, wrap
 
 KH = tl.constexpr(16)    # history keys (the window's bound)
 NK = tl.constexpr(32)    # key positions: history, then new tokens on write rows
@@ -69,14 +69,7 @@ def coef_kernel(
         slot = tl.load(slots_ptr + entry).to(tl.int64)
         K = tl.load(pnat_ptr + slot)
         rs = tl.load(ring_start_ptr + slot)
-        if VARLEN:
-            tok0 = tl.load(cu_ptr + row).to(tl.int64)
-            n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
-            row_off = 0
-        else:
-            tok0 = 0
-            n_tok = T
-            row_off = row.to(tl.int64)
+        tok0, n_tok, row_off = row_tokens(cu_ptr, row, T, VARLEN)
         write = K + n_tok > W
         # the first new token's key position (a corrupt negative pnat must not move stores out of the row)
         new0 = tl.where(write, KH, tl.maximum(K, 0))

@@ -35,6 +35,21 @@ def wrap(i, L):
 
 
 @triton.jit
+def row_tokens(cu_ptr, row, T, VARLEN: tl.constexpr):
+    """(first token, token count, row offset) of a row: padded (batch, T) inputs index the row by
+    row_off and tokens from 0; varlen inputs (cu_seqlens) index tokens from the row's first."""
+    if VARLEN:
+        tok0 = tl.load(cu_ptr + row).to(tl.int64)
+        n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
+        row_off = 0
+    else:
+        tok0 = 0
+        n_tok = T
+        row_off = row.to(tl.int64)
+    return tok0, n_tok, row_off
+
+
+@triton.jit
 def dot16(a, b, acc, UPCAST: tl.constexpr):
     """acc + a @ b on 16-bit operands, fp32 accumulation (products of 16-bit floats are exact in fp32).
     UPCAST (the CPU interpreter, whose bf16 dot is wrong) computes the same products in fp32."""

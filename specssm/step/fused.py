@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from specssm.step.store import codes_to_half, decode_state_tile, store_state_tile
-from specssm.step.device import dot16, silu, softplus, wrap
+from specssm.step.device import dot16, row_tokens, silu, softplus, wrap
 
 DYNAMIC, WRITE, NO_WRITE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -135,14 +135,7 @@ def fused_kernel(
             ok = pnat_ok & (rs >= 0) & (rs < L)
             if not ok:
                 _record_fault(faults_ptr, row, tl.where(pnat_ok, 3, 2), tl.where(pnat_ok, rs, K))
-            if VARLEN:
-                tok0 = tl.load(cu_ptr + row).to(tl.int64)
-                n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
-                row_off = 0
-            else:
-                tok0 = 0
-                n_tok = T
-                row_off = row.to(tl.int64)
+            tok0, n_tok, row_off = row_tokens(cu_ptr, row, T, VARLEN)
             if BRANCH == DYNAMIC:
                 do_write = (K + n_tok > W) & ok
             else:

@@ -20,7 +20,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from specssm.step.store import codes_to_f32, codes_to_half, decode_state_tile, encode_state_tile, store_state_tile
 from specssm.step.coef import KH, NK
-from specssm.step.device import dot16, silu, split_hi_lo, wrap
+from specssm.step.device import dot16, row_tokens, silu, split_hi_lo, wrap
 
 
 @triton.jit
@@ -107,14 +107,7 @@ def main_kernel(
         slot = tl.load(slots_ptr + entry).to(tl.int64)
         K = tl.load(pnat_ptr + slot)
         rs = tl.load(ring_start_ptr + slot)
-        if VARLEN:
-            tok0 = tl.load(cu_ptr + row).to(tl.int64)
-            n_tok = (tl.load(cu_ptr + row + 1) - tok0).to(tl.int32)
-            row_off = 0
-        else:
-            tok0 = 0
-            n_tok = T
-            row_off = row.to(tl.int64)
+        tok0, n_tok, row_off = row_tokens(cu_ptr, row, T, VARLEN)
         offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
         if EVEN_TILE:
             # tiles cover P and N exactly: constant-true masks, which the compiler drops
