@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specssm import library
 from specssm._checks import FLOAT_ACT_DTYPES, MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
@@ -166,43 +167,14 @@ class SSMCache:
         slots `(batch,)` int (pad rows hold pad_slot_id), accepted `(batch,)` int in [1, len of row],
         num_tokens: None (every row has T tokens) or `(batch,)` per-row lengths (varlen).
         Device tensor ops only; `validate=True` checks the values on the host first (one sync on a
-        GPU: pass False inside CUDA graphs).
+        GPU: pass False inside CUDA graphs). Runs as the custom op `torch.ops.specssm.cache_commit`
+        (specssm/library.py), checks included.
         """
-        check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
-        check_tensor("accepted", accepted, shape=tuple(slots.shape), dtypes=(torch.int32, torch.int64),
-                     device=self.device)
-        lens = self.T if num_tokens is None else num_tokens
-        if num_tokens is not None:
-            check_tensor("num_tokens", num_tokens, shape=tuple(slots.shape),
-                         dtypes=(torch.int32, torch.int64), device=self.device)
-        if validate:
-            check_slots_host("slots", slots, self.num_slots, self.pad_slot_id)
-            a = accepted.detach().cpu().long()
-            n = torch.as_tensor(lens).detach().cpu().long().expand_as(a)
-            live = slots.detach().cpu() != self.pad_slot_id
-            # a row of more than T tokens would leave pnat > max(W, T): the next step's reads and
-            # appends would overlap in the ring
-            s = slots.detach().cpu()
-            bad = live & ((n < 0) | (n > self.T))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"num_tokens: expected row lengths in [0, max_tokens={self.T}], got "
-                                 f"{int(n[i])} at row {i} (slot {int(s[i])})")
-            bad = live & ((a < 1) | (a > n))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
-                                 f"{int(a[i])} at row {i} (slot {int(s[i])})")
-        idx = torch.where(slots == self.pad_slot_id, self.num_slots, slots.long())
-        acc = accepted.to(torch.int32)
-        if self.strategy == "all_states":
-            self._state_index[idx] = acc - 1
-        else:
-            pn, rs = self._pnat[idx], self._ring_start[idx]
-            flushed = pn + lens > self.W
-            self._ring_start[idx] = torch.where(flushed, (rs + pn) % self.L, rs)
-            self._pnat[idx] = torch.where(flushed, acc, pn + acc)
-        self._seeds[idx] = self._seeds[idx] + 1
+        ring = self.strategy != "all_states"
+        library.call("cache_commit", slots=slots, accepted=accepted, num_tokens=num_tokens, max_tokens=self.T,
+                     window=self.W, ring_len=self.L, num_slots=self.num_slots, pad_slot_id=self.pad_slot_id,
+                     validate=validate, seeds=self._seeds, ring_start=self._ring_start if ring else None,
+                     pnat=self._pnat if ring else None, state_index=None if ring else self._state_index)
 
     # ---- inspection ---------------------------------------------------------------------------
     def implied_state(self, layer: int, slot: int, A) -> torch.Tensor:
@@ -217,3 +189,45 @@ class SSMCache:
         return rec.fold(S, lc.x_cache[slot][:, rows].transpose(0, 1),
                         lc.dt_cache[slot][:, rows].transpose(0, 1).double(), A_h,
                         lc.B_cache[slot][:, rows].transpose(0, 1))
+
+
+def commit_slots(slots, accepted, num_tokens, max_tokens, window, ring_len, num_slots, pad_slot_id, validate,
+                 seeds, ring_start, pnat, state_index):
+    """`SSMCache.commit` on its per-slot arrays of num_slots + 1 entries (the cache_commit op's
+    implementation): check the arguments, then advance ring_start / pnat (ring strategies) or
+    state_index (all-states) and the seeds of the step's rows. Padding rows land on the extra entry."""
+    device = seeds.device
+    check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    check_tensor("accepted", accepted, shape=tuple(slots.shape), dtypes=(torch.int32, torch.int64), device=device)
+    lens = max_tokens if num_tokens is None else num_tokens
+    if num_tokens is not None:
+        check_tensor("num_tokens", num_tokens, shape=tuple(slots.shape), dtypes=(torch.int32, torch.int64),
+                     device=device)
+    if validate:
+        check_slots_host("slots", slots, num_slots, pad_slot_id)
+        a = accepted.detach().cpu().long()
+        n = torch.as_tensor(lens).detach().cpu().long().expand_as(a)
+        live = slots.detach().cpu() != pad_slot_id
+        # a row of more than T tokens would leave pnat > max(W, T): the next step's reads and
+        # appends would overlap in the ring
+        s = slots.detach().cpu()
+        bad = live & ((n < 0) | (n > max_tokens))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"num_tokens: expected row lengths in [0, max_tokens={max_tokens}], got "
+                             f"{int(n[i])} at row {i} (slot {int(s[i])})")
+        bad = live & ((a < 1) | (a > n))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
+                             f"{int(a[i])} at row {i} (slot {int(s[i])})")
+    idx = torch.where(slots == pad_slot_id, num_slots, slots.long())
+    acc = accepted.to(torch.int32)
+    if state_index is not None:
+        state_index[idx] = acc - 1
+    else:
+        pn, rs = pnat[idx], ring_start[idx]
+        flushed = pn + lens > window
+        ring_start[idx] = torch.where(flushed, (rs + pn) % ring_len, rs)
+        pnat[idx] = torch.where(flushed, acc, pn + acc)
+    seeds[idx] = seeds[idx] + 1

@@ -9,6 +9,7 @@ from numbers import Integral
 
 import torch
 
+from specssm import library
 from specssm._checks import MAX_WINDOW, check_slots_host, check_tensor
 from specssm.cache.plan_kernel import kernel_runs_on, launch_plan_kernel
 
@@ -59,6 +60,46 @@ class StepPlan:
                              torch.full((self.max_batch, nheads, VEC), nan, dtype=torch.float32, device=self.device))
         return self._scratch[1], self._scratch[2]
 
+    def allocated_scratch(self, nheads: int, act_dtype: torch.dtype):
+        """The split step's scratch `(coef, vec)` if it is allocated for (nheads, act_dtype), else None.
+        Allocates nothing (what a torch.compile trace may call)."""
+        if self._scratch is None or self._scratch[0] != (nheads, act_dtype):
+            return None
+        return self._scratch[1], self._scratch[2]
+
+    @classmethod
+    def over(cls, order, slots, counts, batch, coef=None, vec=None) -> "StepPlan":
+        """A plan around buffers it does not own: the tensors of a built plan as the step op receives them
+        (specssm/library.py), its batch, and its split-step scratch `coef`, `vec` (None: the step
+        allocates one at its split launches, outside CUDA-graph capture only). Checked here, since a
+        caller of the op may pass any tensors: the kernels index them up to the plan's max_batch."""
+        check_tensor("plan_order", order, ndim=1, dtype=torch.int32)
+        max_batch, device = order.shape[0], order.device
+        check_tensor("plan_slots", slots, shape=(max_batch,), dtype=torch.int32, device=device,
+                     why="like plan_order")
+        check_tensor("plan_counts", counts, shape=(2,), dtype=torch.int32, device=device)
+        if not isinstance(batch, Integral) or not 0 <= batch <= max_batch:
+            raise ValueError(f"plan_batch: expected an int in [0, {max_batch}] (rows of plan_order), got {batch!r}")
+        plan = cls.__new__(cls)
+        plan.max_batch, plan.device, plan.batch = max_batch, device, int(batch)
+        plan.write_flag, plan.order, plan.slots, plan.counts = None, order, slots, counts
+        plan._scratch = None
+        if coef is not None or vec is not None:
+            from specssm.step.coef import NK, TM, VEC
+            check_tensor("plan_coef", coef, ndim=5, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                         device=device)
+            nheads = coef.shape[1]
+            check_tensor("plan_coef", coef, shape=(max_batch, nheads, 2, int(TM), int(NK)),
+                         why="plan.scratch(nheads, act_dtype) of a plan of max_batch rows")
+            check_tensor("plan_vec", vec, shape=(max_batch, nheads, VEC), dtype=torch.float32, device=device,
+                         why="plan.scratch(nheads, act_dtype) of a plan of max_batch rows")
+            for name, t in (("plan_coef", coef), ("plan_vec", vec)):
+                if not t.is_contiguous():
+                    raise ValueError(f"{name}: expected a contiguous tensor (from plan.scratch), got strides "
+                                     f"{tuple(t.stride())}")
+            plan._scratch = ((nheads, coef.dtype), coef, vec)
+        return plan
+
     def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
         """Fill the buffers for one step. `pnat`: the per-slot `(slots,)` int32/int64 counts;
         `state_batch_indices`: `(batch,)` int32/int64 slot ids, `pad_slot_id` on padding rows;
@@ -68,61 +109,80 @@ class StepPlan:
         graph; on a CPU without the Triton interpreter the torch reference fills the same buffers.
         Shapes, dtypes, devices and `window` are always checked; slot ids (range, duplicates) are checked
         on the host when `validate` is True, or when it is None (default) and the tensors are on the
-        CPU, where that costs no sync (CUDA-graph safe).
+        CPU, where that costs no sync (CUDA-graph safe). Runs as the custom op
+        `torch.ops.specssm.plan_build` (specssm/library.py), checks included.
         """
-        batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
-        if kernel_runs_on(self.device):
-            launch_plan_kernel(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
-                               self.write_flag, self.order, self.slots, self.counts)
-        else:
-            self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id)
-        self.batch = batch
+        per_row = isinstance(num_tokens, torch.Tensor)
+        library.call("plan_build", pnat=pnat, state_batch_indices=state_batch_indices, window=window,
+                     num_tokens=0 if per_row else num_tokens, num_tokens_per_row=num_tokens if per_row else None,
+                     pad_slot_id=pad_slot_id, validate=validate, write_flag=self.write_flag, order=self.order,
+                     slots=self.slots, counts=self.counts)
+        self.batch = state_batch_indices.shape[0]
         return self
 
     def build_reference(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None):
         """`build` with ~10 small torch ops instead of the Triton kernel (same arguments, checks and
         result); the reference the kernel is tested against."""
-        batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
-        self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id)
-        self.batch = batch
+        self.batch = fill_plan(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate,
+                               self.write_flag, self.order, self.slots, self.counts, use_kernel=False)
         return self
 
-    def _check(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate) -> int:
-        """Validate the arguments of a build before anything is written; returns the batch."""
-        check_tensor("state_batch_indices", state_batch_indices, ndim=1,
-                     dtypes=(torch.int32, torch.int64), device=self.device)
-        batch = state_batch_indices.shape[0]
-        if batch > self.max_batch:
-            raise ValueError(f"state_batch_indices: expected at most max_batch={self.max_batch} rows, got {batch}")
-        check_tensor("pnat", pnat, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
-        if isinstance(num_tokens, torch.Tensor):
-            check_tensor("num_tokens", num_tokens, shape=(batch,), dtypes=(torch.int32, torch.int64),
-                         device=self.device)
-        elif not isinstance(num_tokens, Integral) or num_tokens < 1:
-            raise ValueError(f"num_tokens: expected an int >= 1 or a ({batch},) tensor, got {num_tokens!r}")
-        if not isinstance(window, Integral) or not 0 <= window <= MAX_WINDOW:
-            raise ValueError(f"window: expected an int in [0, {MAX_WINDOW}], got {window!r}")
-        if validate or (validate is None and self.device.type == "cpu"):
-            check_slots_host("state_batch_indices", state_batch_indices, pnat.shape[0], pad_slot_id)
-        return batch
 
-    def _fill_with_torch(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id):
-        batch = state_batch_indices.shape[0]
-        live = state_batch_indices != pad_slot_id
-        slot = torch.where(live, state_batch_indices.long(), 0)
-        write = live & (pnat[slot] + num_tokens > window)
-        nowrite = live & ~write
-        pad = ~live
-        n_w = write.sum(dtype=torch.int32)
-        n_live = live.sum(dtype=torch.int32)
-        n_pad = batch - n_live
-        # rank of each row inside its group, offset by the sizes of the groups before it
-        rank = torch.where(write, torch.cumsum(write, 0, dtype=torch.int32) - 1,
-                           torch.where(pad, n_w + torch.cumsum(pad, 0, dtype=torch.int32) - 1,
-                                       n_w + n_pad + torch.cumsum(nowrite, 0, dtype=torch.int32) - 1))
-        rows = torch.arange(batch, dtype=torch.int32, device=self.device)
-        self.order[:batch].scatter_(0, rank.long(), rows)
-        self.slots[:batch].scatter_(0, rank.long(), state_batch_indices.to(torch.int32))
-        self.write_flag[:batch] = write.to(torch.int32)
-        self.counts[0] = n_w
-        self.counts[1] = n_live
+def fill_plan(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate, write_flag, order, slots,
+              counts, use_kernel=True) -> int:
+    """Check the arguments of a build, then fill the plan buffers `write_flag`, `order`, `slots`,
+    `counts` (the implementation of the plan_build op): with the Triton kernel where it runs and
+    `use_kernel`, else with torch ops. Returns the batch."""
+    batch = check_build(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate, order.shape[0],
+                        order.device)
+    if use_kernel and kernel_runs_on(order.device):
+        launch_plan_kernel(pnat, state_batch_indices, window, num_tokens, pad_slot_id, write_flag, order, slots,
+                           counts)
+    else:
+        _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, write_flag, order, slots,
+                         counts)
+    return batch
+
+
+def check_build(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate, max_batch, device) -> int:
+    """Validate the arguments of a build into buffers of `max_batch` rows on `device` before anything is
+    written; returns the batch."""
+    check_tensor("state_batch_indices", state_batch_indices, ndim=1,
+                 dtypes=(torch.int32, torch.int64), device=device)
+    batch = state_batch_indices.shape[0]
+    if batch > max_batch:
+        raise ValueError(f"state_batch_indices: expected at most max_batch={max_batch} rows, got {batch}")
+    check_tensor("pnat", pnat, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if isinstance(num_tokens, torch.Tensor):
+        check_tensor("num_tokens", num_tokens, shape=(batch,), dtypes=(torch.int32, torch.int64),
+                     device=device)
+    elif not isinstance(num_tokens, Integral) or num_tokens < 1:
+        raise ValueError(f"num_tokens: expected an int >= 1 or a ({batch},) tensor, got {num_tokens!r}")
+    if not isinstance(window, Integral) or not 0 <= window <= MAX_WINDOW:
+        raise ValueError(f"window: expected an int in [0, {MAX_WINDOW}], got {window!r}")
+    if validate or (validate is None and torch.device(device).type == "cpu"):
+        check_slots_host("state_batch_indices", state_batch_indices, pnat.shape[0], pad_slot_id)
+    return batch
+
+
+def _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, write_flag, order, slots,
+                     counts):
+    batch = state_batch_indices.shape[0]
+    live = state_batch_indices != pad_slot_id
+    slot = torch.where(live, state_batch_indices.long(), 0)
+    write = live & (pnat[slot] + num_tokens > window)
+    nowrite = live & ~write
+    pad = ~live
+    n_w = write.sum(dtype=torch.int32)
+    n_live = live.sum(dtype=torch.int32)
+    n_pad = batch - n_live
+    # rank of each row inside its group, offset by the sizes of the groups before it
+    rank = torch.where(write, torch.cumsum(write, 0, dtype=torch.int32) - 1,
+                       torch.where(pad, n_w + torch.cumsum(pad, 0, dtype=torch.int32) - 1,
+                                   n_w + n_pad + torch.cumsum(nowrite, 0, dtype=torch.int32) - 1))
+    rows = torch.arange(batch, dtype=torch.int32, device=order.device)
+    order[:batch].scatter_(0, rank.long(), rows)
+    slots[:batch].scatter_(0, rank.long(), state_batch_indices.to(torch.int32))
+    write_flag[:batch] = write.to(torch.int32)
+    counts[0] = n_w
+    counts[1] = n_live
