@@ -60,6 +60,12 @@ class StepPlan:
                              torch.full((self.max_batch, nheads, VEC), nan, dtype=torch.float32, device=self.device))
         return self._scratch[1], self._scratch[2]
 
+    def tensors(self) -> list:
+        """The plan's buffers and its scratch if allocated: what a CUDA-graph capture must find at fixed
+        addresses."""
+        return [self.write_flag, self.order, self.slots, self.counts,
+                *(self._scratch[1:] if self._scratch is not None else ())]
+
     def allocated_scratch(self, nheads: int, act_dtype: torch.dtype):
         """The split step's scratch `(coef, vec)` if it is allocated for (nheads, act_dtype), else None.
         Allocates nothing (what a torch.compile trace may call)."""
