@@ -3,6 +3,8 @@ declared; fake implementation; AOT dispatch), the public functions dispatch to t
 that do not fit a schema still get the error naming them. CPU (interpreter) and `-m gpu`."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,6 +13,8 @@ import specssm.library  # noqa: F401  (registers the ops)
 from specssm.cache import SSMCache, StepPlan
 from specssm.conv import conv1d_update, new_conv_state
 from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
+from specssm.reference import checkpointing_ssu_ref
+from tests.ops.checks import rel_rms
 from tests.ops.helpers import make_step
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[
@@ -93,8 +97,16 @@ def case_conv(device, bias):
                 out=torch.full_like(xBC, float("nan")), validate=True, pdl=False)
 
 
+def case_bare(device):
+    """No D, z, dt_bias, state_batch_indices (row b uses slot b): the schema's None defaults."""
+    cache, args = step_args()
+    args = dict(args, D=None, z=None, dt_bias=None, state_batch_indices=None)
+    return dict(on(device, args), launch="split")
+
+
 CASES = {
     "checkpointing dynamic": lambda d: ("checkpointing_ssu", dict(on(d, step_args()[1]), launch="dynamic")),
+    "checkpointing bare split": lambda d: ("checkpointing_ssu", case_bare(d)),
     "checkpointing split int8 sr": lambda d: ("checkpointing_ssu", case_split_int8_sr(d)),
     "checkpointing varlen": lambda d: ("checkpointing_ssu", case_varlen(d)),
     "always_write": lambda d: ("always_write_ssu", on(d, step_args("always_write")[1])),
@@ -116,6 +128,24 @@ def test_opcheck(case, device):
     # the op writes what its schema declares and nothing else (test_schema), its fake runs without
     # kernels (test_faketensor), and AOTAutograd traces it with dynamic shapes (test_aot_dispatch_dynamic)
     torch.library.opcheck(op, (), kwargs)
+
+
+@pytest.mark.parametrize("launch", ["dynamic", "split"])
+def test_optional_arguments_left_out(launch):
+    """D, z, dt_bias and state_batch_indices None, no softplus, through the op: the float64 reference's
+    outputs and written state; the other states bit-identical."""
+    cache, ins = make_step(batch=3, T=4, act=torch.float32, seed=8)
+    cache.pnat[:3] = torch.tensor([15, 0, 2], dtype=torch.int32)        # row b on slot b: row 0 writes
+    ins = dict(ins, D=None, z=None, dt_bias=None, state_batch_indices=None, dt_softplus=False,
+               dt=ins["dt"][..., :1].abs().expand(ins["dt"].shape))
+    ref_cache, ref_out = copy.deepcopy(cache), ins["out"].clone()
+    checkpointing_ssu_ref(**dict(ins, out=ref_out), **ref_cache.op_kwargs(0))
+    before = cache.layers[0].state.clone()
+    checkpointing_ssu(**ins, **cache.op_kwargs(0), launch=launch, precision="exact")
+    assert not ins["out"].isnan().any() and rel_rms(ins["out"], ref_out) <= 1e-5
+    state, ref_state = cache.layers[0].state, ref_cache.layers[0].state
+    assert rel_rms(state[0], ref_state[0]) <= 1e-5 and not torch.equal(state[0], before[0])     # row 0 writes
+    assert torch.equal(state[1:], before[1:])
 
 
 class OpLog(TorchDispatchMode):

@@ -198,6 +198,26 @@ def test_compiled_op_forms_and_checks(form, backend, device):
 
 
 @pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
+def test_compiled_split_step_with_a_plan_without_scratch():
+    """A plan whose scratch was not allocated before the trace: the compiled step allocates a temporary
+    one per call (outside the plan: a trace must not create it) and still gives eager's bits."""
+    cache, ins = make_step(batch=3, T=4, pnat=[15, 0, 2], pad_rows=(1,), act=torch.float32, seed=9)
+    caches = [to_device(cache, ins, "cpu")[0] for _ in range(2)]
+    outs = [ins["out"].clone(), ins["out"].clone()]
+    plans = [StepPlan(3).build(c.pnat, ins["state_batch_indices"], c.W, 4) for c in caches]
+
+    def step(ins, pool, out, plan):
+        return checkpointing_ssu(**dict(ins, out=out), **pool, plan=plan, launch="split", precision="exact")
+
+    step(ins, caches[0].op_kwargs(0), outs[0], plans[0])
+    assert plans[0].allocated_scratch(4, torch.float32) is not None        # eager: at the first split step
+    torch.compile(step, backend="aot_eager", fullgraph=True)(ins, caches[1].op_kwargs(0), outs[1], plans[1])
+    assert plans[1].allocated_scratch(4, torch.float32) is None
+    assert torch.equal(outs[1].nan_to_num(), outs[0].nan_to_num()) and torch.equal(outs[1].isnan(), outs[0].isnan())
+    assert_same_bits(caches[1].tensors(), caches[0].tensors(), "cache tensor")
+
+
+@pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
 def test_demo_compile(capsys):
     from specssm.model.demo import main
     assert main(["--size", "tiny", "--tokens", "6", "--batch", "2", "--compile", "aot_eager"]) == 0
