@@ -46,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 NAMESPACE = "specssm"
 # inductor keeps the eager strides of every tensor argument: the kernels read tied (stride-0) views
-# and rely on B and C sharing strides (torch 2.11 has no such tag; its default is the same constraint)
+# and rely on B and C sharing strides. (A torch without the tag applies its default for custom ops.)
 _TAGS = tuple(t for t in (getattr(torch.Tag, "needs_exact_strides", None),) if t is not None)
 
 _IMPLS: dict = {}        # op name -> the Python implementation (what `call` falls back to)
