@@ -192,6 +192,9 @@ def test_arguments_outside_the_schema_get_the_named_error():
     plan = StepPlan(2)
     with pytest.raises(ValueError, match="^num_tokens:"):
         plan.build(cache.pnat, ins["state_batch_indices"], cache.W, 4.0)
+    with pytest.raises(TypeError, match="^x: expected dtype"):      # not an error from allocating scratch
+        checkpointing_ssu(**dict(ins, x=ins["x"].int()), **cache.op_kwargs(0), plan=plan, launch="split")
+    assert plan.allocated_scratch(4, torch.int32) is None
     with pytest.raises(TypeError, match="^slots:"):
         cache.commit([0, 1], torch.ones(2, dtype=torch.int32))
     conv = case_conv("cpu", bias=True)

@@ -307,7 +307,8 @@ def _plan_arguments(plan, x, state, cu_seqlens, launch, no_write_form) -> dict:
         return dict(plan_order=None, plan_slots=None, plan_counts=None, plan_batch=0, plan_coef=None,
                     plan_vec=None)
     coef = vec = None
-    if isinstance(x, torch.Tensor) and x.dim() >= 3:      # else the op's checks reject x
+    # an x the op's checks reject gets no scratch (their error, not one from allocating it)
+    if isinstance(x, torch.Tensor) and x.dim() >= 3 and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         H = x.shape[-2]
         if (not torch.compiler.is_compiling() and plan.allocated_scratch(H, x.dtype) is None
                 and _split_writes_scratch(x, state, cu_seqlens, launch, no_write_form)):
