@@ -5,6 +5,8 @@ Public API:
     checkpointing_ssu                        the product (Triton), FlashInfer-compatible signature
     always_write_ssu, all_states_ssu         baselines on the same API family (Triton)
     specssm.reference                        float64 PyTorch references of all of the above
+    torch.ops.specssm.*                      the kernel entry points as PyTorch custom ops, which the
+                                             functions above call (specssm/library.py; torch.compile)
 """
 from specssm.cache import SSMCache, StepPlan
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specssm import library
 from specssm._checks import FLOAT_ACT_DTYPES, MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
 from specssm.cache import faults as flt
 from specssm.reference import recurrence as rec
@@ -151,6 +152,15 @@ class SSMCache:
         self._pnat[idx] = 0
         self._ring_start[idx] = 0
 
+    def tensors(self) -> list:
+        """Every tensor the cache keeps (per-slot arrays with their views, every layer's state, scales and
+        rings): what a CUDA-graph capture must find at fixed addresses."""
+        out = [self._ring_start, self._pnat, self._seeds, self._state_index,
+               self.ring_start, self.pnat, self.seeds, self.state_index]
+        for lc in self.layers:
+            out += [t for t in (lc.state, lc.state_scale, lc.x_cache, lc.B_cache, lc.dt_cache) if t is not None]
+        return out
+
     # ---- step ---------------------------------------------------------------------------------
     def op_kwargs(self, layer: int) -> dict:
         """The cache tensors of one layer as keyword arguments of the step op of this strategy."""
@@ -171,51 +181,16 @@ class SSMCache:
         num_tokens: None (every row has T tokens) or `(batch,)` per-row lengths (varlen).
         Device tensor ops only; `validate=True` checks the values on the host first (one sync on a
         GPU: pass False inside CUDA graphs). Without validation, a live row whose slot id, length or
-        `accepted` breaks the contract is not committed and is recorded in `faults`
-        (`raise_if_faulted`).
+        `accepted` breaks the contract is not committed and is recorded in `faults` (`raise_if_faulted`).
+        Runs as the custom op `torch.ops.specssm.cache_commit`
+        (specssm/library.py), checks included.
         """
-        check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
-        check_tensor("accepted", accepted, shape=tuple(slots.shape), dtypes=(torch.int32, torch.int64),
-                     device=self.device)
-        lens = self.T if num_tokens is None else num_tokens
-        if num_tokens is not None:
-            check_tensor("num_tokens", num_tokens, shape=tuple(slots.shape),
-                         dtypes=(torch.int32, torch.int64), device=self.device)
-        if validate:
-            check_slots_host("slots", slots, self.num_slots, self.pad_slot_id)
-            a = accepted.detach().cpu().long()
-            n = torch.as_tensor(lens).detach().cpu().long().expand_as(a)
-            live = slots.detach().cpu() != self.pad_slot_id
-            # a row of more than T tokens would leave pnat > max(W, T): the next step's reads and
-            # appends would overlap in the ring
-            s = slots.detach().cpu()
-            bad = live & ((n < 0) | (n > self.T))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"num_tokens: expected row lengths in [0, max_tokens={self.T}], got "
-                                 f"{int(n[i])} at row {i} (slot {int(s[i])})")
-            bad = live & ((a < 1) | (a > n))
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
-                                 f"{int(a[i])} at row {i} (slot {int(s[i])})")
-        live = slots != self.pad_slot_id
-        slot_ok = (slots >= 0) & (slots < self.num_slots)
-        n = torch.as_tensor(lens, device=self.device).expand_as(accepted)
-        acc_ok = (accepted >= 1) & (accepted <= n) & (n <= self.T)
-        flt.record(self.faults, live & ~slot_ok, flt.SLOT, slots)
-        flt.record(self.faults, live & slot_ok & ~acc_ok, flt.ACCEPTED, accepted)
-        # rows that commit nothing (padding, faulted) are redirected to the scratch entry num_slots
-        idx = torch.where(live & slot_ok & acc_ok, slots.long(), self.num_slots)
-        acc = accepted.to(torch.int32)
-        if self.strategy == "all_states":
-            self._state_index[idx] = acc - 1
-        else:
-            pn, rs = self._pnat[idx], self._ring_start[idx]
-            flushed = pn + lens > self.W
-            self._ring_start[idx] = torch.where(flushed, (rs + pn) % self.L, rs)
-            self._pnat[idx] = torch.where(flushed, acc, pn + acc)
-        self._seeds[idx] = self._seeds[idx] + 1
+        ring = self.strategy != "all_states"
+        library.call("cache_commit", slots=slots, accepted=accepted, num_tokens=num_tokens, max_tokens=self.T,
+                     window=self.W, ring_len=self.L, num_slots=self.num_slots, pad_slot_id=self.pad_slot_id,
+                     validate=validate, seeds=self._seeds, ring_start=self._ring_start if ring else None,
+                     pnat=self._pnat if ring else None, state_index=None if ring else self._state_index,
+                     faults=self.faults)
 
     def raise_if_faulted(self) -> None:
         """Raise ValueError naming the first row (of a step or commit run with validate=False since the
@@ -236,3 +211,53 @@ class SSMCache:
         return rec.fold(S, lc.x_cache[slot][:, rows].transpose(0, 1),
                         lc.dt_cache[slot][:, rows].transpose(0, 1).double(), A_h,
                         lc.B_cache[slot][:, rows].transpose(0, 1))
+
+
+def commit_slots(slots, accepted, num_tokens, max_tokens, window, ring_len, num_slots, pad_slot_id, validate,
+                 seeds, ring_start, pnat, state_index, faults=None):
+    """`SSMCache.commit` on its per-slot arrays of num_slots + 1 entries (the cache_commit op's
+    implementation): check the arguments, then advance ring_start / pnat (ring strategies) or
+    state_index (all-states) and the seeds of the step's rows. Padding rows land on the extra entry."""
+    device = seeds.device
+    check_tensor("slots", slots, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    check_tensor("accepted", accepted, shape=tuple(slots.shape), dtypes=(torch.int32, torch.int64), device=device)
+    lens = max_tokens if num_tokens is None else num_tokens
+    if num_tokens is not None:
+        check_tensor("num_tokens", num_tokens, shape=tuple(slots.shape), dtypes=(torch.int32, torch.int64),
+                     device=device)
+    if validate:
+        check_slots_host("slots", slots, num_slots, pad_slot_id)
+        a = accepted.detach().cpu().long()
+        n = torch.as_tensor(lens).detach().cpu().long().expand_as(a)
+        live = slots.detach().cpu() != pad_slot_id
+        # a row of more than T tokens would leave pnat > max(W, T): the next step's reads and
+        # appends would overlap in the ring
+        s = slots.detach().cpu()
+        bad = live & ((n < 0) | (n > max_tokens))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"num_tokens: expected row lengths in [0, max_tokens={max_tokens}], got "
+                             f"{int(n[i])} at row {i} (slot {int(s[i])})")
+        bad = live & ((a < 1) | (a > n))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
+                             f"{int(a[i])} at row {i} (slot {int(s[i])})")
+    live = slots != pad_slot_id
+    slot_ok = (slots >= 0) & (slots < num_slots)
+    n = torch.as_tensor(lens, device=device).expand_as(accepted)
+    acc_ok = (accepted >= 1) & (accepted <= n) & (n <= max_tokens)
+    if faults is not None:
+        flt.record(faults, live & ~slot_ok, flt.SLOT, slots)
+        flt.record(faults, live & slot_ok & ~acc_ok, flt.ACCEPTED, accepted)
+    # rows that commit nothing (padding, faulted) are redirected to the scratch entry num_slots
+    idx = torch.where(live & slot_ok & acc_ok, slots.long(), num_slots)
+    acc = accepted.to(torch.int32)
+    if state_index is not None:
+        state_index[idx] = acc - 1
+    else:
+        pn, rs = pnat[idx], ring_start[idx]
+        flushed = pn + lens > window
+        ring_start[idx] = torch.where(flushed, (rs + pn) % ring_len, rs)
+        pnat[idx] = torch.where(flushed, acc, pn + acc)
+    seeds[idx] = seeds[idx] + 1

@@ -9,6 +9,7 @@ from numbers import Integral
 
 import torch
 
+from specssm import library
 from specssm._checks import MAX_WINDOW, check_slots_host, check_tensor
 from specssm.cache import faults as flt
 from specssm.cache.plan_kernel import kernel_runs_on, launch_plan_kernel
@@ -60,6 +61,52 @@ class StepPlan:
                              torch.full((self.max_batch, nheads, VEC), nan, dtype=torch.float32, device=self.device))
         return self._scratch[1], self._scratch[2]
 
+    def tensors(self) -> list:
+        """The plan's buffers and its scratch if allocated: what a CUDA-graph capture must find at fixed
+        addresses."""
+        return [self.write_flag, self.order, self.slots, self.counts,
+                *(self._scratch[1:] if self._scratch is not None else ())]
+
+    def allocated_scratch(self, nheads: int, act_dtype: torch.dtype):
+        """The split step's scratch `(coef, vec)` if it is allocated for (nheads, act_dtype), else None.
+        Allocates nothing (what a torch.compile trace may call)."""
+        if self._scratch is None or self._scratch[0] != (nheads, act_dtype):
+            return None
+        return self._scratch[1], self._scratch[2]
+
+    @classmethod
+    def over(cls, order, slots, counts, batch, coef=None, vec=None) -> "StepPlan":
+        """A plan around buffers it does not own: the tensors of a built plan as the step op receives them
+        (specssm/library.py), its batch, and its split-step scratch `coef`, `vec` (None: the step
+        allocates one at its split launches, outside CUDA-graph capture only). Checked here, since a
+        caller of the op may pass any tensors: the kernels index them up to the plan's max_batch."""
+        check_tensor("plan_order", order, ndim=1, dtype=torch.int32)
+        max_batch, device = order.shape[0], order.device
+        check_tensor("plan_slots", slots, shape=(max_batch,), dtype=torch.int32, device=device,
+                     why="like plan_order")
+        check_tensor("plan_counts", counts, shape=(2,), dtype=torch.int32, device=device)
+        if not isinstance(batch, Integral) or not 0 <= batch <= max_batch:
+            raise ValueError(f"plan_batch: expected an int in [0, {max_batch}] (rows of plan_order), got {batch!r}")
+        plan = cls.__new__(cls)
+        plan.max_batch, plan.device, plan.batch = max_batch, device, int(batch)
+        plan.write_flag, plan.order, plan.slots, plan.counts = None, order, slots, counts
+        plan._scratch = None
+        if coef is not None or vec is not None:
+            from specssm.step.coef import NK, TM, VEC
+            check_tensor("plan_coef", coef, ndim=5, dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                         device=device)
+            nheads = coef.shape[1]
+            check_tensor("plan_coef", coef, shape=(max_batch, nheads, 2, int(TM), int(NK)),
+                         why="plan.scratch(nheads, act_dtype) of a plan of max_batch rows")
+            check_tensor("plan_vec", vec, shape=(max_batch, nheads, VEC), dtype=torch.float32, device=device,
+                         why="plan.scratch(nheads, act_dtype) of a plan of max_batch rows")
+            for name, t in (("plan_coef", coef), ("plan_vec", vec)):
+                if not t.is_contiguous():
+                    raise ValueError(f"{name}: expected a contiguous tensor (from plan.scratch), got strides "
+                                     f"{tuple(t.stride())}")
+            plan._scratch = ((nheads, coef.dtype), coef, vec)
+        return plan
+
     def build(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None,
               ring_start=None, ring_len=0, max_pnat=0, faults=None):
         """Fill the buffers for one step. `pnat`: the per-slot `(slots,)` int32/int64 counts;
@@ -70,88 +117,108 @@ class StepPlan:
         graph; on a CPU without the Triton interpreter the torch reference fills the same buffers.
         Shapes, dtypes, devices and `window` are always checked; slot ids (range, duplicates) are checked
         on the host when `validate` is True, or when it is None (default) and the tensors are on the
-        CPU, where that costs no sync (CUDA-graph safe).
-
+        CPU, where that costs no sync (CUDA-graph safe). Runs as the custom op
+        `torch.ops.specssm.plan_build` (specssm/library.py), checks included.
+        
         Rows whose slot id lies outside the pool are put with the padding rows (no launch visits them).
         With `ring_start` `(slots,)` int32, `ring_len` (L), `max_pnat` (max(window, T)) and a fault
         record `faults` (specssm/cache/faults.py), so are rows whose pnat or ring_start breaks the
         contract, and every such row is recorded.
         """
-        batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
-        ring = None
-        if ring_start is not None:
-            check_tensor("ring_start", ring_start, shape=(pnat.shape[0],), dtypes=(torch.int32, torch.int64),
-                         device=self.device)
-            check_tensor("faults", faults, shape=(1,), dtype=torch.int64, device=self.device)
-            ring = (ring_start, int(ring_len), int(max_pnat), faults)
-        if kernel_runs_on(self.device):
-            launch_plan_kernel(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
-                               self.write_flag, self.order, self.slots, self.counts,
-                               *(ring if ring is not None else ()))
-        else:
-            self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, ring)
-        self.batch = batch
+        per_row = isinstance(num_tokens, torch.Tensor)
+        library.call("plan_build", pnat=pnat, state_batch_indices=state_batch_indices, window=window,
+                     num_tokens=0 if per_row else num_tokens, num_tokens_per_row=num_tokens if per_row else None,
+                     pad_slot_id=pad_slot_id, validate=validate, write_flag=self.write_flag, order=self.order,
+                     slots=self.slots, counts=self.counts, ring_start=ring_start, ring_len=ring_len,
+                     max_pnat=max_pnat, faults=faults)
+        self.batch = state_batch_indices.shape[0]
         return self
 
     def build_reference(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id=-1, validate=None,
                         ring_start=None, ring_len=0, max_pnat=0, faults=None):
         """`build` with ~10 small torch ops instead of the Triton kernel (same arguments, checks and
         result); the reference the kernel is tested against."""
-        batch = self._check(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate)
-        ring = None if ring_start is None else (ring_start, int(ring_len), int(max_pnat), faults)
-        self._fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, ring)
-        self.batch = batch
+        self.batch = fill_plan(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate,
+                               self.write_flag, self.order, self.slots, self.counts, use_kernel=False,
+                               ring_start=ring_start, ring_len=ring_len, max_pnat=max_pnat, faults=faults)
         return self
 
-    def _check(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate) -> int:
-        """Validate the arguments of a build before anything is written; returns the batch."""
-        check_tensor("state_batch_indices", state_batch_indices, ndim=1,
-                     dtypes=(torch.int32, torch.int64), device=self.device)
-        batch = state_batch_indices.shape[0]
-        if batch > self.max_batch:
-            raise ValueError(f"state_batch_indices: expected at most max_batch={self.max_batch} rows, got {batch}")
-        check_tensor("pnat", pnat, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device)
-        if isinstance(num_tokens, torch.Tensor):
-            check_tensor("num_tokens", num_tokens, shape=(batch,), dtypes=(torch.int32, torch.int64),
-                         device=self.device)
-        elif not isinstance(num_tokens, Integral) or num_tokens < 1:
-            raise ValueError(f"num_tokens: expected an int >= 1 or a ({batch},) tensor, got {num_tokens!r}")
-        if not isinstance(window, Integral) or not 0 <= window <= MAX_WINDOW:
-            raise ValueError(f"window: expected an int in [0, {MAX_WINDOW}], got {window!r}")
-        if validate or (validate is None and self.device.type == "cpu"):
-            check_slots_host("state_batch_indices", state_batch_indices, pnat.shape[0], pad_slot_id)
-        return batch
 
-    def _fill_with_torch(self, pnat, state_batch_indices, window, num_tokens, pad_slot_id, ring=None):
-        batch = state_batch_indices.shape[0]
-        live = state_batch_indices != pad_slot_id
-        sbi = state_batch_indices.long()
-        slot_ok = live & (sbi >= 0) & (sbi < pnat.shape[0])
-        slot = torch.where(slot_ok, sbi, 0)
-        if ring is not None:
-            ring_start, ring_len, max_pnat, faults = ring
-            pn, rs = pnat[slot], ring_start[slot]
-            pnat_ok = (pn >= 0) & (pn <= max_pnat)
-            rs_ok = (rs >= 0) & (rs < ring_len)
-            for bad, field, value in ((live & ~slot_ok, flt.SLOT, sbi), (slot_ok & ~pnat_ok, flt.PNAT, pn),
-                                      (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs)):
-                flt.record(faults, bad, field, value)
-            live = slot_ok & pnat_ok & rs_ok
-        else:
-            live = slot_ok
-        write = live & (pnat[slot] + num_tokens > window)
-        nowrite = live & ~write
-        pad = ~live
-        n_w = write.sum(dtype=torch.int32)
-        n_live = live.sum(dtype=torch.int32)
-        n_pad = batch - n_live
-        # rank of each row inside its group, offset by the sizes of the groups before it
-        rank = torch.where(write, torch.cumsum(write, 0, dtype=torch.int32) - 1,
-                           torch.where(pad, n_w + torch.cumsum(pad, 0, dtype=torch.int32) - 1,
-                                       n_w + n_pad + torch.cumsum(nowrite, 0, dtype=torch.int32) - 1))
-        rows = torch.arange(batch, dtype=torch.int32, device=self.device)
-        self.order[:batch].scatter_(0, rank.long(), rows)
-        self.slots[:batch].scatter_(0, rank.long(), state_batch_indices.to(torch.int32))
-        self.write_flag[:batch] = write.to(torch.int32)
-        self.counts[0] = n_w
-        self.counts[1] = n_live
+def fill_plan(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate, write_flag, order, slots,
+              counts, use_kernel=True, ring_start=None, ring_len=0, max_pnat=0, faults=None) -> int:
+    """Check the arguments of a build, then fill the plan buffers `write_flag`, `order`, `slots`,
+    `counts` (the implementation of the plan_build op): with the Triton kernel where it runs and
+    `use_kernel`, else with torch ops. With ring_start and the fault record, rows whose pnat or
+    ring_start break the contract are set aside and recorded (StepPlan.build). Returns the batch."""
+    batch = check_build(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate, order.shape[0],
+                        order.device)
+    ring = None
+    if ring_start is not None:
+        check_tensor("ring_start", ring_start, shape=(pnat.shape[0],), dtypes=(torch.int32, torch.int64),
+                     device=order.device)
+        check_tensor("faults", faults, shape=(1,), dtype=torch.int64, device=order.device)
+        ring = (ring_start, int(ring_len), int(max_pnat), faults)
+    if use_kernel and kernel_runs_on(order.device):
+        launch_plan_kernel(pnat, state_batch_indices, window, num_tokens, pad_slot_id, write_flag, order, slots,
+                           counts, *(ring if ring is not None else ()))
+    else:
+        _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, write_flag, order, slots,
+                         counts, ring)
+    return batch
+
+
+def check_build(pnat, state_batch_indices, window, num_tokens, pad_slot_id, validate, max_batch, device) -> int:
+    """Validate the arguments of a build into buffers of `max_batch` rows on `device` before anything is
+    written; returns the batch."""
+    check_tensor("state_batch_indices", state_batch_indices, ndim=1,
+                 dtypes=(torch.int32, torch.int64), device=device)
+    batch = state_batch_indices.shape[0]
+    if batch > max_batch:
+        raise ValueError(f"state_batch_indices: expected at most max_batch={max_batch} rows, got {batch}")
+    check_tensor("pnat", pnat, ndim=1, dtypes=(torch.int32, torch.int64), device=device)
+    if isinstance(num_tokens, torch.Tensor):
+        check_tensor("num_tokens", num_tokens, shape=(batch,), dtypes=(torch.int32, torch.int64),
+                     device=device)
+    elif not isinstance(num_tokens, Integral) or num_tokens < 1:
+        raise ValueError(f"num_tokens: expected an int >= 1 or a ({batch},) tensor, got {num_tokens!r}")
+    if not isinstance(window, Integral) or not 0 <= window <= MAX_WINDOW:
+        raise ValueError(f"window: expected an int in [0, {MAX_WINDOW}], got {window!r}")
+    if validate or (validate is None and torch.device(device).type == "cpu"):
+        check_slots_host("state_batch_indices", state_batch_indices, pnat.shape[0], pad_slot_id)
+    return batch
+
+
+def _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, write_flag, order, slots,
+                     counts, ring=None):
+    batch = state_batch_indices.shape[0]
+    live = state_batch_indices != pad_slot_id
+    sbi = state_batch_indices.long()
+    slot_ok = live & (sbi >= 0) & (sbi < pnat.shape[0])
+    slot = torch.where(slot_ok, sbi, 0)
+    if ring is not None:
+        ring_start, ring_len, max_pnat, faults = ring
+        pn, rs = pnat[slot], ring_start[slot]
+        pnat_ok = (pn >= 0) & (pn <= max_pnat)
+        rs_ok = (rs >= 0) & (rs < ring_len)
+        for bad, field, value in ((live & ~slot_ok, flt.SLOT, sbi), (slot_ok & ~pnat_ok, flt.PNAT, pn),
+                                  (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs)):
+            flt.record(faults, bad, field, value)
+        live = slot_ok & pnat_ok & rs_ok
+    else:
+        live = slot_ok      # a slot id outside the pool is never handed to a launch, record or not
+    write = live & (pnat[slot] + num_tokens > window)
+    nowrite = live & ~write
+    pad = ~live
+    n_w = write.sum(dtype=torch.int32)
+    n_live = live.sum(dtype=torch.int32)
+    n_pad = batch - n_live
+    # rank of each row inside its group, offset by the sizes of the groups before it
+    rank = torch.where(write, torch.cumsum(write, 0, dtype=torch.int32) - 1,
+                       torch.where(pad, n_w + torch.cumsum(pad, 0, dtype=torch.int32) - 1,
+                                   n_w + n_pad + torch.cumsum(nowrite, 0, dtype=torch.int32) - 1))
+    rows = torch.arange(batch, dtype=torch.int32, device=order.device)
+    order[:batch].scatter_(0, rank.long(), rows)
+    slots[:batch].scatter_(0, rank.long(), state_batch_indices.to(torch.int32))
+    write_flag[:batch] = write.to(torch.int32)
+    counts[0] = n_w
+    counts[1] = n_live

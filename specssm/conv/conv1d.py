@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
+from specssm import library
 from specssm._checks import CPU_FIX, check_slots_host
 from specssm._runtime import pdl_supported as _pdl_supported
 
@@ -305,8 +306,21 @@ def conv1d_update(xBC: torch.Tensor, conv_state: torch.Tensor, conv_offset: torc
         ``out`` (batch, T, conv_dim) in ``xBC.dtype``: ``act(bias + sum_k weight[:, k] * u[t + k - d_conv
         + 1])`` accumulated in fp32, ``u`` = context followed by the new tokens.
 
-    Raises ValueError/TypeError naming the argument before anything is written.
+    Raises ValueError/TypeError naming the argument before anything is written. Runs as the custom op
+    ``torch.ops.specssm.conv1d_update`` (specssm/library.py), checks included; ``out=None`` is
+    allocated here, before the op.
     """
+    if out is None and isinstance(xBC, torch.Tensor):
+        out = torch.empty(xBC.shape, dtype=xBC.dtype, device=xBC.device)
+    library.call("conv1d_update", xBC=xBC, conv_state=conv_state, conv_offset=conv_offset, weight=weight, bias=bias,
+                 activation=activation, state_batch_indices=state_batch_indices, pad_slot_id=pad_slot_id, out=out,
+                 validate=validate, pdl=pdl)
+    return out
+
+
+def _conv1d_update(xBC, conv_state, conv_offset, weight, bias, activation, state_batch_indices, pad_slot_id, out,
+                   validate, pdl):
+    """The conv1d_update op's implementation: check everything, then launch into ``out``."""
     weight, d_conv = _check_inputs(xBC, conv_state, conv_offset, weight, bias, activation,
                                    state_batch_indices, pad_slot_id, out, validate)
     if out is None:

@@ -40,6 +40,11 @@ class ModelCache:
     def window(self) -> int:
         return self.ssm.W
 
+    def tensors(self) -> list:
+        """Every tensor of the cache (SSM cache, conv states, conv offsets), e.g. to mark them static
+        inputs of a CUDA-graphed compiled step."""
+        return [*self.ssm.tensors(), *self.conv_states, self.conv_offset]
+
     def allocate(self, n: int = 1) -> torch.Tensor:
         """Take n free slots, reset (SSM state, pnat, ring_start, conv context, conv offset)."""
         slots = self.ssm.allocate(n)

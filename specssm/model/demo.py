@@ -19,6 +19,8 @@ from specssm.model.decode import (NgramDrafter, RandomDrafter, compare_tokens, g
 from specssm.model.lm import TinyMamba2LM
 from specssm.model.tp import DTYPES
 
+# --compile: torch.compile backend (and mode) of TinyMamba2LM.compile_step
+COMPILE_MODES = ("inductor", "aot_eager", "reduce-overhead")
 PROMPTS = [b"The quick brown fox jumps over the lazy dog. ", b"Mamba2 state space model, speculative decoding: ",
            b"abcabcabc", b"Once upon a time, ", b"0123456789", b"specssm "]
 
@@ -50,6 +52,10 @@ def parse_args(argv):
                    help="also decode with precision='fast' and report agreement (auto: on for cuda; the "
                         "interpreter runs tf32 dots as fp32, so there it equals exact)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (processes; gloo on cpu, nccl on cuda)")
+    p.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_MODES, default=None,
+                   help="run the decode step through torch.compile(fullgraph=True): inductor (the default when "
+                        "given alone), aot_eager, or reduce-overhead (inductor + CUDA graphs, cuda only); needs the "
+                        "Triton ops (on a CPU: TRITON_INTERPRET=1)")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     a.tokens = a.tokens if a.tokens is not None else (256 if cuda else 48)
@@ -59,6 +65,10 @@ def parse_args(argv):
     for name in ("tokens", "batch", "T", "tp"):
         if getattr(a, name) < 1:
             p.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
+    if a.compile and a.tp > 1:
+        p.error("--compile: not with --tp (each rank would compile its own step)")
+    if a.compile == "reduce-overhead" and not cuda:
+        p.error("--compile reduce-overhead: CUDA graphs need --device cuda")
     return a
 
 
@@ -117,8 +127,21 @@ def main(argv=None) -> int:
           f"{a.dtype} on {mode}")
     print(f"decoding {a.batch} request(s) x {a.tokens} tokens, T = {a.T} ({a.drafter} drafter), "
           f"checkpointing cache W = {a.window}, {a.state_dtype} state")
-    model = TinyMamba2LM(cfg, seed=a.seed, dtype=dtype, device=a.device, ssu=a.ssu, precision="exact")
+    # CUDA graphs cannot hold the ops' host checks: the graphed step runs without them
+    graphs = a.compile == "reduce-overhead"
+    model = TinyMamba2LM(cfg, seed=a.seed, dtype=dtype, device=a.device, ssu=a.ssu, precision="exact",
+                         validate=not graphs)
     print(f"ops: ssu = {model.ssu_name}; conv = {model.conv_name}")
+    if a.compile:
+        if not model.runs_triton_ops:
+            print("specssm demo: --compile needs the Triton ops (on a CPU: TRITON_INTERPRET=1 before the start); "
+                  f"got ssu = {model.ssu_name}, conv = {model.conv_name}", file=sys.stderr)
+            return 2
+        if graphs:
+            model.compile_step("inductor", mode="reduce-overhead")
+        else:
+            model.compile_step(a.compile)
+        print(f"decode step: {model.compiled} (compiled at its first step of each shape)")
     if a.device == "cpu" and a.ssu == "auto" and not _kernels_run_here():
         print("note: TRITON_INTERPRET=1 is not set, so the Triton kernels cannot run on this CPU: the demo "
               "falls back to the float64 reference step and the torch conv (it checks the cache contract, "
@@ -167,7 +190,7 @@ def main(argv=None) -> int:
                   f"{diff['index']} ({diff['got']} vs {diff['want']}; float64 logit gap {diff['gap']:.1e})")
 
     if a.fast and a.tp == 1:
-        model.set_ops(a.ssu, precision="fast")
+        model.set_ops(a.ssu, precision="fast", validate=not graphs)      # eager again
         if "fast" in model.ssu_name:
             f = speculative_generate(model, prompts, a.tokens, a.T, drafter(), window=a.window, state_dtype=state_dtype)
             want = next(iter(greedy.values()))

@@ -74,6 +74,28 @@ class TinyMamba2LM(torch.nn.Module):
         self._plan = None
         self.conv, self.conv_name = resolve_conv(conv, self.device, self.dtype, pdl)
         self.precision, self.pdl, self.validate = precision, pdl, validate
+        self._decode, self.compiled, self._graphs = self.decode_step, None, False
+
+    def compile_step(self, backend: str = "inductor", mode: str | None = None, options: dict | None = None,
+                     dynamic: bool = False) -> "TinyMamba2LM":
+        """Run `step`'s computation (`decode_step`: plan, every layer's conv1d, SSM step and gate,
+        logits) through `torch.compile(fullgraph=True)`; the host checks of `step` stay eager, before it.
+        Every kernel is a `torch.ops.specssm` custom op, so the step compiles as one graph.
+
+        mode="reduce-overhead" (CUDA) also captures the compiled step in CUDA graphs: the caches, the
+        plan and its scratch are then marked static inputs (their addresses are the graph's), and the
+        ops' host checks must be off (`validate=False`: a check reads device memory, which a capture
+        cannot). `dynamic=False` compiles once per (batch, T) shape. Returns the model. The ops chosen
+        later by `set_ops` run eagerly again."""
+        graphs = mode in ("reduce-overhead", "max-autotune") or bool((options or {}).get("triton.cudagraphs"))
+        if graphs and self.validate:
+            raise ValueError("validate: CUDA graphs (mode 'reduce-overhead') need the ops' host checks off; "
+                             "build the model with validate=False or call set_ops(..., validate=False) first")
+        kw = {"options": options} if options else {"mode": mode}
+        self._decode = torch.compile(self.decode_step, backend=backend, fullgraph=True, dynamic=dynamic, **kw)
+        self.compiled = f"torch.compile({backend}{f', mode={mode}' if mode else ''}, fullgraph)"
+        self._graphs = graphs
+        return self
 
     @property
     def local_cfg(self) -> Mamba2Config:
@@ -103,17 +125,35 @@ class TinyMamba2LM(torch.nn.Module):
     def step(self, tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor) -> torch.Tensor:
         """One verify step: tokens `(batch, T)` -> logits `(batch, T, vocab)` float32 (garbage on
         padding rows, whose slot is cache.pad_slot_id). Appends to the caches; commit afterwards
-        with `cache.commit(slots, accepted, T)`."""
+        with `cache.commit(slots, accepted, T)`. Checks the tokens (and with `validate` the slots and
+        their ring position) on the host, then runs `decode_step`, compiled after `compile_step`."""
         self._check_tokens("tokens", tokens, 2)
         if tokens.shape[1] > cache.max_tokens:
             raise ValueError(f"tokens: expected at most {cache.max_tokens} tokens per row (cache max_tokens), "
                              f"got {tokens.shape[1]}")
         if self.validate:
             self._check_slots(cache, slots, tokens.shape[0], tokens.shape[1])
+        plan = self._step_plan(cache, slots.shape[0], tokens.shape[1])
+        if self._graphs:
+            # a CUDA-graph replay reads and writes these tensors where the capture found them
+            for t in (*cache.tensors(), *(plan.tensors() if plan is not None else ())):
+                torch._dynamo.mark_static_address(t, guard=False)
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._decode(tokens, cache, slots, plan)
+
+    def decode_step(self, tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor,
+                    plan: StepPlan | None = None) -> torch.Tensor:
+        """`step` after its host checks, what `compile_step` compiles: builds `plan` (when the step op
+        reads one) from the committed pnat, then embedding, every layer (conv1d update, SSM step, gated
+        norm) and the logits. No host sync and no Python object created, so one graph holds it all."""
         h = self.embedding[tokens.to(self.device)]
         ssu = self.ssu
-        if self._ssu_takes_plan and self._reads_plan(slots.shape[0], cache, tokens.shape[1]):
-            ssu = functools.partial(ssu, plan=self._step_plan(cache, slots, tokens.shape[1]))
+        if plan is not None:
+            ssm = cache.ssm
+            plan.build(ssm.pnat, slots.to(self.device), cache.window, tokens.shape[1], cache.pad_slot_id,
+                       validate=self.validate, ring_start=ssm.ring_start, ring_len=ssm.L,
+                       max_pnat=max(ssm.W, ssm.T), faults=ssm.faults)
+            ssu = functools.partial(ssu, plan=plan)
         for norm_w, mixer in zip(self.layer_norms, self.mixers):
             h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, ssu, self.conv)
         return self._logits(h)
@@ -129,31 +169,49 @@ class TinyMamba2LM(torch.nn.Module):
         check_ring_values_host(ssm.ring_start, ssm.pnat, slots, batch, cache.pad_slot_id, ssm.W, T, ssm.L,
                                names=("cache.ssm.ring_start", "cache.ssm.pnat"))
 
+    @property
+    def runs_triton_ops(self) -> bool:
+        """Whether `step` runs the Triton step op and conv update (registered custom ops, so
+        `compile_step` traces the step as one graph; the float64 reference and torch conv are not)."""
+        from specssm.model.mixer import conv1d_update_torch
+        return self._triton_op() is not None and self.conv is not conv1d_update_torch
+
+    def _triton_op(self):
+        """The step op when it is the Triton `checkpointing_ssu` (from `resolve_ssu`), else None."""
+        try:
+            from specssm.step.launch import checkpointing_ssu
+        except ImportError:
+            return None
+        fn = self.ssu
+        return fn if isinstance(fn, functools.partial) and fn.func is checkpointing_ssu else None
+
     def _reads_plan(self, batch: int, cache: ModelCache, T: int) -> bool:
         """Whether this step's op reads a plan. The Triton op from `resolve_ssu` does not below its split
         batch (one dynamic launch), so no plan is built there (a launch saved per step); any other
         callable that takes a plan gets one."""
-        fn = self.ssu
-        try:
-            from specssm.step.launch import checkpointing_ssu, reads_plan
-        except ImportError:
+        if not self._ssu_takes_plan:
+            return False
+        fn = self._triton_op()
+        if fn is None:
             return True
-        if not (isinstance(fn, functools.partial) and fn.func is checkpointing_ssu):
-            return True
+        from specssm.step.launch import reads_plan
         cfg, ssm = self.local_cfg, cache.ssm
         return reads_plan(batch, self.device, cfg.head_dim, cfg.d_state, ssm.layers[0].state.dtype,
                           fn.keywords.get("launch", "auto"), T=T, W=ssm.W, H=ssm.H, G=ssm.G,
                           rounding=fn.keywords.get("rounding", "rn"))
 
-    def _step_plan(self, cache: ModelCache, slots: torch.Tensor, T: int) -> StepPlan:
-        """This step's plan (from the committed pnat), in buffers reused while the batch fits them."""
-        batch = slots.shape[0]
+    def _step_plan(self, cache: ModelCache, batch: int, T: int) -> StepPlan | None:
+        """This step's plan buffers (built in `decode_step`), reused while the batch fits them, or None
+        when the op reads no plan. Created here, outside `decode_step`, with the Triton op's split-step
+        scratch, so that a compiled step finds them allocated (a trace must not create them)."""
+        if not self._reads_plan(batch, cache, T):
+            return None
         if self._plan is None or self._plan.max_batch < batch:
             self._plan = StepPlan(max(batch, 1), self.device)
-        ssm = cache.ssm
-        return self._plan.build(ssm.pnat, slots.to(self.device), cache.window, T, cache.pad_slot_id,
-                                validate=self.validate, ring_start=ssm.ring_start, ring_len=ssm.L,
-                                max_pnat=max(ssm.W, ssm.T), faults=ssm.faults)
+        fn = self._triton_op()
+        if fn is not None and fn.keywords.get("no_write_form", "rectangle") == "rectangle":
+            self._plan.scratch(self.local_cfg.nheads, self.dtype)
+        return self._plan
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor, cache: ModelCache, slot) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from specssm import library
 from specssm._checks import check_all_states_args, check_kernel_layout
 from specssm.step.device import silu, softplus
-from specssm.step.launch import _ssu
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # of states and activations
 ALL_STATES_BLOCK_P = 64     # state rows per all-states program (4 warps)
@@ -25,13 +25,18 @@ def always_write_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_acc
                      max_seqlen=None, window=0, rounding="rn", no_write_form="rectangle", plan=None,
                      launch="always_write", precision="fast", validate=True, faults=None):
     """Always-write replay (Triton): `checkpointing_ssu` with window 0, every row writes its state.
-    Use with `SSMCache(strategy="always_write")` (ring of 2T rows). Same shapes as checkpointing_ssu."""
+    Use with `SSMCache(strategy="always_write")` (ring of 2T rows). Same shapes as checkpointing_ssu;
+    `plan` and `launch` are ignored (every row writes). Runs as `torch.ops.specssm.always_write_ssu`."""
     if window not in (0, None):
         raise ValueError(f"window: always-write replay writes every step (window 0), got {window}")
-    return _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C,
-                out, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
-                philox_rounds, cu_seqlens, max_seqlen, 0, rounding, no_write_form, None, "always_write",
-                precision, validate, faults=faults)
+    library.call(
+        "always_write_ssu", state=state, x_cache=x_cache, B_cache=B_cache, dt_cache=dt_cache,
+        ring_start=ring_start, prev_num_accepted_tokens=prev_num_accepted_tokens, x=x, dt=dt, A=A, B=B, C=C,
+        out=out, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, state_batch_indices=state_batch_indices,
+        pad_slot_id=pad_slot_id, state_scale=state_scale, rand_seed=rand_seed, philox_rounds=philox_rounds,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, rounding=rounding, no_write_form=no_write_form,
+        precision=precision, validate=validate, faults=faults)
+    return out
 
 
 @triton.jit
@@ -90,6 +95,15 @@ def all_states_ssu(states, state_index, x, dt, A, B, C, out, D=None, z=None, dt_
     accepted - 1); x, z, out (batch, T, H, P); dt (batch, T, H, P) tied or (batch, T, H);
     A (H, P, N) tied or (H,); D, dt_bias (H, P) tied or (H,); B, C (batch, T, G, N).
     """
+    library.call("all_states_ssu", states=states, state_index=state_index, x=x, dt=dt, A=A, B=B, C=C, out=out, D=D,
+                 z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, state_batch_indices=state_batch_indices,
+                 pad_slot_id=pad_slot_id, validate=validate)
+    return out
+
+
+def _all_states(states, state_index, x, dt, A, B, C, out, D, z, dt_bias, dt_softplus, state_batch_indices,
+                pad_slot_id, validate):
+    """The launcher of all_states_ssu (the op's implementation): checks every argument, then launches."""
     N, G, dt_c, A_h, D_h, bias_h = check_all_states_args(
         states, state_index, x, dt, A, B, C, out, D, z, dt_bias, state_batch_indices, pad_slot_id,
         check_slots=validate)

@@ -12,6 +12,7 @@ import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from specssm import library
 from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, check_tensor
 from specssm._runtime import interpreting, pdl_supported
 from specssm.cache.faults import new_record as new_fault_record
@@ -285,14 +286,54 @@ def checkpointing_ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_ac
     Rows whose slot id, pnat or ring_start break the contract (what validate=True rejects on the host)
     do no work and never touch memory outside the caches; with `faults` (SSMCache.faults, an int64 (1,)
     record) they are recorded: SSMCache.raise_if_faulted() names the first.
+
+    Runs as the custom op `torch.ops.specssm.checkpointing_ssu` (specssm/library.py), so
+    torch.compile(fullgraph=True) traces through it; the checks run inside the op, on every call. A
+    compiled step passes only a plan scratch that exists when it is traced: run one eager step (or
+    plan.scratch(nheads, act_dtype)) first.
     """
     if no_write_form not in ("rectangle", "replay"):
         raise ValueError(f"no_write_form: expected 'rectangle' or 'replay', got {no_write_form!r}")
     if launch not in LAUNCHES:
         raise ValueError(f"launch: expected one of {LAUNCHES}, got {launch!r}")
-    return _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C,
-                out, D, z, dt_bias, dt_softplus, state_batch_indices, pad_slot_id, state_scale, rand_seed,
-                philox_rounds, cu_seqlens, max_seqlen, window, rounding, no_write_form, plan, launch,
-                precision, validate, pdl, faults)
+    library.call(
+        "checkpointing_ssu", state=state, x_cache=x_cache, B_cache=B_cache, dt_cache=dt_cache,
+        ring_start=ring_start, prev_num_accepted_tokens=prev_num_accepted_tokens, x=x, dt=dt, A=A, B=B, C=C,
+        out=out, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, state_batch_indices=state_batch_indices,
+        pad_slot_id=pad_slot_id, state_scale=state_scale, rand_seed=rand_seed, philox_rounds=philox_rounds,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, window=window, rounding=rounding,
+        no_write_form=no_write_form, **_plan_arguments(plan, x, state, cu_seqlens, launch, no_write_form),
+        launch=launch, precision=precision, validate=validate, pdl=pdl, faults=faults)
+    return out
 
 
+def _plan_arguments(plan, x, state, cu_seqlens, launch, no_write_form) -> dict:
+    """The step op's view of `plan` (specssm/library.py): its tensors, its batch and its split-step
+    scratch. The scratch is allocated here, eagerly, at the first step that splits: a torch.compile
+    trace or a CUDA-graph capture passes only a scratch that already exists (without one, the op
+    allocates a temporary one per step, which a capture refuses)."""
+    if plan is None:
+        return dict(plan_order=None, plan_slots=None, plan_counts=None, plan_batch=0, plan_coef=None,
+                    plan_vec=None)
+    coef = vec = None
+    # an x the op's checks reject gets no scratch (their error, not one from allocating it)
+    if isinstance(x, torch.Tensor) and x.dim() >= 3 and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        H = x.shape[-2]
+        if (not torch.compiler.is_compiling() and plan.allocated_scratch(H, x.dtype) is None
+                and _split_writes_scratch(x, state, cu_seqlens, launch, no_write_form)):
+            plan.scratch(H, x.dtype)
+        coef, vec = plan.allocated_scratch(H, x.dtype) or (None, None)
+    return dict(plan_order=plan.order, plan_slots=plan.slots, plan_counts=plan.counts, plan_batch=plan.batch,
+                plan_coef=coef, plan_vec=vec)
+
+
+def _split_writes_scratch(x, state, cu_seqlens, launch, no_write_form) -> bool:
+    """Whether the step runs the split family's coefficient kernel (the rectangle form, split launch)."""
+    if no_write_form != "rectangle" or launch == "dynamic":
+        return False
+    if not isinstance(state, torch.Tensor) or state.dim() != 4:      # the op's checks reject it
+        return False
+    batch = cu_seqlens.shape[0] - 1 if isinstance(cu_seqlens, torch.Tensor) else x.shape[0]
+    if batch <= 0:
+        return False
+    return launch == "split" or reads_plan(batch, x.device, x.shape[-1], state.shape[-1], state.dtype, launch)

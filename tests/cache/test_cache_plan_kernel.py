@@ -57,7 +57,7 @@ def test_kernel_is_what_build_runs(monkeypatch):
     """Under the interpreter, build must not fall back to the torch ops."""
     def no_torch(*a, **k):
         raise AssertionError("build ran the torch reference instead of the kernel")
-    monkeypatch.setattr(StepPlan, "_fill_with_torch", no_torch)
+    monkeypatch.setattr(plan_module, "_fill_with_torch", no_torch)
     pnat = torch.tensor([15, 2, 9], dtype=torch.int32)
     plan = StepPlan(4).build(pnat, torch.tensor([1, PAD, 0, 2], dtype=torch.int32), 16, 4)
     assert plan.write_flag.tolist() == [0, 0, 1, 0] and plan.order.tolist() == [2, 1, 0, 3]
