@@ -35,6 +35,19 @@ def wrap(i, L):
 
 
 @triton.jit
+def tile_masks(offs_p, offs_n, P, N, EVEN_TILE: tl.constexpr):
+    """Row and column masks of a state tile. EVEN_TILE (tiles cover P and N exactly): constant-true
+    masks, which the compiler drops from every access to the tile (a predicate per element otherwise)."""
+    if EVEN_TILE:
+        p_ok = tl.full((offs_p.shape[0],), 1, tl.int1)
+        n_ok = tl.full((offs_n.shape[0],), 1, tl.int1)
+    else:
+        p_ok = offs_p < P
+        n_ok = offs_n < N
+    return p_ok, n_ok
+
+
+@triton.jit
 def row_tokens(cu_ptr, row, T, VARLEN: tl.constexpr):
     """(first token, token count, row offset) of a row: padded (batch, T) inputs index the row by
     row_off and tokens from 0; varlen inputs (cu_seqlens) index tokens from the row's first."""

@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from specssm.step.store import codes_to_half, decode_state_tile, store_state_tile
-from specssm.step.device import dot16, row_tokens, silu, softplus, wrap
+from specssm.step.device import dot16, row_tokens, silu, softplus, tile_masks, wrap
 
 DYNAMIC, WRITE, NO_WRITE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
@@ -107,14 +107,7 @@ def fused_kernel(
         if (slot != pad_slot_id) & (slot >= 0) & (slot < num_slots):
             offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
             offs_n = tl.arange(0, BLOCK_N)
-            if EVEN_TILE:
-                # tiles cover P and N exactly: constant-true masks, which the compiler drops from every
-                # access to the state tile (a predicate per element otherwise)
-                p_ok = tl.full((BLOCK_P,), 1, tl.int1)
-                n_ok = tl.full((BLOCK_N,), 1, tl.int1)
-            else:
-                p_ok = offs_p < P
-                n_ok = offs_n < N
+            p_ok, n_ok = tile_masks(offs_p, offs_n, P, N, EVEN_TILE)
             # 64-bit scalar bases, 32-bit offsets inside the tile: fewer registers per element
             st_pool = slot * s_st_s + h * s_st_h
             st_base = state_ptr + st_pool

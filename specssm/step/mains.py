@@ -20,7 +20,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from specssm.step.store import codes_to_f32, codes_to_half, decode_state_tile, encode_state_tile, store_state_tile
 from specssm.step.coef import KH, NK
-from specssm.step.device import dot16, row_tokens, silu, split_hi_lo, wrap
+from specssm.step.device import dot16, row_tokens, silu, split_hi_lo, tile_masks, wrap
 
 
 @triton.jit
@@ -109,13 +109,7 @@ def main_kernel(
         rs = tl.load(ring_start_ptr + slot)
         tok0, n_tok, row_off = row_tokens(cu_ptr, row, T, VARLEN)
         offs_p = pt * BLOCK_P + tl.arange(0, BLOCK_P)
-        if EVEN_TILE:
-            # tiles cover P and N exactly: constant-true masks, which the compiler drops
-            p_ok = tl.full((BLOCK_P,), 1, tl.int1)
-            n_ok = tl.full((BLOCK_N,), 1, tl.int1)
-        else:
-            p_ok = offs_p < P
-            n_ok = offs_n < N
+        p_ok, n_ok = tile_masks(offs_p, offs_n, P, N, EVEN_TILE)
         st_pool = slot * s_st_s + h * s_st_h
         st_row = offs_p * s_st_p
         st_off = st_row[:, None] + offs_n[None, :]
