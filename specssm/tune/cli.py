@@ -25,13 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+from specssm.bench.cases import SHAPES
 from specssm.tune import space
 from specssm.tune.log import RunLog
 from specssm.tune.search import Case, LogMismatch, Oracle, Pruner, Search, Settings, estimate_candidates, run_cases
 
 EXIT_INCOMPLETE = 3
 STATES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8", "fp8": "float8_e4m3fn"}
-SHAPES = {"super_tp8": (16, 64, 128, 1), "tp1": (128, 64, 128, 8)}
 SEARCH_FIELDS = ("rounds", "confirm_rounds", "min_gain", "chunk", "exhaustive_limit", "max_sweeps", "restarts",
                  "max_spill", "compile_check", "check")
 
