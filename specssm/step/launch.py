@@ -128,7 +128,8 @@ def _launch_split(a, cfg, plan):
         s_dtc_h=s["s_dtc_h"], s_cf_b=coef.stride(0), s_cf_h=coef.stride(1), s_v_b=vec.stride(0), s_v_h=vec.stride(1),
         HAS_D=f["HAS_D"], HAS_BIAS=f["HAS_BIAS"], SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], WAIT=f["PDL"],
         LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, TO=to,
-        num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}))
+        num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}),
+        **({"maxnreg": cfg["coef"]["maxnreg"]} if cfg["coef"].get("maxnreg") and a["cuda"] else {}))
     for write in (True, False):
         mcfg = cfg["write" if write else "no_write"]
         block_p = _block_p(mcfg, P, N)
