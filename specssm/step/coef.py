@@ -74,8 +74,6 @@ def coef_kernel(
         rs = tl.load(ring_start_ptr + slot)
         tok0, n_tok, row_off = row_tokens(cu_ptr, row, T, VARLEN)
         write = K + n_tok > W
-        # the first new token's key position (a corrupt negative pnat must not move stores out of the row)
-        new0 = tl.where(write, KH, tl.maximum(K, 0))
         heads = h0 + tl.arange(0, HB)
         g = h0 // HPG
         kk = tl.arange(0, KH)                    # history keys; new tokens as keys
@@ -137,17 +135,24 @@ def coef_kernel(
         if HAS_D:
             diag = kk[None, :] == q[:, None]
             coef_n += tl.where(diag[None, :, :], tl.load(D_ptr + heads).to(tl.float32)[:, None, None], 0.0)
-        # every key position the mains read is written once: history at k < new0 (zeros past K), new
-        # tokens at new0 + s (zeros past n_tok). No mask on keys there keeps their coefficient loads in
-        # the software pipeline.
-        cf = coef_ptr + row * s_cf_b + heads[:, None, None] * s_cf_h + q[None, :, None] * NK
-        mask_h = (kk < new0)[None, None, :]
-        hi, lo = split_hi_lo(coef_h, coef_ptr.dtype.element_ty)
-        tl.store(cf + kk[None, None, :], hi, mask=mask_h)
-        tl.store(cf + TM * NK + kk[None, None, :], lo, mask=mask_h)
-        hi, lo = split_hi_lo(coef_n, coef_ptr.dtype.element_ty)
-        tl.store(cf + (new0 + kk)[None, None, :], hi)
-        tl.store(cf + TM * NK + (new0 + kk)[None, None, :], lo)
+        # every key position the mains read is written, in whole aligned 16-key blocks (vector stores):
+        # write rows put the history keys at [0, KH) (zeros past K) and the new tokens at [KH, 2 KH);
+        # no-write rows one window at [0, KH): history keys k < K, new token s at K + s (a gather moves
+        # the new block there). No mask on keys in the mains keeps their loads in the software pipeline.
+        cf = coef_ptr + row * s_cf_b + heads[:, None, None] * s_cf_h + q[None, :, None] * NK + kk[None, None, :]
+        if write:
+            hi, lo = split_hi_lo(coef_h, coef_ptr.dtype.element_ty)
+            tl.store(cf, hi)
+            tl.store(cf + TM * NK, lo)
+            hi, lo = split_hi_lo(coef_n, coef_ptr.dtype.element_ty)
+            tl.store(cf + KH, hi)
+            tl.store(cf + TM * NK + KH, lo)
+        else:
+            shift = tl.broadcast_to(tl.maximum(kk - K, 0)[None, None, :], (HB, TO, KH))
+            coef_w = tl.where((kk < K)[None, None, :], coef_h, tl.gather(coef_n, shift, 2))
+            hi, lo = split_hi_lo(coef_w, coef_ptr.dtype.element_ty)
+            tl.store(cf, hi)
+            tl.store(cf + TM * NK, lo)
 
         v = vec_ptr + row * s_v_b + heads * s_v_h
         tl.store(v[:, None] + q[None, :], exp2(cq))
