@@ -56,7 +56,7 @@ def coef_kernel(
 ):
     """Program (row, head block): history keys k < K and new tokens s < n_tok as two blocks of KH keys
     each, queries t < TO (T <= TO). The blocks are stored at their key positions: history at k, new
-    tokens at new0 + s. Programs run over the StepPlan's entries: the write and no-write groups; the
+    tokens at KH + s (write rows) or K + s (no-write rows). Programs run over the StepPlan's entries: the write and no-write groups; the
     padding group between them (padding rows, rows with a faulted slot / pnat / ring_start) does no
     work."""
     entry = tl.program_id(0)
