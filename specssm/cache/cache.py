@@ -221,9 +221,9 @@ class SSMCache:
                      faults=self.faults)
 
     def raise_if_faulted(self) -> None:
-        """Raise ValueError naming the first row (of a step or commit run with validate=False since the
-        last call) whose slot id, pnat, ring_start or accepted broke the contract, with its value, and
-        clear the record. One host sync; call it between steps, outside CUDA-graph capture."""
+        """Raise ValueError naming the first row (of a step, commit or materialize run with validate=False
+        since the last call) whose slot id, pnat, ring_start, accepted or k broke the contract, with its
+        value, and clear the record. One host sync; call it between steps, outside CUDA-graph capture."""
         flt.raise_if_faulted(self.faults)
 
     # ---- inspection ---------------------------------------------------------------------------
