@@ -1,5 +1,6 @@
 """The model path's slot operations: ModelCache.fork / export_states / import_states (SSM states plus conv
-contexts) and TinyMamba2LM.materialize."""
+contexts), TinyMamba2LM.materialize, and prefix caching (`specssm demo --prefix-cache`): a request
+restored from another's materialized prefix state decodes the tokens of a cold run."""
 from __future__ import annotations
 
 import copy
@@ -7,13 +8,15 @@ import copy
 import pytest
 import torch
 
-from specssm.model import SIZES, TinyMamba2LM
+from specssm.model import SIZES, NgramDrafter, TinyMamba2LM
 from specssm.model.cache import ModelCache
 from specssm.model.mixer import interpreting
+from specssm.model.prefix import feed, logit_tolerance, run_prefix_cache
 from tests.ops.slot_cases import bits
 
 TINY = SIZES["tiny"]
 PROMPT = torch.tensor(list(b"The quick brown fox jumps over the lazy dog. "), dtype=torch.int64)
+SUFFIXES = [torch.tensor(list(b"Once upon "), dtype=torch.int64), torch.tensor(list(b"0123"), dtype=torch.int64)]
 
 
 def _model(ssu="reference"):
@@ -24,15 +27,6 @@ def _model(ssu="reference"):
 
 def _all_bits(cache: ModelCache) -> list:
     return [bits(t).clone() for t in cache.tensors()]
-
-
-def feed(model, cache, slot, tokens, T):
-    """Prompt tokens through verify steps of up to T tokens, each accepted whole."""
-    slots = torch.tensor([slot], dtype=torch.int32)
-    for i in range(0, tokens.numel(), T):
-        chunk = tokens[i:i + T]
-        model.step(chunk[None], cache, slots)
-        cache.commit(slots, torch.tensor([chunk.numel()], dtype=torch.int32), chunk.numel())
 
 
 def _prefilled(model, T=4):
@@ -107,3 +101,41 @@ def test_import_checks_everything_before_writing(bad):
     with pytest.raises((ValueError, TypeError), match=match):
         cache.import_states(into, entry)
     assert all(torch.equal(x, y) for x, y in zip(before, _all_bits(cache)))
+
+
+def test_prefix_cache_run_matches_cold_runs_and_notices_a_broken_restore(monkeypatch):
+    """The reference path (fast): restored requests decode their cold runs' tokens with the float64
+    reference's logits; a restore that loses the prefix's ring tokens (no fold) or the conv context
+    shows in the logits (the tiny model's greedy tokens hardly depend on the state)."""
+    model = _model()
+    tol = logit_tolerance(torch.float32, torch.float32)
+    run = run_prefix_cache(model, PROMPT, SUFFIXES, 12, 4, NgramDrafter, window=8)
+    assert run.pnat_before > 0 and run.state_rel_err < 1e-5
+    assert run.diffs == [None, None] and run.tokens == run.cold
+    assert max(run.logit_rel_err) <= tol
+    real = ModelCache.import_states
+
+    def forgetful(self, slots, tensors):
+        real(self, slots, tensors)
+        for cs in self.conv_states:
+            cs[slots.long()] = 0
+    with monkeypatch.context() as m:
+        m.setattr(ModelCache, "import_states", forgetful)
+        broken = run_prefix_cache(model, PROMPT, SUFFIXES, 12, 4, NgramDrafter, window=8)
+    assert broken.logit_rel_err[0] <= tol < broken.logit_rel_err[1]
+    with monkeypatch.context() as m:
+        m.setattr(TinyMamba2LM, "materialize", lambda self, cache, src, dst: cache.ssm.pnat.__setitem__(src.long(), 0))
+        broken = run_prefix_cache(model, PROMPT, SUFFIXES, 12, 4, NgramDrafter, window=8)
+    assert broken.state_rel_err > 0.1 and min(broken.logit_rel_err) > tol
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+def test_demo_prefix_cache(capsys):
+    from specssm.model.demo import main
+    rc = main(["--prefix-cache", "--size", "tiny", "--tokens", "8", "-T", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for word in ("materialize = Triton kernel", "folded in place", "request A from the prefix cache == its cold run",
+                 "request B's logits after its prompt against the float64 reference",
+                 "request B from the prefix cache == its cold run", "demo: OK"):
+        assert word in out, out
