@@ -17,7 +17,7 @@ def random_cache(*, layers=2, slots=8, H=2, P=16, N=32, G=1, T=4, W=16, state_dt
     gen = torch.Generator().manual_seed(seed)
     cache = SSMCache(layers, slots, H, P, N, G, T, W, state_dtype=state_dtype, act_dtype=act)
     for lc in cache.layers:
-        q, scale = encode_state(torch.randn(slots, H, P, N, generator=gen, dtype=torch.float64), state_dtype)
+        q, scale = encode_state(torch.randn(slots, H, P, N, generator=gen), state_dtype)
         lc.state.copy_(q)
         if scale is not None:
             lc.state_scale.copy_(scale)

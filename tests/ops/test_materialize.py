@@ -102,7 +102,7 @@ def _every_pnat_case(state_dtype, act, W=16, T=4, **shape):
 
 
 @pytest.mark.parametrize("state_dtype", DTYPES)
-@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("device", ["cpu", GPU])
 def test_every_pnat_every_dtype(state_dtype, act, device):
     cache, A, src, dst = _every_pnat_case(state_dtype, act)
@@ -292,9 +292,9 @@ def test_rejects_other_strategies_and_float64_caches():
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("state_dtype", DTYPES)
-def test_gpu_super_tp8_1024_pairs(state_dtype):
-    """Real shapes (Super TP8), 1024 pairs with random pnat and ring positions, against the reference."""
-    n = 1024
+def test_gpu_super_tp8_256_pairs(state_dtype):
+    """Real shapes (Super TP8), 256 pairs with random pnat and ring positions, against the reference."""
+    n = 256
     cache, A = random_cache(layers=1, slots=2 * n, H=16, P=64, N=128, G=1, T=6, state_dtype=state_dtype, seed=18)
     before = copy.deepcopy(cache)
     poison_slots(cache, range(n, 2 * n))
