@@ -43,13 +43,15 @@ def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None, maxnre
     md = k.metadata
     usage = "?"
     try:  # cuobjdump reads registers / spill stores off the cubin
-        import subprocess, tempfile
+        import subprocess
+        import tempfile
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"]); f.flush()
+            f.write(k.asm["cubin"])
+            f.flush()
             tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
             tool = tool if os.path.exists(tool) else "cuobjdump"     # Triton ships one
             r = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
-            usage = " ".join(l.strip() for l in r.stdout.splitlines() if "REG" in l)
+            usage = " ".join(line.strip() for line in r.stdout.splitlines() if "REG" in line)
     except Exception as e:  # noqa: BLE001
         usage = f"(no cuobjdump: {e})"
     print(f"{label:32s} shared {md.shared:6d}  {usage}")
@@ -73,8 +75,8 @@ def compile_conv():
     ptr = {"xbc_ptr": "*bf16", "state_ptr": "*bf16", "offset_ptr": "*i32", "weight_ptr": "*bf16",
            "bias_ptr": "*bf16", "out_ptr": "*bf16", "slot_idx_ptr": "*i32"}
     # contiguous (batch, 6, 1280) inputs/outputs, (slots, 3 + 6, 1280) state, (1280, 4) weight
-    ints = dict(conv_dim=1280, pad_slot_id=-1, num_slots=1024, max_offset=6, stride_x_row=7680, stride_x_tok=1280, stride_x_ch=1,
-                stride_s_slot=11520, stride_s_row=1280, stride_s_ch=1, stride_w_ch=4, stride_w_tap=1,
+    ints = dict(conv_dim=1280, pad_slot_id=-1, num_slots=1024, max_offset=6, stride_x_row=7680, stride_x_tok=1280,
+                stride_x_ch=1, stride_s_slot=11520, stride_s_row=1280, stride_s_ch=1, stride_w_ch=4, stride_w_tap=1,
                 stride_o_row=7680, stride_o_tok=1280, stride_o_ch=1)
     for pdl in (False, True):
         cx = dict(T=6, D_CONV=4, T_PAD=8, CTX_PAD=4, HAS_BIAS=True, HAS_SLOT_IDX=True, SILU=True, BLOCK_C=128,
@@ -143,9 +145,26 @@ def compile_coef(num_warps=2, label=None, maxnreg=None, **cx):
                        label=label or f"coef HB={cx['HB']} warps={num_warps}")
 
 
+def compile_materialize(state="fp32", sr=False, num_warps=4, label=None):
+    """The materialize kernel at Super TP8 (bf16 rings, one 64 x 128 tile per head)."""
+    from specssm.step.materialize import materialize_kernel
+    kind, sdt = STATES[state]
+    ptr = ssu_pointers(materialize_kernel, sdt)
+    ptr.update({"dtc_ptr": "*fp32", "A_ptr": "*fp32", "src_ptr": "*i32", "dst_ptr": "*i32", "k_ptr": "*i32",
+                "rs_ptr": "*i32"})
+    cx = dict(H=16, P=64, N=128, HPG=16, NPT=1, KIND=kind, SR=sr, SR_ROWS=True, PHILOX_ROUNDS=10, UPCAST=False,
+              BLOCK_P=64, BLOCK_N=128, KH=16)
+    return compile_one(materialize_kernel, ptr, cx, num_warps=num_warps, ints=dict(ints_of(materialize_kernel), s_A=1),
+                       label=label or f"materialize {state}{' sr' if sr else ''}")
+
+
 def main():
     compile_plan()
     compile_conv()
+    for state in STATES:
+        compile_materialize(state)
+    for state in ("bf16", "int8", "fp8"):
+        compile_materialize(state, sr=True)
     from specssm.step.fused import fused_kernel
     ptr, base, ints = ssu_pointers(fused_kernel), SSU_BASE, ints_of(fused_kernel)
     for branch, use_order, rect in ((0, False, True), (2, True, False)):

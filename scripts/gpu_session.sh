@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh sweep      # split-family variants beside the seed and the fused launch, 5 dtypes (~5 min)
 #   bash scripts/gpu_session.sh ncu        # Nsight Compute on one step of ours and of the seed (NCU_STATE, NCU_BATCH)
 #   bash scripts/gpu_session.sh tune       # an ~8 min slice of `specssm tune` (resumes out/tune: carry it along)
+#   bash scripts/gpu_session.sh materialize  # materialize's GPU tests, then its timing at 1,024 slots (not run yet)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -69,4 +70,12 @@ case "${1:-tests}" in
     grep -v "^\[" "$OUT/tune.log" | tail -20
     cat out/tune/summary.md 2>/dev/null
     exit $rc ;;
+  materialize)
+    # the fold of slot rings into fresh checkpoints (specssm/step/materialize.py): its -m gpu tests, then 1,024
+    # source -> destination pairs at Super TP8, every state dtype, RN and SR (specssm/bench/materialize.py)
+    python3 -m pytest -q -m gpu tests/ops/test_materialize.py tests/cache/test_cache_transfer.py \
+      tests/bench/test_materialize_bench.py -p no:cacheprovider > "$OUT/materialize_tests.log" 2>&1
+    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/materialize_tests.log" | tail -10
+    python3 -m specssm bench --materialize --dtypes fp32,bf16,fp16,int8,fp8 --rounding rn,sr --out "$OUT/materialize" \
+      2> "$OUT/materialize_bench.log" ;;
 esac
