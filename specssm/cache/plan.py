@@ -43,15 +43,16 @@ class StepPlan:
     def n_writes(self) -> torch.Tensor:
         return self.counts[0:1]
 
-    def scratch(self, nheads: int, act_dtype: torch.dtype):
+    def scratch(self, nheads: int, act_dtype: torch.dtype, in_capture_ok: bool = False):
         """The split step's per-(row, head) scratch for up to max_batch rows: the coefficient kernel's
         coefficient tiles (max_batch, nheads, 2, TM, NK) in the activation dtype and fp32 vectors
         (max_batch, nheads, VEC). Allocated at the first split step (and again if nheads or the dtype
-        change), never inside a CUDA-graph capture: run one step before capturing."""
+        change), never inside a CUDA-graph capture (run one step before capturing), except for a plan
+        that lives only inside one call (`in_capture_ok`: the step's own plan when it is given none)."""
         from specssm.step.coef import NK, TM, VEC
         key = (nheads, act_dtype)
         if self._scratch is None or self._scratch[0] != key:
-            if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if self.device.type == "cuda" and not in_capture_ok and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("plan: its split-step scratch is allocated at the first split step; run "
                                    "one step (or plan.scratch(nheads, act_dtype)) before capturing a CUDA graph")
             # NaN-filled once, so a read of a position no kernel wrote shows in the outputs

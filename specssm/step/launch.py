@@ -109,11 +109,12 @@ def _launch_fused(branch, a, cfg, order, slots, counts, use_order):
         **({"maxnreg": fcfg["maxnreg"]} if fcfg.get("maxnreg") and a["cuda"] else {}))
 
 
-def _launch_split(a, cfg, plan):
-    """Coefficient kernel, then the write and no-write mains, over `plan`'s rows."""
+def _launch_split(a, cfg, plan, own_plan=False):
+    """Coefficient kernel, then the write and no-write mains, over `plan`'s rows (own_plan: a plan made
+    for this call alone, whose scratch may be allocated inside a CUDA-graph capture)."""
     f, s, state, dev = a["flags"], a["strides"], a["state"], a["state"].device
     H, P, N = a["H"], a["P"], a["N"]
-    coef, vec = plan.scratch(H, a["x"].dtype)
+    coef, vec = plan.scratch(H, a["x"].dtype, in_capture_ok=own_plan)
     chain = pdl_supported(dev)      # mains launched as dependents of the coefficient kernel
     hb = min(cfg["coef"]["HB"], a["HPG"] & -a["HPG"])          # a power of two dividing H / G
     to = MAX_TOKENS // 2 if a["T"] <= MAX_TOKENS // 2 else MAX_TOKENS    # query rows: T <= to
@@ -238,7 +239,8 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     if launch == "dynamic":
         _launch_fused(DYNAMIC, a, cfg, dummy, dummy, dummy, False)
         return out
-    if plan is None:
+    own_plan = plan is None
+    if own_plan:
         plan = StepPlan(sh.batch, dev)
         sbi_plan = state_batch_indices if state_batch_indices is not None else torch.arange(
             sh.batch, dtype=torch.int32, device=dev)
@@ -248,7 +250,7 @@ def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens
     elif plan.batch != sh.batch:
         raise ValueError(f"plan: expected a plan built for this step's {sh.batch} rows, got one for {plan.batch}")
     if no_write_form == "rectangle":
-        _launch_split(a, cfg, plan)
+        _launch_split(a, cfg, plan, own_plan)
     else:   # the replay form: the fused kernel's own split launches over the plan
         _launch_fused(WRITE, a, cfg, plan.order, plan.slots, plan.counts, True)
         _launch_fused(NO_WRITE, a, cfg, plan.order, plan.slots, plan.counts, True)

@@ -171,6 +171,29 @@ def test_gpu_baselines(batch):
 
 @cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["checkpointing", "always_write"])
+def test_gpu_graph_capture_without_a_plan(strategy):
+    """A step given no plan (always-write never takes one) builds its own inside a CUDA-graph capture,
+    split scratch included; one replay equals the float64 reference."""
+    from tests.ops.helpers import to_device
+    op, ref = {"checkpointing": (checkpointing_ssu, checkpointing_ssu_ref),
+               "always_write": (always_write_ssu, always_write_ssu_ref)}[strategy]
+    cache, ins = make_step(batch=128, slots=130, T=6, strategy=strategy, seed=4, **SHAPES["super_tp8"])
+    kw = {"launch": "split"} if strategy == "checkpointing" else {}
+    warm_cache, warm_ins = to_device(cache, ins, "cuda")
+    op(**warm_ins, **warm_cache.op_kwargs(0), validate=False, **kw)       # compiles outside the capture
+
+    def graphed(**call):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            op(**call, validate=False, **kw)
+        graph.replay()
+        torch.cuda.synchronize()
+    run_and_compare(graphed, ref, cache, ins, device="cuda", precision="fast")
+
+
+@cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 def test_gpu_deterministic_5_launches(launch):
     from tests.ops.helpers import to_device
