@@ -171,8 +171,8 @@ all_states_ssu = _register("all_states_ssu", ("states", "out"), _all_states_ssu)
 def _plan_build(
         pnat: Tensor, state_batch_indices: Tensor, window: int, num_tokens: int,
         num_tokens_per_row: Optional[Tensor], pad_slot_id: int, validate: Optional[bool],
-        write_flag: Tensor, order: Tensor, slots: Tensor, counts: Tensor, ring_start: Optional[Tensor] = None,
-        ring_len: int = 0, max_pnat: int = 0, faults: Optional[Tensor] = None) -> None:
+        write_flag: Tensor, order: Tensor, slots: Tensor, counts: Tensor, ring_start: Optional[Tensor],
+        ring_len: int, max_pnat: int, faults: Optional[Tensor]) -> None:
     """`StepPlan.build` into the plan's buffers; `num_tokens_per_row` (varlen) overrides `num_tokens`;
     with ring_start and the fault record, bad rows are set aside and recorded."""
     from specssm.cache.plan import fill_plan
@@ -188,7 +188,7 @@ def _cache_commit(
         slots: Tensor, accepted: Tensor, num_tokens: Optional[Tensor], max_tokens: int, window: int,
         ring_len: int, num_slots: int, pad_slot_id: int, validate: bool, seeds: Tensor,
         ring_start: Optional[Tensor], pnat: Optional[Tensor], state_index: Optional[Tensor],
-        faults: Optional[Tensor] = None) -> None:
+        faults: Optional[Tensor]) -> None:
     """`SSMCache.commit` on the per-slot arrays (num_slots + 1 entries: the last one takes padding rows);
     ring strategies pass ring_start and pnat, all-states passes state_index; bad rows are recorded in
     `faults` (validate=False)."""

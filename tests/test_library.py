@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import specssm.library  # noqa: F401  (registers the ops)
 from specssm.cache import SSMCache, StepPlan
+from specssm.cache.faults import new_record as new_fault_record
 from specssm.conv import conv1d_update, new_conv_state
 from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
 from specssm.reference import checkpointing_ssu_ref
@@ -64,14 +65,19 @@ def case_varlen(device):
     return dict(on(device, args), launch="dynamic", precision="exact")
 
 
-def case_plan_build(device, per_row):
+def case_plan_build(device, per_row, checked=False):
     pnat = torch.tensor([15, 2, 9, 0], dtype=torch.int32, device=device)
     sbi = torch.tensor([1, -1, 0, 2], dtype=torch.int32, device=device)
     plan = StepPlan(6, device)
     lens = torch.tensor([4, 4, 2, 1], dtype=torch.int32, device=device) if per_row else None
+    # every argument given, the optional ones as None too: torch 2.11 drops trailing arguments equal to
+    # their defaults and then misses a mutated one (an IndexError in its ADInplaceOrView kernel)
+    ring = dict(ring_start=torch.tensor([0, 3, 21, 5], dtype=torch.int32, device=device), ring_len=22,
+                max_pnat=16, faults=new_fault_record(device)) if checked else dict(
+                ring_start=None, ring_len=0, max_pnat=0, faults=None)
     return dict(pnat=pnat, state_batch_indices=sbi, window=16, num_tokens=0 if per_row else 4,
                 num_tokens_per_row=lens, pad_slot_id=-1, validate=True, write_flag=plan.write_flag,
-                order=plan.order, slots=plan.slots, counts=plan.counts)
+                order=plan.order, slots=plan.slots, counts=plan.counts, **ring)
 
 
 def case_commit(device, strategy):
@@ -82,7 +88,7 @@ def case_commit(device, strategy):
                 accepted=torch.tensor([3, 1, 4], dtype=torch.int32, device=device), num_tokens=None,
                 max_tokens=4, window=cache.W, ring_len=cache.L, num_slots=4, pad_slot_id=-1, validate=True,
                 seeds=cache._seeds, ring_start=cache._ring_start if ring else None,
-                pnat=cache._pnat if ring else None, state_index=None if ring else cache._state_index)
+                pnat=cache._pnat if ring else None, state_index=None if ring else cache._state_index, faults=None)
 
 
 def case_conv(device, bias):
@@ -113,6 +119,7 @@ CASES = {
     "all_states": lambda d: ("all_states_ssu", on(d, step_args("all_states")[1])),
     "plan_build": lambda d: ("plan_build", case_plan_build(d, per_row=False)),
     "plan_build per row": lambda d: ("plan_build", case_plan_build(d, per_row=True)),
+    "plan_build checked": lambda d: ("plan_build", case_plan_build(d, per_row=False, checked=True)),
     "commit ring": lambda d: ("cache_commit", case_commit(d, "checkpointing")),
     "commit all_states": lambda d: ("cache_commit", case_commit(d, "all_states")),
     "conv1d": lambda d: ("conv1d_update", case_conv(d, bias=True)),
