@@ -5,11 +5,11 @@ call reproduces what a kernel calling the device functions with the same offsets
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from specssm._runtime import kernels_interpreted
 
 from .philox import random_words as _random_words_dev, random_words_rows as _random_words_rows_dev
 from .rounding import (
@@ -89,14 +89,10 @@ def _dequantize_kernel(codes_ptr, scale_ptr, out_ptr, R, N: tl.constexpr, BLOCK_
 
 # ------------------------------------------------------------------------------------ launchers
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _row_blocks(R: int, N: int):
     block_n = triton.next_power_of_2(max(N, 4))
     # the interpreter pays per op, not per element: few large programs there
-    target = (1 << 16) if _interpreting() else 4096
+    target = (1 << 16) if kernels_interpreted() else 4096
     block_m = max(1, min(triton.next_power_of_2(max(R, 1)), target // block_n))
     return block_m, block_n, triton.cdiv(R, block_m)
 
@@ -142,7 +138,7 @@ def random_words(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.
     flat = offsets.contiguous().reshape(-1)
     out = torch.empty(flat.shape, dtype=torch.int32, device=offsets.device)
     if flat.numel():
-        block = 1 << 16 if _interpreting() else 1024
+        block = 1 << 16 if kernels_interpreted(_random_words_kernel) else 1024
         _random_words_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, seed, flat.numel(),
                                                                   N_ROUNDS=n_rounds, BLOCK=block)
     return out.reshape(offsets.shape)

@@ -6,12 +6,12 @@ import torch
 
 from specssm.cache import StepPlan
 from specssm.cache import plan as plan_module
-from specssm.cache.plan_kernel import interpreting
+from specssm._runtime import kernels_interpreted
 
 PAD = -1
 POISON = -7
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-interpreter = pytest.mark.skipif(not interpreting(), reason="the kernel on CPU needs TRITON_INTERPRET=1")
+interpreter = pytest.mark.skipif(not kernels_interpreted(), reason="the kernel on CPU needs TRITON_INTERPRET=1")
 
 
 def poisoned(max_batch, device="cpu"):

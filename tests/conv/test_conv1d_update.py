@@ -287,7 +287,7 @@ def test_bad_input_raises_and_leaves_caches(kind):
 def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
     import specssm.conv.conv1d as mod
 
-    monkeypatch.setattr(mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(mod, "kernels_interpreted", lambda kernel=None: False)
     xBC, conv_state, conv_offset, weight, bias, idx = make_case(2, 3, 24, 4, 4, 3, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="xBC: got device cpu"):
         conv1d_update(xBC, conv_state, conv_offset, weight, bias, state_batch_indices=idx)

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from specssm.cache import StepPlan
 from specssm.model import SIZES, TinyMamba2LM
-from specssm.model.mixer import interpreting
+from specssm._runtime import interpreting
 from specssm.ops import checkpointing_ssu
 from specssm.step import tuning
 from tests.ops.helpers import make_step, to_device

@@ -5,7 +5,7 @@ import torch
 
 from specssm.model import (SIZES, Mamba2Config, NgramDrafter, RandomDrafter, TinyMamba2LM, compare_tokens,
                            greedy_generate, reference_greedy, speculative_generate)
-from specssm.model.mixer import interpreting
+from specssm._runtime import interpreting
 
 TINY = SIZES["tiny"]
 PROMPTS = [b"The quick brown fox ", b"abcabcab", b"\x00\xff"]

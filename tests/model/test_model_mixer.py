@@ -5,7 +5,8 @@ import torch
 
 from specssm.conv.reference import conv1d_sequential_ref
 from specssm.model import Mamba2Config, Mamba2Mixer, ModelCache, gated_rmsnorm, resolve_conv, resolve_ssu
-from specssm.model.mixer import init_mixer_params, interpreting, shard_mixer_params
+from specssm._runtime import interpreting
+from specssm.model.mixer import init_mixer_params, shard_mixer_params
 
 CFG = Mamba2Config(d_model=32, n_layers=1, nheads=4, head_dim=8, d_state=8, ngroups=2, d_conv=4)
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from specssm.model import Mamba2Config, Mamba2Mixer, ModelCache, resolve_conv, resolve_ssu
-from specssm.model.mixer import init_mixer_params, interpreting
+from specssm._runtime import interpreting
+from specssm.model.mixer import init_mixer_params
 
 CFG = Mamba2Config(d_model=32, n_layers=1, nheads=4, head_dim=8, d_state=8, ngroups=2, d_conv=4)
 
