@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specssm.bench import strategies as sts
 from specssm.bench.peer import PEERS
 
 SHAPES = {
@@ -15,7 +16,7 @@ NO_WRITE_FORMS = ("rectangle", "replay")
 STATE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 ROUNDINGS = ("rn", "sr")
 BATCHES = tuple(2 ** i for i in range(11))          # 1 .. 1024
-STRATEGIES = ("checkpointing", "always_write", "all_states")
+STRATEGIES = sts.NAMES
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ class Variant:
     def label(self) -> str:
         if self.strategy in PEERS:
             return self.strategy
-        if self.strategy == "checkpointing":
-            return f"ckpt/{self.launch}/{'rect' if self.no_write_form == 'rectangle' else 'replay'}"
-        return {"always_write": "always-write", "all_states": "all-states"}[self.strategy]
+        st = sts.STRATEGIES[self.strategy]
+        if st.variants:
+            return f"{st.label}/{self.launch}/{'rect' if self.no_write_form == 'rectangle' else 'replay'}"
+        return st.label
 
 
 @dataclass(frozen=True)
@@ -56,18 +58,19 @@ class Case:
 
     def key(self) -> dict:
         s = self.variant.strategy
+        st = sts.STRATEGIES.get(s)       # None for a peer
         d = {"shape": self.shape.name, "H": self.shape.H, "P": self.shape.P, "N": self.shape.N,
              "G": self.shape.G, "T": self.T, "W": self.W, "strategy": s,
-             "launch": self.variant.launch if s not in ("all_states", *PEERS) else "-",
-             "no_write_form": self.variant.no_write_form if self.variant.strategy == "checkpointing" else "-",
+             "launch": self.variant.launch if st is not None and st.launch else "-",
+             "no_write_form": self.variant.no_write_form if st is not None and st.variants else "-",
              "variant": self.variant.label, "state_dtype": self.state_dtype, "rounding": self.rounding,
              "scenario": self.scenario, "batch": self.batch}
         return d
 
 
 def cache_strategy(strategy: str) -> str:
-    """The strategy whose caches a case runs on: a peer runs on the checkpointing caches."""
-    return "checkpointing" if strategy in PEERS else strategy
+    """The strategy whose caches a case runs on: a peer runs on those of sts.PEER_CACHES."""
+    return sts.PEER_CACHES if strategy in PEERS else strategy
 
 
 def parse_shape(spec: str) -> Shape:
@@ -89,7 +92,7 @@ def variants(strategies, launches, forms) -> list[Variant]:
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"--strategies: expected names from {STRATEGIES}, got {s!r}")
-        if s == "checkpointing":
+        if sts.STRATEGIES[s].variants:
             out += [Variant(s, launch, form) for launch in launches for form in forms]
         else:
             out.append(Variant(s, "auto", "rectangle"))
@@ -129,12 +132,13 @@ def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios,
     for shape in shapes:
         for dt in dtypes:
             for batch in batches:
-                for strategy in STRATEGIES:
+                for strategy, st in sts.STRATEGIES.items():
                     svs = [v for v in vs if v.strategy == strategy]
-                    if not svs and not (strategy == "checkpointing" and pvs):
+                    peers_here = pvs if strategy == sts.PEER_CACHES else []
+                    if not svs and not peers_here:
                         continue
-                    if strategy != "checkpointing":
-                        rnds = ["rn"] if strategy == "all_states" else list(roundings)
+                    if not st.scenarios:
+                        rnds = list(roundings) if st.rounding else ["rn"]
                         cases += [Case(shape, svs[0], dt, r, "any", batch, T, W) for r in rnds]
                         continue
                     for sc in scenarios:
@@ -142,5 +146,5 @@ def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios,
                             if sc == "all_write" and v.no_write_form != "rectangle" and "rectangle" in forms:
                                 continue
                             cases += [Case(shape, v, dt, r, sc, batch, T, W) for r in roundings]
-                        cases += [Case(shape, v, dt, r, sc, batch, T, W) for v in pvs for r in roundings]
+                        cases += [Case(shape, v, dt, r, sc, batch, T, W) for v in peers_here for r in roundings]
     return cases

@@ -22,10 +22,9 @@ from specssm.bench import floor as fl
 from specssm.bench import mix, report, timing
 from specssm.bench import peer as pr
 from specssm.bench.cases import Case, cache_strategy
+from specssm.bench.strategies import STRATEGIES
 from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph
 
-OP_NAMES = {"checkpointing": "checkpointing_ssu", "always_write": "always_write_ssu",
-            "all_states": "all_states_ssu"}
 SKIP_ERRORS = (TypeError, ValueError, NotImplementedError)
 
 
@@ -71,9 +70,10 @@ class Env:
 
         o = bench.opts
         self.bench, self.case, self.strategy = bench, case, cache_strategy(case.variant.strategy)
+        self.st = st = STRATEGIES[self.strategy]
         sh, T, batch = case.shape, case.T, case.batch
         self.H, self.P, self.N, self.G, self.T, self.batch = sh.H, sh.P, sh.N, sh.G, T, batch
-        self.W = 0 if self.strategy == "always_write" else case.W
+        self.W = case.W if st.window else 0
         dev = bench.device
         self.device = dev
         act = torch_dtype(o.act_dtype)
@@ -169,19 +169,19 @@ class Env:
         if scenario == self.scenario:
             return
         o, b = self.bench.opts, self.bench
-        n = self.cache.num_slots
-        if self.strategy == "all_states":
+        n, st = self.cache.num_slots, self.st
+        if not st.ring:                              # the accepted state of the last step, by index
             acc = mix.sample_accepted(n, b.hist, self.T, o.seed + 1)
             self.cache.state_index.copy_(torch.from_numpy(acc - 1).to(self.device))
             self.pnat_host = np.zeros(n, dtype=np.int32)
         else:
-            if self.strategy == "always_write":
-                pn = mix.sample_accepted(n, b.hist, self.T, o.seed + 1)   # pnat = last step's acc
-            else:
+            if st.window:
                 pn = mix.sample_pnat(scenario, n, b.hist, self.T, self.W, o.seed + 1)
+            else:                                    # W = 0: pnat = last step's acc
+                pn = mix.sample_accepted(n, b.hist, self.T, o.seed + 1)
             self.cache.pnat.copy_(torch.from_numpy(pn).to(self.device))
             self.pnat_host = pn
-            if self.strategy == "checkpointing":   # always-write runs without a plan (every row writes)
+            if st.plan:                              # always-write runs without a plan (every row writes)
                 self.plans = [StepPlan(self.batch, self.device).build(self.cache.pnat, s, self.W, self.T)
                               for s in self.slot_sets]
         self.scenario = scenario
@@ -213,7 +213,8 @@ class Env:
         if case.variant.strategy in pr.PEERS:
             return self.peer_step_fn(case)
         from specssm import ops
-        name = OP_NAMES[self.strategy]
+        st = self.st
+        name = st.op
         op = getattr(ops, name, None)
         if op is None:
             raise Skip(f"specssm.ops.{name} does not exist")
@@ -221,9 +222,9 @@ class Env:
         common = dict(x=self.x, dt=self.dt, A=self.A, B=self.B, C=self.C, out=self.out, D=self.D, z=self.z,
                       dt_bias=self.dt_bias, dt_softplus=True)
         kw = {**self.cache.op_kwargs(0), **common}
-        if self.strategy != "all_states":
+        if st.rounding:
             kw.update(rounding=case.rounding, precision=o.precision)
-            if self.strategy == "checkpointing":   # always-write has its own launch and no no-write rows
+            if st.variants:                        # always-write has its own launch and no no-write rows
                 kw.update(launch=case.variant.launch, no_write_form=case.variant.no_write_form)
                 if pdl:
                     kw["pdl"] = True
@@ -263,7 +264,7 @@ class Env:
             if isinstance(e, torch.cuda.OutOfMemoryError) or not (peer or isinstance(e, SKIP_ERRORS)):
                 raise
             what = f"{type(e).__name__}: {e}" if peer else str(e)
-            name = case.variant.strategy if peer else OP_NAMES[self.strategy]
+            name = case.variant.strategy if peer else self.st.op
             raise Skip(f"{name} rejected it: {what.strip().splitlines()[0][:300]}") from None
         return step
 
@@ -340,7 +341,7 @@ class GpuBench:
         if self.opts.conv_all:
             return True
         v = case.variant
-        return case.rounding == "rn" and (v.strategy != "checkpointing"
+        return case.rounding == "rn" and (not STRATEGIES[v.strategy].variants
                                           or (v.launch == "auto" and v.no_write_form == "rectangle"))
 
     def run(self, cases, deadline=None, on_group_done=None) -> tuple[list[dict], int]:
@@ -396,7 +397,8 @@ class GpuBench:
 
     def uses_pdl(self, case: Case) -> bool:
         """--pdl chains conv1d and the step only where the step op can wait for it (checkpointing)."""
-        return self.opts.pdl and case.variant.strategy == "checkpointing"
+        st = STRATEGIES.get(case.variant.strategy)
+        return self.opts.pdl and st is not None and st.variants
 
     def base_row(self, case: Case) -> dict:
         return {"card": self.card, "torch": self.meta["torch"], "triton": self.meta["triton"],
@@ -440,7 +442,7 @@ class GpuBench:
         nbytes = float(np.mean([b.total for b in env.bytes]))
         bw = self.copy["copy_bw_bytes_per_s"]
         res["write_frac"] = float(np.mean([b.writes / max(1, b.rows) for b in env.bytes]))
-        res["mean_pnat"] = float(np.mean(env.pnat_host)) if env.strategy != "all_states" else float("nan")
+        res["mean_pnat"] = float(np.mean(env.pnat_host)) if env.st.ring else float("nan")
         res["bytes_per_step"] = nbytes
         res["floor_us"] = fl.floor_us(nbytes, bw)
         res["pct_floor"] = 100.0 * res["floor_us"] / st.median_us

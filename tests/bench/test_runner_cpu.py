@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specssm import reference
-from specssm.bench import cli, mix
+from specssm.bench import cli, mix, strategies
 from specssm.bench.cases import Case, Shape, Variant
 from specssm.bench.runner import Env, Skip, slot_set_count
 from specssm.cache import StepPlan
@@ -33,6 +33,20 @@ def standin(ref, calls):
             kw.pop(k, None)
         return ref(*args, **kw)
     return op
+
+
+def test_the_strategy_table_matches_the_caches_and_the_ops():
+    """Every strategy the harness times is one SSMCache keeps, with its op in specssm.ops; a peer's
+    caches are those of a strategy with plans (its work items come from our plans)."""
+    from specssm import ops
+    from specssm.cache.cache import STRATEGIES as CACHE_STRATEGIES
+    assert strategies.NAMES == CACHE_STRATEGIES
+    for st in strategies.STRATEGIES.values():
+        assert callable(getattr(ops, st.op)), st.op
+        assert st.ring or not (st.window or st.plan), st.name       # a window and plans need the rings
+    assert strategies.STRATEGIES[strategies.PEER_CACHES].plan
+    with pytest.raises(ValueError, match="^strategy: expected one of"):
+        strategies.get("sometimes")
 
 
 @pytest.fixture
