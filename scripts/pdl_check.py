@@ -1,7 +1,7 @@
 """Does Programmatic Dependent Launch help the conv1d update -> SSM step chain? (GPU, sm_90+)
 
 For each batch: a CUDA graph of [conv1d_update -> checkpointing_ssu] over rotating slot sets (state cold,
-as in quick_bench.py), timed once with pdl=False and once with pdl=True on both ops; after the same
+as in `specssm bench`), timed with CUDA events (`specssm bench --timer events`) once with pdl=False and once with pdl=True on both ops; after the same
 replays the outputs and caches of the two runs must be bit-identical. The step reads x, B, C as views
 of the conv output, as the model does. Super TP8 shapes, T=6, W=16, bf16 activations, fp32 state.
 usage: python scripts/pdl_check.py --out DIR [--batches 1,8,64,256,1024]
@@ -9,6 +9,7 @@ usage: python scripts/pdl_check.py --out DIR [--batches 1,8,64,256,1024]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.quick_bench import HIST, copy_bandwidth, stationary_pnat, time_graph  # noqa: E402
+from specssm.bench.mix import DEFAULT_ACCEPTANCE, sample_pnat  # noqa: E402
+from specssm.bench.timing import capture_graph, copy_bandwidth, time_graph_events  # noqa: E402
 from specssm.cache import SSMCache, StepPlan  # noqa: E402
 from specssm.conv import conv1d_update  # noqa: E402
 from specssm.ops import checkpointing_ssu  # noqa: E402
@@ -42,7 +44,7 @@ class Chain:
         lc.x_cache.normal_()
         lc.B_cache.normal_()
         lc.dt_cache.uniform_(0.01, 0.1)
-        cache.pnat.copy_(stationary_pnat(T, cache.W, HIST, gen, slots).to(dev))
+        cache.pnat.copy_(torch.from_numpy(sample_pnat("mixed", slots, DEFAULT_ACCEPTANCE, T, cache.W, seed)).to(dev))
         cache.ring_start.copy_(torch.randint(0, cache.L, (slots,), dtype=torch.int32, generator=gen).to(dev))
         self.conv_state = torch.randn(slots, D_CONV - 1 + T, CONV_DIM, device=dev).to(BF16)
         # the context sits where the last step's acceptance (1..T) left it
@@ -91,7 +93,9 @@ def measure(chain: Chain, sets: int, reps: int, rounds: int):
         for pdl in (False, True):
             for k, v in chain.written().items():
                 v.copy_(start[k])
-            best[pdl] = min(best[pdl], time_graph(lambda: chain.run(pdl), reps) / sets)
+            graph = capture_graph(functools.partial(chain.run, pdl))
+            best[pdl] = min(best[pdl], time_graph_events(graph, sets, min_samples=reps * sets).median_us)
+            del graph
             torch.cuda.synchronize()
             final[pdl] = {k: v.clone() for k, v in chain.written().items()}
     differ = [k for k in start if not same_bits(final[False][k], final[True][k])]
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-sets", type=int, default=256, help="most slot sets (steps) in one graph")
     a = ap.parse_args(argv)
     card, cap = torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"), 1 << 28)["copy_bw_bytes_per_s"]
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"# {card} (sm_{cap[0]}{cap[1]})  copy {bw / 1e12:.2f} TB/s  super_tp8 T={a.T} W={a.W} bf16/fp32 state"
           + ("" if cap >= (9, 0) else "  -- PDL needs sm_90+: pdl=True is ignored here"))

@@ -30,10 +30,12 @@ class Shape:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running the step: strategy (+ launch mode and no-write form for checkpointing)."""
+    """One way of running the step: strategy (+ launch mode, no-write form and a tuning override for
+    checkpointing). `config`: a tuning override (specssm/step/tuning.py) as sorted JSON, "" for none."""
     strategy: str
     launch: str = "auto"
     no_write_form: str = "rectangle"
+    config: str = ""
 
     @property
     def label(self) -> str:
@@ -41,7 +43,8 @@ class Variant:
             return self.strategy
         st = sts.STRATEGIES[self.strategy]
         if st.variants:
-            return f"{st.label}/{self.launch}/{'rect' if self.no_write_form == 'rectangle' else 'replay'}"
+            form = "rect" if self.no_write_form == "rectangle" else "replay"
+            return f"{st.label}/{self.launch}/{form}" + (f" {self.config}" if self.config else "")
         return st.label
 
 
@@ -63,7 +66,8 @@ class Case:
              "G": self.shape.G, "T": self.T, "W": self.W, "strategy": s,
              "launch": self.variant.launch if st is not None and st.launch else "-",
              "no_write_form": self.variant.no_write_form if st is not None and st.variants else "-",
-             "variant": self.variant.label, "state_dtype": self.state_dtype, "rounding": self.rounding,
+             "variant": self.variant.label, "config": self.variant.config, "state_dtype": self.state_dtype,
+             "rounding": self.rounding,
              "scenario": self.scenario, "batch": self.batch}
         return d
 
@@ -87,25 +91,28 @@ def parse_shape(spec: str) -> Shape:
     return Shape(name or f"H{H}P{P}N{N}G{G}", H, P, N, G)
 
 
-def variants(strategies, launches, forms) -> list[Variant]:
+def variants(strategies, launches, forms, configs=("",)) -> list[Variant]:
     out = []
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"--strategies: expected names from {STRATEGIES}, got {s!r}")
         if sts.STRATEGIES[s].variants:
-            out += [Variant(s, launch, form) for launch in launches for form in forms]
+            out += [Variant(s, launch, form, cfg) for launch in launches for form in forms for cfg in configs]
         else:
             out.append(Variant(s, "auto", "rectangle"))
     return out
 
 
 def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios, batches, T, W,
-           peers=()) -> list[Case]:
+           peers=(), configs=("",)) -> list[Case]:
     """All cases of a run, grouped so consecutive cases can share one cache:
     shape > state dtype > batch > strategy > scenario > variant > rounding.
 
     Peers (`--peer`) run on the checkpointing caches: in each scenario, right after our checkpointing
     variants (every rounding), so one cache and one pnat draw serve both and their figures compare.
+
+    `configs` (`--sweep`): tuning overrides as sorted JSON ("" none); each checkpointing variant runs
+    under each of them.
 
     Baselines run once per (shape, dtype, batch, rounding) with scenario "any"; all-states has no
     rounding choice (it stores in the state dtype directly) and runs with "rn" only. In the all-write
@@ -126,7 +133,7 @@ def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios,
     for name in peers:
         if name not in PEERS:
             raise ValueError(f"--peer: expected names from {PEERS}, got {name!r}")
-    vs = variants(strategies, launches, forms)
+    vs = variants(strategies, launches, forms, configs)
     pvs = [Variant(name) for name in peers]
     cases = []
     for shape in shapes:

@@ -13,8 +13,8 @@ from pathlib import Path
 # Columns of the CSV, in order; rows may carry more keys (kept in the JSON).
 CSV_COLUMNS = [
     "card", "torch", "triton", "date", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z",
-    "strategy", "launch", "no_write_form", "variant", "state_dtype", "rounding", "scenario", "batch",
-    "status", "reason", "median_us", "p10_us", "p90_us", "mean_us", "busy_us", "samples",
+    "strategy", "launch", "no_write_form", "variant", "config", "state_dtype", "rounding", "scenario", "batch",
+    "timer", "status", "reason", "median_us", "p10_us", "p90_us", "mean_us", "busy_us", "samples",
     "kernels_per_step", "plan_us", "pdl", "conv_median_us", "conv_p10_us", "conv_p90_us",
     "speedup_vs_always_write", "speedup_vs_all_states", "speedup_vs_seed", "write_frac", "mean_pnat", "bytes_per_step",
     "floor_us", "pct_floor", "conv_floor_us", "conv_pct_floor", "copy_bw_GBps", "slot_sets", "cold_x_L2",
@@ -22,9 +22,9 @@ CSV_COLUMNS = [
 
 # What makes two rows the same measurement (used by --resume and to find baselines).
 IDENTITY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "strategy", "launch",
-            "no_write_form", "state_dtype", "rounding", "scenario", "batch", "pdl")
+            "no_write_form", "config", "state_dtype", "rounding", "scenario", "batch", "pdl", "timer")
 # Values of identity keys that rows written before the key existed lack.
-_IDENTITY_DEFAULTS = {"pdl": False}
+_IDENTITY_DEFAULTS = {"pdl": False, "config": "", "timer": "cupti"}
 # The peer whose median makes `× seed` (`--peer trtllm=PATH`): TensorRT-LLM's Triton kernel, the seed (DESIGN §5).
 SEED = "trtllm"
 # What a checkpointing row and the seed's row share to be compared (the seed runs in the same scenarios).
@@ -226,7 +226,9 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
         f"{'on' if meta.get('z') else 'off'}, conv1d d_conv = {meta.get('d_conv')}"
         f"{' (with conv: conv1d and checkpointing launched with PDL)' if meta.get('pdl') else ''}; state cold "
         f"(≥ {meta.get('cold_factor')}× L2 of states between visits of a slot), inputs hot\n"
-        f"- command: `{meta.get('command')}`\n")
+        f"- command: `{meta.get('command')}`\n"
+        + ("- timer **events** (the quick loop): µs = CUDA-event time of a whole graph replay / its steps, not "
+           "the CUPTI spans below; p10–p90 spread over replays\n" if meta.get("timer") == "events" else ""))
     seed = has_seed(rows)
     out.append(COLUMN_NOTES + (SEED_NOTE if seed else ""))
     out.append(targets_markdown(rows))
@@ -316,6 +318,15 @@ SEED_NOTE = f"""- **{SEED} µs / × seed**: TensorRT-LLM's Triton checkpointing 
   `*persistent*`, leaving out the torch gather/scatter its wrapper adds to read our ring layout.
   × seed = seed median / the best variant's median.
 """
+
+
+def kernels_table(kernels: list[dict]) -> str:
+    """`specssm bench --kernels`: one line per compiled variant of a step kernel (runner.compiled_kernels)."""
+    if not kernels:
+        return "no step kernel was compiled in this run\n"
+    return markdown_table(["kernel", "regs", "spills", "shared B", "warps", "specialization (end)"],
+                          [[k["kernel"], k["regs"], k["spills"], k["shared"], k["warps"], str(k["key"])[-120:]]
+                           for k in kernels])
 
 
 def write_csv(rows: list[dict], path) -> None:

@@ -11,7 +11,9 @@ Nothing here runs at import time; torch.cuda is touched only by `GpuBench(...)`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import math
 import platform
 import sys
@@ -23,7 +25,7 @@ from specssm.bench import mix, report, timing
 from specssm.bench import peer as pr
 from specssm.bench.cases import Case, cache_strategy
 from specssm.bench.strategies import STRATEGIES
-from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph
+from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph, time_graph_events
 
 SKIP_ERRORS = (TypeError, ValueError, NotImplementedError)
 
@@ -60,6 +62,40 @@ def slot_set_count(touched_per_step: int, bytes_per_set: int, l2_bytes: int, col
             raise Skip(f"needs {bytes_per_set / 2**30:.1f} GiB for one slot set, "
                        f"{budget_bytes / 2**30:.1f} GiB allowed")
     return sets
+
+
+def fill_state(state, state_scale=None) -> None:
+    """Random contents for a state pool on its device, in chunks (fp8 tensors have no normal_): floats
+    N(0, 0.1²); int8 codes of N(0, 40²), fp8 of N(0, 50²), clamped to the format; scales in [1e-3, 1e-2]."""
+    import torch
+    flat = state.view(state.shape[0], -1)
+    chunk = max(1, (1 << 26) // flat.shape[1])
+    for a in range(0, flat.shape[0], chunk):
+        v = torch.randn(flat[a:a + chunk].shape, device=state.device)
+        if state.dtype == torch.int8:
+            v = v.mul_(40).round_().clamp_(-127, 127)
+        elif state.dtype == torch.float8_e4m3fn:
+            v = v.mul_(50).clamp_(-448, 448)
+        else:
+            v = v.mul_(0.1)
+        flat[a:a + chunk].copy_(v)
+    if state_scale is not None:
+        state_scale.uniform_(1e-3, 1e-2)
+
+
+def compiled_kernels() -> list[dict]:
+    """Registers, spills, shared memory and warps of every variant of the step kernels compiled in this
+    process (`specssm bench --kernels`)."""
+    from specssm.step.coef import coef_kernel
+    from specssm.step.fused import fused_kernel
+    from specssm.step.mains import main_kernel
+    out = []
+    for kernel in (fused_kernel, coef_kernel, main_kernel):
+        for caches in getattr(kernel, "device_caches", {}).values():
+            for key, k in caches[0].items():
+                out.append({"kernel": kernel.fn.__name__, "regs": k.n_regs, "spills": k.n_spills,
+                            "shared": k.metadata.shared, "warps": k.metadata.num_warps, "key": str(key)})
+    return out
 
 
 # ---- environment ---------------------------------------------------------------------------------
@@ -145,22 +181,8 @@ class Env:
         _sync(dev)
 
     def _fill_state(self, gen):
-        import torch
-        st = self.cache.layers[0].state
-        flat = st.view(st.shape[0], -1)
-        chunk = max(1, (1 << 26) // flat.shape[1])
-        for a in range(0, flat.shape[0], chunk):
-            v = torch.randn(flat[a:a + chunk].shape, device=self.device)
-            if st.dtype == torch.int8:
-                v = v.mul_(40).round_().clamp_(-127, 127)
-            elif st.dtype == torch.float8_e4m3fn:
-                v = v.mul_(50).clamp_(-448, 448)
-            else:
-                v = v.mul_(0.1)
-            flat[a:a + chunk].copy_(v)
-        sc = self.cache.layers[0].state_scale
-        if sc is not None:
-            sc.uniform_(1e-3, 1e-2)
+        lc = self.cache.layers[0]
+        fill_state(lc.state, lc.state_scale)
 
     def set_scenario(self, scenario: str):
         """Per-slot pnat (or state index) for the scenario, the plans of every slot set, the bytes."""
@@ -231,12 +253,14 @@ class Env:
             if case.rounding == "sr":
                 kw["rand_seed"] = self.cache.seeds
         plans, sets = self.plans, self.slot_sets
+        override = _override(case.variant.config)
 
         def fn(i, validate):
-            if plans:
-                op(**kw, state_batch_indices=sets[i], plan=plans[i], validate=validate)
-            else:
-                op(**kw, state_batch_indices=sets[i], validate=validate)
+            with override():
+                if plans:
+                    op(**kw, state_batch_indices=sets[i], plan=plans[i], validate=validate)
+                else:
+                    op(**kw, state_batch_indices=sets[i], validate=validate)
         return fn
 
     def peer_step_fn(self, case: Case):
@@ -286,6 +310,16 @@ class Env:
         return fn
 
 
+def _override(config: str):
+    """A context-manager factory applying a variant's tuning override (sorted JSON, "" for none) around
+    each call of its op: inside CUDA-graph capture that is when the launch config is chosen."""
+    if not config:
+        return contextlib.nullcontext
+    from specssm.step import tuning
+    over = json.loads(config)
+    return lambda: tuning.overridden(over)
+
+
 # ---- the run ---------------------------------------------------------------------------------------
 class GpuBench:
     def __init__(self, opts, hist: dict, progress=None):
@@ -329,6 +363,7 @@ class GpuBench:
                 "copy_bw_GBps": self.copy["copy_bw_GBps"], "copy_bytes": self.copy["copy_bytes"],
                 "T": o.T, "W": o.W, "act_dtype": o.act_dtype, "z": o.z, "d_conv": o.d_conv, "pdl": o.pdl,
                 "cold_factor": o.cold_factor, "histogram": {str(k): v for k, v in self.hist.items()},
+                "timer": getattr(o, "timer", "cupti"),
                 "peer": self.peer_spec.label() if self.peer_spec else None,
                 "command": "specssm bench " + " ".join(o.argv)}
 
@@ -403,13 +438,26 @@ class GpuBench:
     def base_row(self, case: Case) -> dict:
         return {"card": self.card, "torch": self.meta["torch"], "triton": self.meta["triton"],
                 "date": self.meta["date"], **case.key(), "act_dtype": self.opts.act_dtype, "z": self.opts.z,
-                "pdl": self.uses_pdl(case), "copy_bw_GBps": round(self.copy["copy_bw_GBps"], 1)}
+                "pdl": self.uses_pdl(case), "timer": getattr(self.opts, "timer", "cupti"),
+                "copy_bw_GBps": round(self.copy["copy_bw_GBps"], 1)}
 
     def _graph_stats(self, env: Env, one_step, max_steps=None, keep=None):
         """Capture [begin, one_step(i), end] for the slot sets (all, or the first max_steps), replay,
         return the span stats (of the activities whose names contain one of `keep`, if given) and the
         unfiltered steps."""
         m, S = self.markers, env.sets_n if max_steps is None else min(env.sets_n, max_steps)
+        if getattr(self.opts, "timer", "cupti") == "events":
+            if keep is not None:
+                raise Skip("the events timer cannot single out a peer's kernels (use --timer cupti)")
+
+            def steps():
+                for i in range(S):
+                    one_step(i)
+            graph = capture_graph(steps, lambda: one_step(0))
+            try:
+                return time_graph_events(graph, S, min_samples=self.opts.min_samples), []
+            finally:
+                del graph
 
         def body():
             for i in range(S):

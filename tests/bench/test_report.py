@@ -146,6 +146,18 @@ def test_row_identity_ignores_results():
     # a --pdl row is another measurement; rows from before the field read as pdl = false
     assert report.row_id(row("checkpointing", "v", 1.0, pdl=True)) != report.row_id(a)
     assert report.row_id(row("checkpointing", "v", 1.0, pdl=False)) == report.row_id(a)
+    # so is a row under a tuning override (--sweep) or timed by the events timer; older rows had neither
+    assert report.row_id(row("checkpointing", "v", 1.0, config='{"coef": {"HB": 4}}')) != report.row_id(a)
+    assert report.row_id(row("checkpointing", "v", 1.0, timer="events")) != report.row_id(a)
+    assert report.row_id(row("checkpointing", "v", 1.0, config="", timer="cupti")) == report.row_id(a)
+
+
+def test_kernels_table():
+    k = {"kernel": "main_kernel", "regs": 168, "spills": 0, "shared": 66560, "warps": 4, "key": "x" * 300}
+    table = report.kernels_table([k])
+    assert table.splitlines()[0] == "| kernel | regs | spills | shared B | warps | specialization (end) |"
+    assert table.splitlines()[2] == "| main_kernel | 168 | 0 | 66560 | 4 | " + "x" * 120 + " |"
+    assert report.kernels_table([]) == "no step kernel was compiled in this run\n"
 
 
 @pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"),

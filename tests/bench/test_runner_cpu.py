@@ -163,6 +163,27 @@ def test_conv_with_pdl_gives_the_same_outputs(fake_ops):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_a_sweep_override_holds_during_its_op_call_only(monkeypatch):
+    """--sweep: the variant's tuning override is merged into tuning.OVERRIDE around each call of the op
+    (inside a CUDA-graph capture that is when the launch config is chosen), and gone after it."""
+    from specssm import ops
+    from specssm.step import tuning
+    seen = []
+
+    def op(**kw):
+        seen.append(tuning.merge({}, tuning.OVERRIDE))
+    monkeypatch.setattr(ops, "checkpointing_ssu", op)
+    over = '{"coef": {"HB": 4}}'
+    bench = fake_bench()
+    for config in (over, ""):
+        case = Case(TINY, Variant("checkpointing", "split", "rectangle", config), "fp32", "rn", "mixed", 2, 2, 4)
+        env = Env(bench, case)
+        env.set_scenario("mixed")
+        env.step_fn(case)(0, False)
+        assert tuning.OVERRIDE == {}
+    assert seen == [{"coef": {"HB": 4}}, {}]
+
+
 def test_slot_set_count():
     MiB = 2**20
     # 512 KiB touched per step, L2 50 MiB, 4x: 400 sets
