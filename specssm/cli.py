@@ -8,7 +8,7 @@ COMMANDS = {
     "demo": ("specssm.model.demo", "speculative decoding of a tiny Mamba2 LM, checked against greedy decoding"),
     "sim": ("specssm.sim.cli", "the reference-level speculative-decoding simulator"),
     "bench": ("specssm.bench.cli", "benchmark of the strategies against the bandwidth floor (GPU)"),
-    "drift": ("specssm.quant.drift", "long-horizon drift of rounded / quantized checkpoints"),
+    "drift": ("specssm.bench.drift", "long-horizon drift of rounded / quantized checkpoints"),
     "tune": ("specssm.tune.cli", "search the step's launch knobs on this GPU and write its tuning table"),
 }
 

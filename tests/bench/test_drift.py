@@ -12,8 +12,8 @@ import math
 import pytest
 
 from specssm.cli import main as cli_main
-from specssm.quant import drift
-from specssm.quant.drift import Config
+from specssm.bench import drift
+from specssm.bench.drift import Config
 
 
 def _by_name(res):
