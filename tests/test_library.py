@@ -17,8 +17,7 @@ from specssm.reference import checkpointing_ssu_ref
 from tests.ops.checks import rel_rms
 from tests.ops.helpers import make_step
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def compact(ins):

@@ -2,7 +2,6 @@
 Triton ops (no graphs, no timing): every keyword the runner passes must be one the op signature has."""
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -120,7 +119,7 @@ def test_missing_op_and_rejected_dtype_are_skips(monkeypatch):
         Env(bench, Case(TINY, Variant("all_states"), "int8", "rn", "any", batch=1, T=2, W=4))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conv1d on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_conv_wiring(fake_ops):
     from specssm.conv import conv1d_update
     bench = fake_bench(conv_update=conv1d_update)
@@ -148,7 +147,7 @@ def test_pdl_goes_to_the_checkpointing_op_only(fake_ops, strategy):
     assert [c["pdl"] for c in fake_ops] == [True if pdl else None, None]
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conv1d on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_conv_with_pdl_gives_the_same_outputs(fake_ops):
     from specssm.conv import conv1d_update
     bench = fake_bench(["--pdl"], conv_update=conv1d_update)
@@ -195,7 +194,7 @@ def test_slot_set_count():
         slot_set_count(512 * 1024, 2 * MiB, 50 * MiB, 4.0, 4096, MiB)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton ops on CPU need TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("strategy,launch,dtype", [("checkpointing", "split", "bf16"), ("checkpointing", "dynamic", "fp32"),
                                                    ("always_write", "auto", "fp16"), ("all_states", "auto", "fp32")])
 def test_env_drives_the_triton_ops(strategy, launch, dtype):
@@ -212,7 +211,7 @@ def test_env_drives_the_triton_ops(strategy, launch, dtype):
     assert torch.isfinite(env.out.float()).all()
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton ops on CPU need TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_op_rejection_is_a_skip():
     pytest.importorskip("specssm.step")
     bench = fake_bench()

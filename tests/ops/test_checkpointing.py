@@ -10,7 +10,6 @@ from specssm.reference import all_states_ssu_ref, always_write_ssu_ref, checkpoi
 from tests.ops.checks import run_and_compare, state_bits
 from tests.ops.helpers import make_step
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def _same_values(a, b):
@@ -134,7 +133,6 @@ SHAPES = {"super_tp8": dict(H=16, P=64, N=128, G=1), "tp1": dict(H=128, P=64, N=
           "nano9b_p80": dict(H=16, P=80, N=128, G=1), "h256_n256": dict(H=32, P=64, N=256, G=2)}
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("batch", [1, 7, 64, 1024])
@@ -148,7 +146,6 @@ def test_gpu_checkpointing(shape, batch, launch, form):
                     launch=launch, no_write_form=form)
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("state", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("precision", ["fast", "exact"])
@@ -158,7 +155,6 @@ def test_gpu_state_dtypes(state, precision):
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device="cuda", precision=precision)
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 64, 512])
 def test_gpu_baselines(batch):
@@ -169,7 +165,6 @@ def test_gpu_baselines(batch):
     run_and_compare(all_states_ssu, all_states_ssu_ref, cache, ins, device="cuda", precision=None)
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 def test_gpu_deterministic_5_launches(launch):
@@ -185,7 +180,6 @@ def test_gpu_deterministic_5_launches(launch):
             assert _same_values(state_bits(a), state_bits(b))
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8,
                                          torch.float8_e4m3fn])
@@ -217,7 +211,7 @@ def test_state_row_tiles(cfg, launch, form, monkeypatch):
 
 
 @pytest.mark.parametrize("state_dtype", [torch.int8, torch.bfloat16])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_sr_bits_by_rows_equal_bits_by_element(state_dtype, device, monkeypatch):
     """The SR store's one-Philox-per-four-elements path writes the same bits as one Philox per element."""
     from specssm.step import launch
@@ -238,7 +232,7 @@ def test_sr_bits_by_rows_equal_bits_by_element(state_dtype, device, monkeypatch)
 
 @pytest.mark.parametrize("state_dtype", [torch.int8, torch.float8_e4m3fn, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rounding", ["rn", "sr"])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_quantized_and_sr_states(state_dtype, rounding, device):
     """Rounded checkpoints: outputs from the unrounded state, written rows within one grid step of the
     reference encoding, no-write rows (and scales) bit-identical, same seed -> same bits."""
@@ -311,7 +305,6 @@ def test_token_tiles(state_dtype, launch, form, T, tn_min, monkeypatch):
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("launch", ["dynamic", "split"])

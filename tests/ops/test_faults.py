@@ -132,7 +132,6 @@ def test_plan_kernel_and_torch_reference_agree_on_faults():
     assert flt.decode(got[0][3]) == (0, flt.SLOT, -7)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])

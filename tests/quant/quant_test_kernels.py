@@ -1,24 +1,20 @@
 """Small Triton kernels and helpers used by the tests in tests/quant (device functions driven with
 explicit counters, keys and random words)."""
-import os
 
 import numpy as np
-import pytest
 import torch
 import triton
 import triton.language as tl
 
+from specssm._runtime import kernels_interpreted
 from specssm.quant.philox import philox4x32, random_words, random_words_rows
 from specssm.quant.rounding import (
     quantize, round_half,
     sr_to_bf16, sr_to_fp16, sr_to_fp8, sr_to_int8,
 )
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU (compiled, not interpreted)")
-DEVICE = "cuda" if HAS_CUDA and not INTERPRETING else "cpu"
+INTERPRETING = kernels_interpreted()
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
 
 
 def u32(t: torch.Tensor) -> np.ndarray:
