@@ -14,8 +14,8 @@ from specssm.cache import SSMCache, StepPlan
 from specssm.conv import conv1d_update, new_conv_state
 from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
 from specssm.reference import checkpointing_ssu_ref
-from tests.ops.checks import rel_rms
-from tests.ops.helpers import make_step
+from tests.helpers.compare import rel_rms
+from tests.helpers.steps import make_step
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

@@ -14,7 +14,7 @@ from specssm.cache import StepPlan
 from specssm.model import SIZES, TinyMamba2LM
 from specssm.ops import checkpointing_ssu
 from specssm.step import tuning
-from tests.ops.helpers import make_step, to_device
+from tests.helpers.steps import make_step, to_device
 
 TINY = SIZES["tiny"]
 T, W = 4, 6                    # a row writes when pnat + 4 > 6

@@ -51,8 +51,9 @@ def test_mixer_decode_with_pdl_is_bit_identical():
 def test_gpu_conv_then_step_with_pdl_is_bit_identical(batch):
     """conv1d_update -> checkpointing_ssu (x, B, C views of the conv output), captured in a CUDA graph
     over rotating slot sets, with and without pdl on both: identical outputs and caches after the
-    same replays (the setup of scripts/pdl_check.py). On cards below sm_90 pdl is a no-op."""
-    from scripts.pdl_check import Chain, measure
+    same replays (specssm/bench/pdl.py, which scripts/pdl_check.py times). On cards below sm_90 pdl is
+    a no-op."""
+    from specssm.bench.pdl import Chain, measure
     sets = 3
     _, _, differ = measure(Chain(batch, sets, T=6, W=16), sets, reps=3, rounds=1)
     assert not differ, f"differ with pdl: {differ}"

@@ -7,8 +7,8 @@ import torch
 
 from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
 from specssm.reference import all_states_ssu_ref, always_write_ssu_ref, checkpointing_ssu_ref
-from tests.ops.checks import run_and_compare, state_bits
-from tests.ops.helpers import make_step
+from tests.helpers.compare import run_and_compare, state_bits
+from tests.helpers.steps import make_step
 
 
 
@@ -168,7 +168,7 @@ def test_gpu_baselines(batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 def test_gpu_deterministic_5_launches(launch):
-    from tests.ops.helpers import to_device
+    from tests.helpers.steps import to_device
     cache, ins = make_step(batch=256, slots=260, T=6, seed=9, **SHAPES["super_tp8"])
     results = []
     for _ in range(5):
@@ -215,7 +215,7 @@ def test_state_row_tiles(cfg, launch, form, monkeypatch):
 def test_sr_bits_by_rows_equal_bits_by_element(state_dtype, device, monkeypatch):
     """The SR store's one-Philox-per-four-elements path writes the same bits as one Philox per element."""
     from specssm.step import launch
-    from tests.ops.helpers import to_device
+    from tests.helpers.steps import to_device
     cache, ins = make_step(batch=4, T=4, pnat=[14, 3, 13, 12], act=torch.float32, state_dtype=state_dtype,
                            seed=33, H=2, P=16, N=32)
     cache.seeds.copy_(torch.arange(cache.num_slots) * 104729 - 5)
@@ -238,7 +238,7 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
     reference encoding, no-write rows (and scales) bit-identical, same seed -> same bits."""
     import copy
     from specssm.reference.storage import decode_state
-    from tests.ops.helpers import to_device
+    from tests.helpers.steps import to_device
     shape = dict(H=16, P=64, N=128, G=1) if device == "cuda" else {}
     cache, ins = make_step(batch=4, T=4, pnat=[14, 3, 13, 9], act=torch.float32, state_dtype=state_dtype,
                            seed=31, **shape)

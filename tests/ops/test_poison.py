@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specssm.ops import checkpointing_ssu
-from tests.ops.helpers import make_step
+from tests.helpers.steps import make_step
 
 # the interpreter's numpy warns about the NaN / Inf it is given here on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -210,7 +210,7 @@ def test_launcher_asks_the_table_with_its_step(test_card, monkeypatch):
     bucket 1 of the only H=4, P=16 entry) its write main gets that bucket's stages, not bucket 64's."""
     from specssm.ops import checkpointing_ssu
     from specssm.step import launch as step_launch
-    from tests.ops.helpers import make_step
+    from tests.helpers.steps import make_step
     table = {"schema": 2, "card": "TEST", "provenance": PROV, "entries": [
         _entry(state="float32", T=4, H=4, P=16, N=16, G=2, batches={"1": {"write": {"stages": 3}},
                                                                      "64": {"write": {"stages": 1}}}),
@@ -236,7 +236,7 @@ def test_launch_configs_reach_their_launches(launch, monkeypatch):
     and spilled)."""
     from specssm.ops import always_write_ssu, checkpointing_ssu
     from specssm.step import launch as step_launch
-    from tests.ops.helpers import make_step
+    from tests.helpers.steps import make_step
     seen = []
     for name in ("fused_kernel", "coef_kernel", "main_kernel"):
         monkeypatch.setattr(step_launch, name, _Recorder(name, seen))

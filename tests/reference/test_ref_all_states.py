@@ -4,7 +4,7 @@ import torch
 
 from specssm.reference import all_states_ssu_ref
 from specssm.reference import recurrence as rec
-from tests.reference.ssu_case import PAD, rel_err, same_bits, softplus_dt
+from tests.helpers.steps import PAD, rel_err, same_bits, softplus_dt
 
 
 def make(T, H=4, P=8, N=8, G=2, slots=5, rows=(3, PAD, 0, 4, 1), dtype=torch.float64, seed=0):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specssm.reference import always_write_ssu_ref, checkpointing_ssu_ref
-from tests.reference.ssu_case import PAD, make_case, run_case, same_bits, rel_err
+from tests.helpers.steps import PAD, make_case, run_case, same_bits, rel_err
 
 W = 16
 # (G, H): heads per group 2, 2 and 1

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from specssm.reference.storage import decode_state, is_quantized
-from tests.ops.helpers import to_device
+from tests.helpers.steps import to_device
 
 
 def state_bits(t):
@@ -20,6 +20,17 @@ OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
 STATE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3, torch.int8: 2e-2,
              torch.float8_e4m3fn: 6e-2}
 FAST_TOL = 2e-3      # tf32 dots
+
+
+def cache_bits(cache) -> dict:
+    """Every tensor of an SSMCache that a step or a commit may write, as comparable copies."""
+    d = {"ring_start": cache.ring_start.clone(), "pnat": cache.pnat.clone(), "seeds": cache.seeds.clone()}
+    for i, lc in enumerate(cache.layers):
+        for nm in ("state", "state_scale", "x_cache", "B_cache", "dt_cache"):
+            t = getattr(lc, nm)
+            if t is not None:
+                d[f"{nm}[{i}]"] = state_bits(t).clone()
+    return d
 
 
 def rel_rms(a, b):
