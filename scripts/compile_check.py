@@ -43,13 +43,15 @@ def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None, maxnre
     md = k.metadata
     usage = "?"
     try:  # cuobjdump reads registers / spill stores off the cubin
-        import subprocess, tempfile
+        import subprocess
+        import tempfile
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"]); f.flush()
+            f.write(k.asm["cubin"])
+            f.flush()
             tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
             tool = tool if os.path.exists(tool) else "cuobjdump"     # Triton ships one
             r = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
-            usage = " ".join(l.strip() for l in r.stdout.splitlines() if "REG" in l)
+            usage = " ".join(line.strip() for line in r.stdout.splitlines() if "REG" in line)
     except Exception as e:  # noqa: BLE001
         usage = f"(no cuobjdump: {e})"
     print(f"{label:32s} shared {md.shared:6d}  {usage}")
@@ -58,7 +60,7 @@ def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None, maxnre
 
 def compile_plan():
     """The StepPlan kernel at its smallest and largest usual blocks, fixed and varlen lengths."""
-    from specssm.cache.plan_kernel import _plan_kernel, _num_warps
+    from specssm.cache.plan_kernel import _num_warps, _plan_kernel
     ptr = {"pnat_ptr": "*i32", "sbi_ptr": "*i32", "lens_ptr": "*i32", "write_flag_ptr": "*i32",
            "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32", "rs_ptr": "*i32", "faults_ptr": "*i64"}
     for block in (1, 4096):
@@ -73,8 +75,8 @@ def compile_conv():
     ptr = {"xbc_ptr": "*bf16", "state_ptr": "*bf16", "offset_ptr": "*i32", "weight_ptr": "*bf16",
            "bias_ptr": "*bf16", "out_ptr": "*bf16", "slot_idx_ptr": "*i32"}
     # contiguous (batch, 6, 1280) inputs/outputs, (slots, 3 + 6, 1280) state, (1280, 4) weight
-    ints = dict(conv_dim=1280, pad_slot_id=-1, num_slots=1024, max_offset=6, stride_x_row=7680, stride_x_tok=1280, stride_x_ch=1,
-                stride_s_slot=11520, stride_s_row=1280, stride_s_ch=1, stride_w_ch=4, stride_w_tap=1,
+    ints = dict(conv_dim=1280, pad_slot_id=-1, num_slots=1024, max_offset=6, stride_x_row=7680, stride_x_tok=1280,
+                stride_x_ch=1, stride_s_slot=11520, stride_s_row=1280, stride_s_ch=1, stride_w_ch=4, stride_w_tap=1,
                 stride_o_row=7680, stride_o_tok=1280, stride_o_ch=1)
     for pdl in (False, True):
         cx = dict(T=6, D_CONV=4, T_PAD=8, CTX_PAD=4, HAS_BIAS=True, HAS_SLOT_IDX=True, SILU=True, BLOCK_C=128,

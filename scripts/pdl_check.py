@@ -18,8 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from specssm.bench.pdl import H, N, P, Chain, measure  # noqa: E402
-from specssm.bench.timing import copy_bandwidth  # noqa: E402
+from specssm.bench.pdl import Chain, H, N, P, measure
+from specssm.bench.timing import copy_bandwidth
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,7 @@ from specssm.cache import SSMCache, StepPlan
 
 __version__ = "0.1.0"
 _OPS = ("checkpointing_ssu", "always_write_ssu", "all_states_ssu")
+__all__ = ["SSMCache", "StepPlan", *_OPS]       # the ops load on first use (__getattr__)
 
 
 def __getattr__(name):

@@ -38,7 +38,7 @@ def kernels_interpreted(kernel=None) -> bool:
     return interpreting()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """griddepcontrol (PDL) needs sm_90+ and compiled kernels; the interpreter has no inline PTX."""
     return device.type == "cuda" and not kernels_interpreted() and torch.cuda.get_device_capability(device)[0] >= 9

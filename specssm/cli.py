@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = "\n".join(f"  {k:6s} {v[1]}" for k, v in COMMANDS.items())
-        usage = f"usage: specssm <command> [options]\n\ncommands:\n{lines}\n\n`specssm <command> --help` for its options"
+        usage = (f"usage: specssm <command> [options]\n\ncommands:\n{lines}\n\n"
+                 "`specssm <command> --help` for its options")
         if argv and argv[0] in ("-h", "--help"):
             print(usage)
             return 0

@@ -438,7 +438,8 @@ def markdown(res: dict) -> str:
         for obs, e, lam in zip(r["per_head"]["state_rms"], r["per_head"]["flush_err_rms"], lams):
             model = e / math.sqrt(-math.expm1(-2.0 * lam * F)) if e > 0 and lam > 0 else 0.0
             cells.append(f"{obs / model:.2f}" if model > 0 else "–")
-        lines.append(f"| {c['dtype']} | {c['rounding'].upper()} | {c['policy']} | {F:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {c['dtype']} | {c['rounding'].upper()} | {c['policy']} | {F:.1f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -133,7 +133,8 @@ def load_histogram_csv(path) -> dict:
             except (ValueError, IndexError):
                 if i == 0:
                     continue  # header
-                raise ValueError(f"histogram {path}: expected rows 'accepted,count', got {row!r} at line {i + 1}")
+                raise ValueError(f"histogram {path}: expected rows 'accepted,count', got {row!r} "
+                                 f"at line {i + 1}") from None
             hist[acc] = hist.get(acc, 0.0) + count
     if not hist:
         raise ValueError(f"histogram {path}: expected rows 'accepted,count', got none")

@@ -268,7 +268,7 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
             vb = []
             for (batch,), g in sorted(byb.items()):
                 m = {r.get("variant"): r for r in g}
-                vb.append([batch] + [fmt(m[l].get("median_us"), 2) if l in m and _ok(m[l]) else "-" for l in labels])
+                vb.append([batch] + [fmt(m[v].get("median_us"), 2) if v in m and _ok(m[v]) else "-" for v in labels])
             out.append(markdown_table(["batch"] + labels, vb))
     base = [r for r in rows if r.get("strategy") in ("always_write", "all_states")]
     for key, grp in _groups(base, ("shape", "state_dtype", "rounding")).items():
@@ -287,8 +287,8 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
                 else:
                     line += [fmt(r["median_us"], 2), fmt(r.get("conv_median_us"), 2), fmt(r.get("pct_floor"))]
             body.append(line)
-        out.append(markdown_table(["batch", "always-write µs", "with conv µs", "% floor", "all-states µs", "with conv µs",
-                                   "% floor"], body))
+        out.append(markdown_table(["batch", "always-write µs", "with conv µs", "% floor", "all-states µs",
+                                   "with conv µs", "% floor"], body))
     skipped = [r for r in rows if r.get("status") != "ok"]
     if skipped:
         out.append(f"\n## Not measured ({len(skipped)} cases)\n\n")

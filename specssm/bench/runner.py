@@ -100,8 +100,9 @@ def compiled_kernels() -> list[dict]:
 
 # ---- environment ---------------------------------------------------------------------------------
 class Env:
-    def __init__(self, bench: "GpuBench", case: Case):
+    def __init__(self, bench: GpuBench, case: Case):
         import torch
+
         from specssm.cache import SSMCache
 
         o = bench.opts
@@ -187,6 +188,7 @@ class Env:
     def set_scenario(self, scenario: str):
         """Per-slot pnat (or state index) for the scenario, the plans of every slot set, the bytes."""
         import torch
+
         from specssm.cache import StepPlan
         if scenario == self.scenario:
             return
@@ -418,7 +420,7 @@ class GpuBench:
                 except torch.cuda.OutOfMemoryError as e:
                     row.update(status="skipped", reason=f"out of memory: {str(e).splitlines()[0]}")
                     torch.cuda.empty_cache()
-                except Exception as e:  # noqa: BLE001 - one broken case must not end a long run
+                except Exception as e:             # one broken case must not end a long run
                     if self.opts.strict:
                         raise
                     row.update(status="error", reason=f"{type(e).__name__}: {e}".splitlines()[0][:300])

@@ -148,6 +148,7 @@ class StepMarkers:
 
     def __init__(self, device):
         import torch
+
         from specssm.bench import markers
         self.flag = torch.zeros(1, dtype=torch.int32, device=device)
         self._begin, self._end = markers.specssm_bench_begin_marker, markers.specssm_bench_end_marker
@@ -262,7 +263,7 @@ def copy_bandwidth(device, nbytes: int, iters: int = 20) -> dict:
 
     events = profile_device_events(run)
     durs = np.array([e.end - e.start for e in events if e.end > e.start])
-    del src, dst
+    src = dst = None                  # free both (run() holds them) before emptying the cache
     torch.cuda.empty_cache()
     if durs.size < iters:
         raise RuntimeError(f"copy bandwidth: expected {iters} copy activities in the trace, got {durs.size}")

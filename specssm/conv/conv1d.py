@@ -25,7 +25,8 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from specssm import library
 from specssm._checks import CPU_FIX, check_slots_host
-from specssm._runtime import kernels_interpreted, pdl_supported as _pdl_supported
+from specssm._runtime import kernels_interpreted
+from specssm._runtime import pdl_supported as _pdl_supported
 
 __all__ = ["conv1d_update"]
 

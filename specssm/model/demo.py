@@ -14,8 +14,14 @@ import torch
 
 from specssm._runtime import kernels_interpreted
 from specssm.model.config import SIZES
-from specssm.model.decode import (NgramDrafter, RandomDrafter, compare_tokens, greedy_generate,
-                                  reference_greedy, speculative_generate)
+from specssm.model.decode import (
+    NgramDrafter,
+    RandomDrafter,
+    compare_tokens,
+    greedy_generate,
+    reference_greedy,
+    speculative_generate,
+)
 from specssm.model.lm import TinyMamba2LM
 from specssm.model.tp import DTYPES
 
@@ -164,7 +170,8 @@ def main(argv=None) -> int:
         spec = speculative_generate(model, prompts, a.tokens, a.T, drafter(), window=a.window, state_dtype=state_dtype)
         spec_tokens = spec.tokens
         print(f"spec decode (exact): {spec.generated} tokens in {spec.steps} steps, {spec.tokens_per_s:.1f} tokens/s, "
-              f"mean accepted length {spec.mean_accepted:.2f} / {a.T}, flush (write) fraction {spec.flush_fraction:.2f}")
+              f"mean accepted length {spec.mean_accepted:.2f} / {a.T}, "
+              f"flush (write) fraction {spec.flush_fraction:.2f}")
 
     greedy = {}
     if a.greedy in ("cache", "both"):

@@ -11,11 +11,15 @@ import triton.language as tl
 
 from specssm._runtime import kernels_interpreted
 
-from .philox import random_words as _random_words_dev, random_words_rows as _random_words_rows_dev
+from .philox import random_words as _random_words_dev
+from .philox import random_words_rows as _random_words_rows_dev
 from .rounding import (
     dequantize as _dequantize_dev,
+)
+from .rounding import (
     quantize,
-    round_half, row_scale,
+    round_half,
+    row_scale,
 )
 
 QUANT_DTYPES = {torch.int8: (0, 127.0), torch.float8_e4m3fn: (1, 448.0), torch.int16: (2, 32767.0)}
@@ -209,7 +213,8 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if not isinstance(codes, torch.Tensor) or codes.dtype not in QUANT_DTYPES:
         raise TypeError(f"codes: got {getattr(codes, 'dtype', type(codes).__name__)}, "
                         f"expected a tensor of {list(QUANT_DTYPES)}")
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != tuple(codes.shape[:-1]):
+    if (not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32
+            or tuple(scale.shape) != tuple(codes.shape[:-1])):
         raise ValueError(f"scale: got {getattr(scale, 'dtype', None)} {tuple(getattr(scale, 'shape', ()))}, "
                          f"expected float32 of shape {tuple(codes.shape[:-1])}")
     cc, sc = codes.contiguous(), scale.contiguous()

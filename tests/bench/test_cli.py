@@ -1,6 +1,7 @@
 """`specssm bench` arguments, case lists and re-rendering of a results.json (no GPU)."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -41,7 +42,7 @@ def test_case_lists():
     assert len(keys) == len(full)
     # grouped: consecutive cases share (shape, dtype, batch, strategy) runs
     groups = [(c.shape, c.state_dtype, c.batch, c.variant.strategy) for c in full]
-    changes = sum(1 for a, b in zip(groups, groups[1:]) if a != b)
+    changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
     assert changes + 1 == 2 * 5 * 11 * 3
 
 

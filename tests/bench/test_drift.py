@@ -11,9 +11,9 @@ import math
 
 import pytest
 
-from specssm.cli import main as cli_main
 from specssm.bench import drift
 from specssm.bench.drift import Config
+from specssm.cli import main as cli_main
 
 
 def _by_name(res):

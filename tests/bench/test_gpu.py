@@ -9,7 +9,6 @@ import pytest
 import torch
 
 
-
 @pytest.mark.gpu
 def test_graph_of_marked_steps_is_split_and_timed():
     from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph
@@ -48,7 +47,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert meta["copy_bw_GBps"] > 100 and meta["card"] == torch.cuda.get_device_name()
     assert len(rows) == 2 * 3 * 3
     by = {(r["strategy"], r["state_dtype"], r["batch"]): r for r in rows}
-    for (strategy, dtype, batch), r in by.items():
+    for (strategy, dtype, _batch), r in by.items():
         if strategy == "all_states" and dtype == "int8":
             assert r["status"] == "skipped"
             continue

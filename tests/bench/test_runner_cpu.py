@@ -44,7 +44,7 @@ def test_the_strategy_table_matches_the_caches_and_the_ops():
         assert callable(getattr(ops, st.op)), st.op
         assert st.ring or not (st.window or st.plan), st.name       # a window and plans need the rings
     assert strategies.STRATEGIES[strategies.PEER_CACHES].plan
-    with pytest.raises(ValueError, match="^strategy: expected one of"):
+    with pytest.raises(ValueError, match=r"^strategy: expected one of"):
         strategies.get("sometimes")
 
 
@@ -195,7 +195,8 @@ def test_slot_set_count():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("strategy,launch,dtype", [("checkpointing", "split", "bf16"), ("checkpointing", "dynamic", "fp32"),
+@pytest.mark.parametrize("strategy,launch,dtype", [("checkpointing", "split", "bf16"),
+                                                   ("checkpointing", "dynamic", "fp32"),
                                                    ("always_write", "auto", "fp16"), ("all_states", "auto", "fp32")])
 def test_env_drives_the_triton_ops(strategy, launch, dtype):
     """The real ops (interpreted) accept what the runner passes; rejected cases become skips."""
@@ -321,7 +322,7 @@ def test_what_the_peer_cannot_run_is_a_skip():
     failed = fake_bench(peer_error="importing trtllm=/x failed: ImportError: no triton")
     env = Env(failed, case)
     env.set_scenario("mixed")
-    with pytest.raises(Skip, match="^importing trtllm=/x failed"):
+    with pytest.raises(Skip, match=r"^importing trtllm=/x failed"):
         env.step_fn(case)
     # never a conv figure for a peer (its span is its own kernels), not even with --conv-all
     assert not GpuBench.wants_conv(fake_bench(["--conv-all"]), case)

@@ -93,7 +93,7 @@ def test_int64_indices_and_empty_batch():
 
 
 def test_max_batch_must_be_positive():
-    with pytest.raises(ValueError, match="^max_batch:"):
+    with pytest.raises(ValueError, match=r"^max_batch:"):
         StepPlan(0)
 
 

@@ -6,14 +6,12 @@ realistic size (batch 256, conv_dim = 16*64 + 2*1*128) plus CUDA-graph capture.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from specssm._runtime import kernels_interpreted
 from specssm.conv import conv1d_update, conv_commit, conv_state_from_prefill, new_conv_offset, new_conv_state
-from specssm.conv.reference import (conv1d_sequential_ref, conv1d_update_ref, conv1d_window_ref,
-                                    conv_context_ref)
+from specssm.conv.reference import conv1d_sequential_ref, conv1d_update_ref, conv1d_window_ref, conv_context_ref
 
 # Small tests run the kernel on CPU tensors (marked interpreter), which only the interpreter can do.
 INTERPRETING = kernels_interpreted()

@@ -47,7 +47,10 @@ def run_and_compare(op, ref, cache, inputs, device="cpu", precision="exact", **o
     ref(**in_ref, **c_ref.op_kwargs(0))
     c_op, in_op = to_device(cache, inputs, device)
     before = copy.deepcopy(c_op.layers[0])
-    op(**in_op, **c_op.op_kwargs(0), precision=precision, **op_kw) if precision else op(**in_op, **c_op.op_kwargs(0), **op_kw)
+    if precision:
+        op(**in_op, **c_op.op_kwargs(0), precision=precision, **op_kw)
+    else:
+        op(**in_op, **c_op.op_kwargs(0), **op_kw)
     out, out_ref = in_op["out"].cpu(), in_ref["out"]
     act = inputs["x"].dtype
     fast = precision == "fast" and cache.state_dtype == torch.float32
@@ -70,7 +73,8 @@ def run_and_compare(op, ref, cache, inputs, device="cpu", precision="exact", **o
     changed_ref = (state_bits(lr.state) != state_bits(cache.layers[0].state)).flatten(1).any(1)
     # no-write slots (and all untouched slots): state (and scales) bit-identical to before the call
     same = ~changed_ref
-    assert torch.equal(state_bits(state)[same], state_bits(l0.state.cpu())[same]), "a no-write or untouched slot's state changed"
+    assert torch.equal(state_bits(state)[same], state_bits(l0.state.cpu())[same]), \
+        "a no-write or untouched slot's state changed"
     if is_quantized(state.dtype):
         scale = lc.state_scale.cpu()
         assert torch.equal(scale[same], l0.state_scale.cpu()[same]), "a no-write slot's scales changed"

@@ -8,8 +8,12 @@ import triton.language as tl
 from specssm._runtime import kernels_interpreted
 from specssm.quant.philox import philox4x32, random_words, random_words_rows
 from specssm.quant.rounding import (
-    quantize, round_half,
-    sr_to_bf16, sr_to_fp16, sr_to_fp8, sr_to_int8,
+    quantize,
+    round_half,
+    sr_to_bf16,
+    sr_to_fp8,
+    sr_to_fp16,
+    sr_to_int8,
 )
 
 INTERPRETING = kernels_interpreted()
@@ -183,8 +187,8 @@ def assert_same_bits(got: torch.Tensor, ref: torch.Tensor):
     bad = gb != rb
     if bad.any():
         i = int(bad.reshape(-1).nonzero()[0])
-        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements differ; first (flat {i}): got bits {int(gb.reshape(-1)[i])}, "
-                             f"expected {int(rb.reshape(-1)[i])}")
+        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements differ; first (flat {i}): got bits "
+                             f"{int(gb.reshape(-1)[i])}, expected {int(rb.reshape(-1)[i])}")
 
 
 def unbiased_z(v: torch.Tensor, result: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):

@@ -257,5 +257,5 @@ def test_gpu_reduce_overhead_across_steps(launches):
     # a recorded graph counts its non-static inputs (tokens, slots): the graphed run did record
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0
     assert counters["stats"]["unique_graphs"] == 2          # one per compile, none again across steps
-    with pytest.raises(ValueError, match="^validate:"):
+    with pytest.raises(ValueError, match=r"^validate:"):
         model_and_cache("cuda", validate=True)[0].compile_step("inductor", mode="reduce-overhead")

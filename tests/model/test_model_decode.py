@@ -3,9 +3,18 @@ drafters, the demo."""
 import pytest
 import torch
 
-from specssm.model import (SIZES, Mamba2Config, NgramDrafter, RandomDrafter, TinyMamba2LM, compare_tokens,
-                           greedy_generate, reference_greedy, speculative_generate)
 from specssm._runtime import interpreting
+from specssm.model import (
+    SIZES,
+    Mamba2Config,
+    NgramDrafter,
+    RandomDrafter,
+    TinyMamba2LM,
+    compare_tokens,
+    greedy_generate,
+    reference_greedy,
+    speculative_generate,
+)
 
 TINY = SIZES["tiny"]
 PROMPTS = [b"The quick brown fox ", b"abcabcab", b"\x00\xff"]

@@ -3,8 +3,15 @@ demo. Run with `make gpu-test` on the device."""
 import pytest
 import torch
 
-from specssm.model import (SIZES, NgramDrafter, TinyMamba2LM, compare_tokens, greedy_generate,
-                           reference_greedy, speculative_generate)
+from specssm.model import (
+    SIZES,
+    NgramDrafter,
+    TinyMamba2LM,
+    compare_tokens,
+    greedy_generate,
+    reference_greedy,
+    speculative_generate,
+)
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,6 @@ from tests.helpers.compare import run_and_compare, state_bits
 from tests.helpers.steps import make_step
 
 
-
 def _same_values(a, b):
     """Equal values, NaN positions included (NaN payloads may differ)."""
     return torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)) and torch.equal(a.isnan(), b.isnan())
@@ -89,6 +88,7 @@ def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where
     pointer loads in the interpreter (on a GPU the products' order of accumulation differs:
     test_gpu_tma_write_reads); and the descriptor is really used."""
     import copy
+
     from specssm.step import tuning
     made = _count_descriptors(monkeypatch)
     cache, ins = make_step(batch=4, H=2, P=P, N=32, G=1, T=4, pnat=[14, 3, 13, 9], act=torch.float32,
@@ -237,6 +237,7 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
     """Rounded checkpoints: outputs from the unrounded state, written rows within one grid step of the
     reference encoding, no-write rows (and scales) bit-identical, same seed -> same bits."""
     import copy
+
     from specssm.reference.storage import decode_state
     from tests.helpers.steps import to_device
     shape = dict(H=16, P=64, N=128, G=1) if device == "cuda" else {}
@@ -263,7 +264,9 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
     slots = [int(s) for s in ins["state_batch_indices"]]
     writes = [s for s in slots if int(cache.pnat[s]) + 4 > cache.W]
     keeps = [s for s in range(cache.num_slots) if s not in writes]
-    raw = (lambda t: t.view(torch.uint8) if t.dtype.itemsize == 1 else t)
+
+    def raw(t):
+        return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
     assert writes and torch.equal(raw(lc.state[keeps]), raw(l0.state[keeps]))
     if lc.state_scale is not None:
         assert torch.equal(lc.state_scale[keeps], l0.state_scale[keeps])

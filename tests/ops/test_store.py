@@ -9,7 +9,6 @@ import triton.language as tl
 from specssm.step.store import codes_to_half
 
 
-
 @triton.jit
 def _codes_kernel(q_ptr, out_ptr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)

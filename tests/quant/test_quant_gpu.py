@@ -8,13 +8,31 @@ import triton
 
 from specssm.quant import ops
 from specssm.quant.reference import (
-    neighbours_ref, philox4x32_ref, quantize_ref, random_words_ref, round_sr_ref, row_scale_ref,
+    neighbours_ref,
+    philox4x32_ref,
+    quantize_ref,
+    random_words_ref,
+    round_sr_ref,
+    row_scale_ref,
     scaled_values_ref,
 )
 from tests.helpers.quant import (
-    FMT_IDS, FMTS, QUANT_EDGE_WORDS, ROUND_EDGE_WORDS, assert_same_bits, randint4x_kernel, rows_of_values,
-    run_philox_raw, run_quant_words, run_round_words, special_rows, special_values, spread_values,
-    u32, unbiased_z, words_2d_kernel,
+    FMT_IDS,
+    FMTS,
+    QUANT_EDGE_WORDS,
+    ROUND_EDGE_WORDS,
+    assert_same_bits,
+    randint4x_kernel,
+    rows_of_values,
+    run_philox_raw,
+    run_quant_words,
+    run_round_words,
+    special_rows,
+    special_values,
+    spread_values,
+    u32,
+    unbiased_z,
+    words_2d_kernel,
 )
 
 pytestmark = pytest.mark.gpu

@@ -7,11 +7,24 @@ import torch
 
 from specssm.quant import ops
 from specssm.quant.reference import (
-    grid_values, neighbours_ref, random_words_ref, round_rn_ref, round_sr_ref,
+    grid_values,
+    neighbours_ref,
+    random_words_ref,
+    round_rn_ref,
+    round_sr_ref,
 )
 from tests.helpers.quant import (
-    BF16_MAX, DEVICE, ROUND_EDGE_WORDS as EDGE_WORDS, assert_same_bits, run_round_words,
-    special_values, spread_values, sr_seeded_kernel, unbiased_z,
+    BF16_MAX,
+    DEVICE,
+    assert_same_bits,
+    run_round_words,
+    special_values,
+    spread_values,
+    sr_seeded_kernel,
+    unbiased_z,
+)
+from tests.helpers.quant import (
+    ROUND_EDGE_WORDS as EDGE_WORDS,
 )
 
 DTYPES = [torch.float16, torch.bfloat16]

@@ -7,12 +7,28 @@ import torch
 
 from specssm.quant import ops
 from specssm.quant.reference import (
-    FORMATS, dequantize_ref, grid_values, neighbours_ref, quantize_ref, random_words_ref, row_scale_ref,
+    FORMATS,
+    dequantize_ref,
+    grid_values,
+    neighbours_ref,
+    quantize_ref,
+    random_words_ref,
+    row_scale_ref,
     scaled_values_ref,
 )
 from tests.helpers.quant import (
-    DEVICE, FMT_IDS, FMTS, QUANT_EDGE_WORDS as EDGE_WORDS, assert_same_bits, rows_of_values, run_quant_words,
-    special_rows, sr_seeded_kernel, unbiased_z,
+    DEVICE,
+    FMT_IDS,
+    FMTS,
+    assert_same_bits,
+    rows_of_values,
+    run_quant_words,
+    special_rows,
+    sr_seeded_kernel,
+    unbiased_z,
+)
+from tests.helpers.quant import (
+    QUANT_EDGE_WORDS as EDGE_WORDS,
 )
 
 
@@ -153,7 +169,8 @@ def test_quantize_rows_matches_reference(name, dtype, stochastic, shape):
     x = rows_of_values(R, N, seed=R * N).reshape(shape)
     offset = 2**33 + 4 * R if N % 4 == 0 else 2**33 + 1
     codes, scale = ops.quantize_rows(x.to(DEVICE), dtype, stochastic=stochastic, seed=2**40 + 5, offset=offset)
-    words = random_words_ref(2**40 + 5, offset + np.arange(x.numel(), dtype=np.int64)).reshape(shape) if stochastic else None
+    words = (random_words_ref(2**40 + 5, offset + np.arange(x.numel(), dtype=np.int64)).reshape(shape)
+             if stochastic else None)
     ref_codes, ref_scale = quantize_ref(x, name, words)
     assert_same_bits(codes, ref_codes)
     assert torch.equal(scale.cpu(), ref_scale)

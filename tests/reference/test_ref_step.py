@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from specssm.reference import always_write_ssu_ref, checkpointing_ssu_ref
-from tests.helpers.steps import PAD, make_case, run_case, same_bits, rel_err
+from tests.helpers.steps import PAD, make_case, rel_err, run_case, same_bits
 
 W = 16
 # (G, H): heads per group 2, 2 and 1
