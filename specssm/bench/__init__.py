@@ -1,5 +1,5 @@
-"""`specssm bench`: the benchmark harness (DESIGN §6). CPU-safe to import; GPU work starts in
-`specssm.bench.runner.GpuBench`.
+"""`specssm bench`: the benchmark harness (benchmarks/README.md says what it measures). CPU-safe to
+import; GPU work starts in `specssm.bench.runner.GpuBench`.
 
     strategies  what sets each strategy apart (op, rings, plans, launch variants): one table
     mix         stationary pnat distribution of the commit chain, scenario sampling

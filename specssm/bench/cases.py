@@ -7,7 +7,7 @@ from specssm.bench import strategies as sts
 from specssm.bench.peer import PEERS
 
 SHAPES = {
-    # name: (H, P, N, G) per tensor-parallel rank (DESIGN §2)
+    # name: (H, P, N, G) per tensor-parallel rank: Nemotron-3-Super at TP8 and at TP1
     "super_tp8": (16, 64, 128, 1),
     "tp1": (128, 64, 128, 8),
 }

@@ -1,4 +1,4 @@
-"""`specssm bench`: time the strategies' per-layer step on a GPU against the byte floor (DESIGN §6).
+"""`specssm bench`: time the strategies' per-layer step on a GPU against the byte floor (benchmarks/README.md).
 
 Each case (shape, strategy variant, state dtype, rounding, scenario, batch) is captured in a CUDA graph of
 several steps on rotating slot sets (state cold, inputs hot), replayed under torch.profiler; the step time
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--W", type=int, default=16, help="history window of checkpointing (default 16)")
     g.add_argument("--act-dtype", default="bf16", choices=["bf16", "fp16"], help="activation dtype (default bf16)")
     g.add_argument("--z", action="store_true", help="pass the z gate to the step (counted in the floor)")
-    g.add_argument("--histogram", help="acceptance histogram CSV, rows 'accepted,count' (default: DESIGN §6)")
+    g.add_argument("--histogram", help="acceptance histogram CSV, rows 'accepted,count' (default: "
+                   "DEFAULT_ACCEPTANCE in specssm/bench/mix.py)")
     g.add_argument("--precision", default="fast", help="precision= of the checkpointing ops (default fast)")
     g.add_argument("--no-conv", dest="conv", action="store_false", help="skip the figure with conv1d")
     g.add_argument("--conv-all", action="store_true", help="conv1d figure for every variant, not just the "

@@ -1,6 +1,6 @@
 """`specssm drift`: long-horizon drift of rounded / quantized checkpoints under speculative decoding.
 
-Thousands of verify steps with random acceptance (DESIGN §6 histogram) drive the float64 reference step
+Thousands of verify steps with random acceptance (the benchmarks' histogram) drive the float64 reference step
 (`checkpointing_ssu_ref`, float64 activations) on an `SSMCache` whose `state` has the studied dtype, so
 the only error in the run is the rounding of the checkpoint on flush steps — the same rounding points as
 the kernels. After every step the implied state (checkpoint + history) and the outputs of all T tokens
@@ -372,7 +372,7 @@ def markdown(res: dict) -> str:
         "# Drift of rounded / quantized SSM checkpoints (`specssm drift`)",
         "",
         f"{s['steps']} verify steps, {s['rows']} rows, H={s['H']}, P={s['P']}, N={s['N']}, G=1, T={s['T']}, "
-        f"acceptance histogram of DESIGN §6 (mean {res['tokens_per_row'] / s['steps']:.2f} accepted tokens per "
+        f"the benchmarks' acceptance histogram (mean {res['tokens_per_row'] / s['steps']:.2f} accepted tokens per "
         f"step), seed {s['seed']}; x scale {s['x_scale']}, persistent input part {s['coherent']}, raw-dt noise "
         f"{s['dt_noise']}, head decay rates "
         f"log-spaced over [{s['decay_lo']:g}, {s['decay_hi']:g}] per token. "

@@ -1,4 +1,5 @@
-"""Bytes a step must move (DESIGN §6 "Floor"), per strategy, as pure functions of the sizes.
+"""Bytes a step must move (benchmarks/README.md, "What is measured": floor), per strategy, as pure
+functions of the sizes.
 
 The floor of a step is `bytes / copy bandwidth`, the time a perfect kernel would take if it did nothing but
 stream its unavoidable reads and writes at the speed of a large device-to-device copy. Counted per row
@@ -13,7 +14,7 @@ checkpointing (window W) and always-write (W = 0), row with history length K:
     ring appends      T·(H·P + G·N)·a + 4·H·T
 all-states:
     state read H·P·N·s, state writes T·H·P·N·s, new inputs, outputs (no history, no ring).
-conv1d (the figure with the conv, DESIGN §6), conv_dim = H·P + 2·G·N, per row:
+conv1d (the figure with the conv), conv_dim = H·P + 2·G·N, per row:
     context read (d_conv-1)·conv_dim·a, new inputs T·conv_dim·a, outputs T·conv_dim·a,
     state store (d_conv-1+T)·conv_dim·a; once per step the weights d_conv·conv_dim·a and bias conv_dim·a.
 

@@ -25,7 +25,8 @@ IDENTITY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "st
             "no_write_form", "config", "state_dtype", "rounding", "scenario", "batch", "pdl", "timer")
 # Values of identity keys that rows written before the key existed lack.
 _IDENTITY_DEFAULTS = {"pdl": False, "config": "", "timer": "cupti"}
-# The peer whose median makes `× seed` (`--peer trtllm=PATH`): TensorRT-LLM's Triton kernel, the seed (DESIGN §5).
+# The peer whose median makes `× seed` (`--peer trtllm=PATH`): TensorRT-LLM's Triton kernel, the seed
+# (docs/performance.md).
 SEED = "trtllm"
 # What a checkpointing row and the seed's row share to be compared (the seed runs in the same scenarios).
 _SEED_KEY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "state_dtype", "rounding", "scenario",
@@ -309,7 +310,7 @@ Columns:
   included in µs.
 - **× always-write / × all-states**: baseline median / this median (same card, shape, dtype, batch).
 - **floor µs**: bytes the step must move (state read, state write on flush rows + scales, history,
-  new inputs, outputs, ring appends; DESIGN §6) / the copy bandwidth above. **% floor** = floor / median.
+  new inputs, outputs, ring appends; benchmarks/README.md) / the copy bandwidth above. **% floor** = floor / median.
 - **write frac**: fraction of rows that flush their state in the measured steps.
 """
 SEED_NOTE = f"""- **{SEED} µs / × seed**: TensorRT-LLM's Triton checkpointing kernel, the seed

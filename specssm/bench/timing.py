@@ -1,4 +1,4 @@
-"""Step times from CUPTI kernel timestamps (DESIGN §6 "Time").
+"""Step times from CUPTI kernel timestamps (benchmarks/README.md, "What is measured": step time).
 
 A CUDA graph holds several steps, each between a begin-marker and an end-marker kernel:
 

@@ -1,4 +1,4 @@
-"""The step plan (DESIGN §5, "plan") in one Triton launch.
+"""The step plan (docs/design.md, "Kernels": Plan) in one Triton launch.
 
 One program covers the whole batch in a single block of BLOCK = next_power_of_2(batch) rows: it loads
 the rows' slots, their pnat and lengths, forms the write / no-write / padding masks, ranks every row

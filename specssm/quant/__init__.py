@@ -1,4 +1,5 @@
-"""Quantization and stochastic-rounding building blocks for quantized SSM states (DESIGN.md §4, §5).
+"""Quantization and stochastic-rounding building blocks for quantized SSM states (docs/design.md,
+"The cache contract" and "Kernels": Store).
 
 Device functions (`@triton.jit`, inlineable, fp32 blocks in): `philox` (random words keyed by
 (seed, element offset)), `rounding` (RN / SR to fp16, bf16; per-row scaled int8, fp8 e4m3, int16).

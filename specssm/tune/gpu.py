@@ -1,4 +1,4 @@
-"""The tuner's GPU timer: the benchmark's method (DESIGN §6, scripts/step_sweep.py) for a list of
+"""The tuner's GPU timer: the benchmark's method (benchmarks/README.md, scripts/step_sweep.py) for a list of
 candidate configs, interleaved, in one profiler session.
 
 Per target: one SSMCache with enough slot sets that the touched states exceed 4x L2 (state cold), pnat

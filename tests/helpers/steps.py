@@ -40,7 +40,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def softplus_dt(dt_raw, dt_bias):
-    """dt as DESIGN §3 defines it, computed here on its own: softplus(v) = v for v > 20."""
+    """dt as docs/design.md defines it, computed here on its own: softplus(v) = v for v > 20."""
     v = dt_raw.double() + dt_bias.double()
     return torch.where(v > 20.0, v, torch.log1p(torch.exp(torch.clamp(v, max=20.0))))
 
@@ -166,7 +166,7 @@ class Case:
         return [(b, s) for b, s in enumerate(self.rows) if s != PAD]
 
     def writes(self, b) -> bool:
-        """DESIGN §3: a row writes when pnat + its length > W."""
+        """docs/design.md, "The closed form": a row writes when pnat + its length > W."""
         s = self.rows[b]
         return int(self.before["prev_num_accepted_tokens"][s]) + self.lengths[b] > self.W
 
@@ -203,7 +203,8 @@ class Case:
 
     # ---- the check --------------------------------------------------------------------------
     def check(self, out_tol=1e-12, state_tol=1e-12, rounding="rn"):
-        """Assert the finished step did exactly what DESIGN §3-§4 say, and nothing else.
+        """Assert the finished step did exactly what docs/design.md ("The closed form", "The cache
+        contract") says, and nothing else.
         rounding "sr": a written state may be off by a whole rounding step instead of half of one."""
         assert self.strategy != "all_states", "check: covers the ring strategies (checkpointing, always-write)"
         bf, L = self.before, self.L
