@@ -119,7 +119,7 @@ SSU_BASE = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
                 KH=16, TN=8, NK=32, DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
 # the coefficient kernel's and the mains' (Super TP8, T = 6: 8 query rows)
 COEF_BASE = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, WAIT=False,
-                 LAUNCH_DEPS=True, UPCAST=False, HB=8, BLOCK_N=128, TO=8)
+                 LAUNCH_DEPS=True, UPCAST=False, HB=8, BLOCK_N=128, CHUNK_N=32, TO=8)
 MAIN_BASE = dict(H=16, P=64, N=128, HPG=16, WRITE=False, HAS_Z=True, VARLEN=False, KIND=0, CS16=False, SR=False,
                  SR_ROWS=True, PHILOX_ROUNDS=10, TMA=True, PDL=True, LAUNCH_DEPS=False, UPCAST=False,
                  DOT_PREC="tf32", BLOCK_P=64, BLOCK_N=128, TM=16, TO=8, STAGES=2)
@@ -138,16 +138,33 @@ def compile_main(state="fp32", num_warps=4, maxnreg=None, label=None, **cx):
                        label=label or f"main {state} write={cx['WRITE']} tma={cx['TMA']} warps={num_warps}")
 
 
-def compile_coef(num_warps=2, label=None, **cx):
+def compile_coef(num_warps=2, label=None, maxnreg=None, **cx):
     from specssm.step.coef import coef_kernel
     cx = dict(COEF_BASE, **cx)
-    return compile_one(coef_kernel, ssu_pointers(coef_kernel), cx, num_warps=num_warps, ints=ints_of(coef_kernel),
+    return compile_one(coef_kernel, ssu_pointers(coef_kernel), cx, num_warps=num_warps, ints=ints_of(coef_kernel), maxnreg=maxnreg,
                        label=label or f"coef HB={cx['HB']} warps={num_warps}")
+
+
+def compile_materialize(state="fp32", sr=False, num_warps=4, label=None):
+    """The materialize kernel at Super TP8 (bf16 rings, one 64 x 128 tile per head)."""
+    from specssm.step.materialize import materialize_kernel
+    kind, sdt = STATES[state]
+    ptr = ssu_pointers(materialize_kernel, sdt)
+    ptr.update({"dtc_ptr": "*fp32", "A_ptr": "*fp32", "src_ptr": "*i32", "dst_ptr": "*i32", "k_ptr": "*i32",
+                "rs_ptr": "*i32"})
+    cx = dict(H=16, P=64, N=128, HPG=16, NPT=1, KIND=kind, SR=sr, SR_ROWS=True, PHILOX_ROUNDS=10, UPCAST=False,
+              BLOCK_P=64, BLOCK_N=128, KH=16)
+    return compile_one(materialize_kernel, ptr, cx, num_warps=num_warps, ints=dict(ints_of(materialize_kernel), s_A=1),
+                       label=label or f"materialize {state}{' sr' if sr else ''}")
 
 
 def main():
     compile_plan()
     compile_conv()
+    for state in STATES:
+        compile_materialize(state)
+    for state in ("bf16", "int8", "fp8"):
+        compile_materialize(state, sr=True)
     from specssm.step.fused import fused_kernel
     ptr, base, ints = ssu_pointers(fused_kernel), SSU_BASE, ints_of(fused_kernel)
     for branch, use_order, rect in ((0, False, True), (2, True, False)):

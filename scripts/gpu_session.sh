@@ -6,7 +6,9 @@
 #                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
 #   bash scripts/gpu_session.sh sweep      # split-family variants beside the seed and the fused launch, 5 dtypes (~5 min)
+#   bash scripts/gpu_session.sh ncu        # Nsight Compute on one step of ours and of the seed (NCU_STATE, NCU_BATCH)
 #   bash scripts/gpu_session.sh tune       # an ~8 min slice of `specssm tune` (resumes out/tune: carry it along)
+#   bash scripts/gpu_session.sh materialize  # materialize's GPU tests, then its timing at 1,024 slots (not run yet)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -43,6 +45,17 @@ case "${1:-tests}" in
     python3 scripts/step_sweep.py ${peer[@]+"${peer[@]}"} --states fp32,bf16,fp16,int8,fp8 --batches 1,8,32,64,256,1024 \
       --check --out "$OUT" --variants '[{}, {"launch":"dynamic"}, {"write":{"stages":3},"no_write":{"stages":3}}, {"coef":{"HB":4}}]' \
       2>&1 | tee "$OUT/sweep.log" | grep -v "^   \|Warn\|warn" ;;
+  ncu)
+    # per-kernel counters (occupancy, warp stalls, memory) of one eager step, ours beside the seed's (.peers)
+    peer=()
+    [ -d .peers/trtllm_replay ] && peer=(--peer .peers)
+    st=${NCU_STATE:-bf16}; b=${NCU_BATCH:-1024}
+    ncu --clock-control none --kernel-name regex:'coef_kernel|main_kernel|precompute|persistent' --launch-skip 6 \
+      --launch-count 14 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section SchedulerStats \
+      python3 scripts/ncu_step.py ${peer[@]+"${peer[@]}"} --state "$st" --batch "$b" > "$OUT/ncu_${st}_b${b}.txt" 2>&1
+    grep -E "^  [_A-Za-z0-9]+ \(|Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|DRAM Throughput|Block Limit Reg" \
+      "$OUT/ncu_${st}_b${b}.txt" | head -120 ;;
   tune)
     # one resumable slice of the tuner (docs/tuning.md): Super TP8, T=6, bf16 states (TUNE_STATES), the fused launch at
     # batch 1 and the split launches at batch 1024 (TUNE_BATCHES), one descent of at most two sweeps per case.
@@ -57,4 +70,12 @@ case "${1:-tests}" in
     grep -v "^\[" "$OUT/tune.log" | tail -20
     cat out/tune/summary.md 2>/dev/null
     exit $rc ;;
+  materialize)
+    # the fold of slot rings into fresh checkpoints (specssm/step/materialize.py): its -m gpu tests, then 1,024
+    # source -> destination pairs at Super TP8, every state dtype, RN and SR (specssm/bench/materialize.py)
+    python3 -m pytest -q -m gpu tests/ops/test_materialize.py tests/cache/test_cache_transfer.py \
+      tests/bench/test_materialize_bench.py -p no:cacheprovider > "$OUT/materialize_tests.log" 2>&1
+    grep -E "^FAILED|^ERROR|passed|failed" "$OUT/materialize_tests.log" | tail -10
+    python3 -m specssm bench --materialize --dtypes fp32,bf16,fp16,int8,fp8 --rounding rn,sr --out "$OUT/materialize" \
+      2> "$OUT/materialize_bench.log" ;;
 esac

@@ -61,7 +61,7 @@ def main():
         k = compile_main(a.state, num_warps=a.warps, maxnreg=a.maxnreg or None, WRITE=a.write, TMA=not a.no_tma,
                          BLOCK_P=a.block_p)
     elif a.kernel == "coef":
-        k = compile_coef(num_warps=a.warps, HB=a.hb)
+        k = compile_coef(num_warps=a.warps, maxnreg=a.maxnreg or None, HB=a.hb)
     else:
         from specssm.step.fused import fused_kernel
         kind, sdt = STATES[a.state]

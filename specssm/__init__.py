@@ -4,6 +4,8 @@ Public API:
     SSMCache, StepPlan                       cache contract, slots, commit, per-step plan
     checkpointing_ssu                        the product (Triton), FlashInfer-compatible signature
     always_write_ssu, all_states_ssu         baselines on the same API family (Triton)
+    materialize                              fold slots' ring histories into fresh checkpoints (Triton);
+                                             SSMCache.fork / export_states / import_states move slots
     specssm.reference                        float64 PyTorch references of all of the above
     torch.ops.specssm.*                      the kernel entry points as PyTorch custom ops, which the
                                              functions above call (specssm/library.py; torch.compile)
@@ -11,7 +13,7 @@ Public API:
 from specssm.cache import SSMCache, StepPlan
 
 __version__ = "0.1.0"
-_OPS = ("checkpointing_ssu", "always_write_ssu", "all_states_ssu")
+_OPS = ("checkpointing_ssu", "always_write_ssu", "all_states_ssu", "materialize")
 __all__ = ["SSMCache", "StepPlan", *_OPS]       # the ops load on first use (__getattr__)
 
 

@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rounding", type=_list(), help="rn, sr or rn,sr (default rn)")
     g.add_argument("--scenarios", type=_list(), help=f"from {mix.SCENARIOS} (default mixed)")
     g.add_argument("--batches", type=_list(int), help="batch sizes (default 1,2,4,...,1024)")
+    g.add_argument("--materialize", action="store_true", help="time specssm.step.materialize instead of the step: "
+                   "fold the rings of --batches source slots (default 1024; pnat drawn as in the mixed scenario) "
+                   "into fresh checkpoints of other slots, per --shapes, --dtypes and --rounding; writes "
+                   "materialize.json to --out (specssm/bench/materialize.py)")
     g.add_argument("--peer", metavar="trtllm=PATH", help="also time TensorRT-LLM's checkpointing kernel "
                    f"(the seed), imported from PATH: a folder holding {pr.PACKAGE}/ or that folder itself; on "
                    "the checkpointing caches, every scenario and rounding; adds × seed to our rows")
@@ -172,8 +176,18 @@ def render(rows, meta, out_dir: Path, results_md=None, plots=True) -> list[dict]
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = resolve(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    args.materialize_batches = args.batches or [1024]      # materialize: 1,024 pairs unless --batches
+    args = resolve(args)
     args.argv = argv
+    if args.materialize:
+        from specssm.bench import materialize
+        try:
+            [cs.parse_shape(s) for s in args.shapes]
+        except ValueError as e:
+            print(f"specssm bench: {e}", file=sys.stderr)
+            return 2
+        return materialize.run(args)
     out_dir = Path(args.out)
     if args.render:
         rows, meta = report.read_json(args.render)

@@ -16,6 +16,7 @@ import torch
 from specssm import library
 from specssm._checks import FLOAT_ACT_DTYPES, MAX_WINDOW, STATE_DTYPES, check_slots_host, check_tensor
 from specssm.cache import faults as flt
+from specssm.cache import transfer
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
 
@@ -117,12 +118,39 @@ class SSMCache:
         self._ring_start[idx] = 0
         self._pnat[idx] = 0
         self._state_index[idx] = 0
-        self._generation += 1
-        self._seeds[idx] = self._base_seed * 1_000_003 + self._generation * 65_537 + idx
+        self.fresh_seeds(idx)
         for lc in self.layers:
             lc.state[idx] = 0
             if lc.state_scale is not None:
                 lc.state_scale[idx] = 1.0
+
+    def fresh_seeds(self, idx: torch.Tensor) -> None:
+        """New Philox seeds for the slots `idx` (int64, on the device), unlike any seed given before: a
+        reset, forked or imported slot draws other random bits than the slot it came from."""
+        self._generation += 1
+        self._seeds[idx] = self._base_seed * 1_000_003 + self._generation * 65_537 + idx
+
+    # ---- moving states: fork, export, import (specssm/cache/transfer.py; materialize: specssm.step) ----
+    def fork(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Copy slots for parallel sampling: every layer's checkpoint, scales and ring rows, and the ring
+        position (ring_start, pnat), from `src_slots[i]` to `dst_slots[i]` ((n,) int32/int64, any device;
+        a destination of pad_slot_id skips the pair). Destinations are distinct and none is another
+        pair's source; each gets a fresh seed, so forks round stochastically with different bits.
+        Checked on the host (one sync on a GPU) before anything is written; not for CUDA graphs."""
+        transfer.fork(self, src_slots, dst_slots)
+
+    def export_states(self, slots: torch.Tensor) -> dict:
+        """The checkpoints of materialized slots (pnat 0: fold a slot's ring first with
+        `specssm.step.materialize`), for swap-out or a prefix cache: {"state": (layers, n, H, P, N) in the
+        state dtype, "state_scale": (layers, n, H, P) fp32 (int8 / fp8 / int16 states only)}, copies on
+        the cache's device. slots: (n,) distinct int32/int64 slot ids, any device. Checked on the host."""
+        return transfer.export_states(self, slots)
+
+    def import_states(self, slots: torch.Tensor, tensors: dict) -> None:
+        """Write exported states (from any device) to `slots` ((n,) distinct slot ids) as fresh
+        checkpoints: pnat 0, ring_start 0, new seeds. Keys, shapes and dtypes must be those
+        `export_states` gives for this cache's sizes; checked before anything is written."""
+        transfer.import_states(self, slots, tensors)
 
     def write_state(self, layer: int, slots: torch.Tensor, h: torch.Tensor) -> None:
         """Store prefill states `h (n, H, P, N)` (rounded to nearest) as the checkpoint of `slots`
@@ -193,9 +221,9 @@ class SSMCache:
                      faults=self.faults)
 
     def raise_if_faulted(self) -> None:
-        """Raise ValueError naming the first row (of a step or commit run with validate=False since the
-        last call) whose slot id, pnat, ring_start or accepted broke the contract, with its value, and
-        clear the record. One host sync; call it between steps, outside CUDA-graph capture."""
+        """Raise ValueError naming the first row (of a step, commit or materialize run with validate=False
+        since the last call) whose slot id, pnat, ring_start, accepted or k broke the contract, with its
+        value, and clear the record. One host sync; call it between steps, outside CUDA-graph capture."""
         flt.raise_if_faulted(self.faults)
 
     # ---- inspection ---------------------------------------------------------------------------

@@ -18,8 +18,13 @@ NO_FAULT = (1 << 63) - 1
 FIELDS = {1: ("state_batch_indices", "a slot id in [0, num_slots) or pad_slot_id"),
           2: ("prev_num_accepted_tokens", "pnat in [0, max(window, T)]"),
           3: ("ring_start", "ring_start in [0, L)"),
-          4: ("accepted", "accepted in [1, tokens of the row]")}
+          4: ("accepted", "accepted in [1, tokens of the row]"),
+          # materialize: the row is the pair's index
+          5: ("src_slots", "a slot id in [0, num_slots)"),
+          6: ("dst_slots", "a slot id in [0, num_slots) or pad_slot_id, no other pair's source or destination"),
+          7: ("k", "k in [0, pnat of the source slot]")}
 SLOT, PNAT, RING_START, ACCEPTED = 1, 2, 3, 4
+SRC, DST, K = 5, 6, 7
 
 
 def new_record(device) -> torch.Tensor:
@@ -55,5 +60,5 @@ def raise_if_faulted(faults: torch.Tensor) -> None:
     faults.fill_(NO_FAULT)
     row, field, value = decode(key)
     name, expected = FIELDS.get(field, (f"field {field}", "?"))
-    raise ValueError(f"{name}: row {row} of a step or commit run without validation had {value}, expected "
-                     f"{expected}; the row did no work (its outputs and its slot were left as they were)")
+    raise ValueError(f"{name}: row {row} of a step, commit or materialize run without validation had {value}, "
+                     f"expected {expected}; the row did no work (its outputs and its slot were left as they were)")

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from specssm._checks import check_tensor
 from specssm.cache import SSMCache
+from specssm.cache import transfer
 from specssm.conv import conv_commit, new_conv_offset, new_conv_state
 from specssm.model.config import Mamba2Config
 
@@ -56,6 +58,48 @@ class ModelCache:
 
     def free(self, slots) -> None:
         self.ssm.free(slots)
+
+    # ---- moving slots: the SSM cache's operations plus the conv context --------------------------------
+    def fork(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """`SSMCache.fork` plus each layer's conv state and the conv offset: a destination continues
+        exactly where its source is (parallel sampling). Checked before anything is written."""
+        self.ssm.fork(src_slots, dst_slots)
+        live = dst_slots.detach().cpu() != self.pad_slot_id
+        src = src_slots.detach().cpu().long()[live].to(self.device)
+        dst = dst_slots.detach().cpu().long()[live].to(self.device)
+        for cs in self.conv_states:
+            cs[dst] = cs[src]
+        self.conv_offset[dst] = self.conv_offset[src]
+
+    def _context_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """(n, d_conv - 1) conv-state rows holding the committed context of slots idx (int64, device)."""
+        return self.conv_offset[idx].long()[:, None] + torch.arange(self.cfg.d_conv - 1, device=self.device)
+
+    def export_states(self, slots: torch.Tensor) -> dict:
+        """`SSMCache.export_states` (materialized slots only) plus "conv": (layers, n, d_conv - 1, conv_dim),
+        the committed conv context of each slot (what a prefix cache must restore with the SSM state)."""
+        out = self.ssm.export_states(slots)
+        idx = slots.detach().cpu().long().to(self.device)
+        rows = self._context_rows(idx)
+        out["conv"] = torch.stack([cs[idx[:, None], rows] for cs in self.conv_states])
+        return out
+
+    def import_states(self, slots: torch.Tensor, tensors: dict) -> None:
+        """Write states from `export_states` to `slots` as fresh slots: SSM checkpoints (pnat 0, new seeds)
+        and conv contexts (offset 0). Everything is checked before anything is written."""
+        if not isinstance(tensors, dict) or "conv" not in tensors:
+            got = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
+            raise ValueError(f"tensors: expected a ModelCache export with a 'conv' entry, got {got}")
+        ssm_part = {k: v for k, v in tensors.items() if k != "conv"}
+        s = transfer.check_import(self.ssm, slots, ssm_part)
+        ctx, cd = self.cfg.d_conv - 1, self.conv_states[0].shape[2]
+        check_tensor("tensors['conv']", tensors["conv"], shape=(self.cfg.n_layers, s.numel(), ctx, cd),
+                     dtype=self.conv_states[0].dtype, why="layers, slots, d_conv - 1, conv_dim")
+        transfer.write_imported(self.ssm, s, ssm_part)
+        idx = s.to(self.device)
+        for cs, conv in zip(self.conv_states, tensors["conv"]):
+            cs[idx, :ctx] = conv.to(self.device)
+        self.conv_offset[idx] = 0
 
     def will_write(self, slots: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """(batch,) bool: rows whose step of num_tokens tokens flushes (writes) its checkpoint,

@@ -117,41 +117,51 @@ def speculative_generate(model, prompts, max_new_tokens: int, T: int, drafter=No
             logits = model.prefill(prompt, cache, int(slots[b]))
             res.tokens[b].append(int(logits[-1].argmax()))
         _sync(dev)
-        t1 = time.perf_counter()
-        res.prefill_s = t1 - t0
+        res.prefill_s = time.perf_counter() - t0
         contexts = [prompt.tolist() + res.tokens[b] for b, prompt in enumerate(prompts)]
-        pad = torch.full_like(slots, cache.pad_slot_id)
-        while True:
-            live = [len(res.tokens[b]) < max_new_tokens for b in range(batch)]
-            if not any(live):
-                break
-            drafts = [drafter.propose(contexts[b], T - 1) if (live[b] and T > 1) else [0] * (T - 1)
-                      for b in range(batch)]
-            rows = torch.tensor([[res.tokens[b][-1]] + drafts[b] for b in range(batch)], dtype=torch.int64,
-                                device=dev)
-            sbi = torch.where(torch.tensor(live, device=dev), slots, pad)
-            res.flushes += int(cache.will_write(sbi, T).sum())
-            target = model.step(rows, cache, sbi).argmax(-1).tolist()          # (batch, T) greedy tokens
-            accepted = []
-            for b in range(batch):
-                if not live[b]:
-                    accepted.append(1)
-                    continue
-                n = 0
-                while n < T - 1 and drafts[b][n] == target[b][n]:
-                    n += 1
-                new = drafts[b][:n] + [target[b][n]]
-                res.tokens[b].extend(new)
-                contexts[b].extend(new)
-                res.accepted.append(n + 1)
-                accepted.append(n + 1)
-            cache.commit(sbi, torch.tensor(accepted, dtype=torch.int32, device=dev), T)
-            res.steps += 1
-            res.row_steps += sum(live)
-        _sync(dev)
-        res.decode_s = time.perf_counter() - t1
+        decode_slots(model, cache, slots, contexts, res, max_new_tokens, T, drafter)
     finally:
         cache.free(slots.cpu())
+    return res
+
+
+def decode_slots(model, cache, slots, contexts, res, max_new_tokens: int, T: int, drafter=None) -> GenerationResult:
+    """The decode loop of `speculative_generate` from slots that already hold their prompts: row b's
+    caches end just before its last token `res.tokens[b][-1]` (generated, not yet fed), `contexts[b]` is
+    its prompt and tokens so far. Adds to `res` (tokens cut to max_new_tokens, counters, decode time)."""
+    dev = model.device
+    batch = len(contexts)
+    t1 = time.perf_counter()
+    pad = torch.full_like(slots, cache.pad_slot_id)
+    while True:
+        live = [len(res.tokens[b]) < max_new_tokens for b in range(batch)]
+        if not any(live):
+            break
+        drafts = [drafter.propose(contexts[b], T - 1) if (live[b] and T > 1) else [0] * (T - 1)
+                  for b in range(batch)]
+        rows = torch.tensor([[res.tokens[b][-1]] + drafts[b] for b in range(batch)], dtype=torch.int64,
+                            device=dev)
+        sbi = torch.where(torch.tensor(live, device=dev), slots, pad)
+        res.flushes += int(cache.will_write(sbi, T).sum())
+        target = model.step(rows, cache, sbi).argmax(-1).tolist()          # (batch, T) greedy tokens
+        accepted = []
+        for b in range(batch):
+            if not live[b]:
+                accepted.append(1)
+                continue
+            n = 0
+            while n < T - 1 and drafts[b][n] == target[b][n]:
+                n += 1
+            new = drafts[b][:n] + [target[b][n]]
+            res.tokens[b].extend(new)
+            contexts[b].extend(new)
+            res.accepted.append(n + 1)
+            accepted.append(n + 1)
+        cache.commit(sbi, torch.tensor(accepted, dtype=torch.int32, device=dev), T)
+        res.steps += 1
+        res.row_steps += sum(live)
+    _sync(dev)
+    res.decode_s += time.perf_counter() - t1
     res.tokens = [t[:max_new_tokens] for t in res.tokens]
     return res
 

@@ -29,6 +29,7 @@ from specssm.model.tp import DTYPES
 COMPILE_MODES = ("inductor", "aot_eager", "reduce-overhead")
 PROMPTS = [b"The quick brown fox jumps over the lazy dog. ", b"Mamba2 state space model, speculative decoding: ",
            b"abcabcabc", b"Once upon a time, ", b"0123456789", b"specssm "]
+PREFIX_SUFFIXES = [b"Once upon a time, ", b"0123456789"]      # --prefix-cache: after PROMPTS[0]
 
 
 def parse_args(argv):
@@ -62,6 +63,10 @@ def parse_args(argv):
                    help="run the decode step through torch.compile(fullgraph=True): inductor (the default when "
                         "given alone), aot_eager, or reduce-overhead (inductor + CUDA graphs, cuda only); needs the "
                         "Triton ops (on a CPU: TRITON_INTERPRET=1)")
+    p.add_argument("--prefix-cache", action="store_true",
+                   help="two requests sharing a prompt prefix: the first's state at the prefix boundary is "
+                        "materialized and exported, the second imports it and decodes only its suffix; both "
+                        "checked against cold runs")
     a = p.parse_args(argv)
     cuda = a.device == "cuda"
     a.tokens = a.tokens if a.tokens is not None else (256 if cuda else 48)
@@ -73,6 +78,8 @@ def parse_args(argv):
             p.error(f"--{name}: expected >= 1, got {getattr(a, name)}")
     if a.compile and a.tp > 1:
         p.error("--compile: not with --tp (each rank would compile its own step)")
+    if a.prefix_cache and (a.tp > 1 or a.compile):
+        p.error("--prefix-cache: not with --tp or --compile")
     if a.compile == "reduce-overhead" and not cuda:
         p.error("--compile reduce-overhead: CUDA graphs need --device cuda")
     return a
@@ -115,6 +122,42 @@ def _run_tp(a, cfg, prompts):
     print(f"spec decode (exact, rank 0): {r0['tokens_per_s']:.1f} tokens/s, mean accepted length "
           f"{r0['mean_accepted']:.2f} / {a.T}, flush fraction {r0['flush_fraction']:.2f}; ranks agree: {same_ranks}")
     return r0["tokens"], same_ranks
+
+
+def _prefix_cache_demo(a, model, drafter, state_dtype) -> int:
+    """`--prefix-cache`: request A (prefix + its suffix) and B (prefix + another suffix); B restores A's
+    materialized state at the prefix boundary (specssm/model/prefix.py). Exit code 1 if a request's
+    tokens differ from its cold run's (beyond a near tie)."""
+    from specssm.model.prefix import logit_tolerance, run_prefix_cache
+    prefix = torch.tensor(list(PROMPTS[0]), dtype=torch.int64)
+    suffixes = [torch.tensor(list(s), dtype=torch.int64) for s in PREFIX_SUFFIXES]
+    print(f"prefix cache: shared prefix of {prefix.numel()} tokens, suffixes of "
+          f"{' and '.join(str(s.numel()) for s in suffixes)}; materialize = "
+          f"{'Triton kernel' if model._triton_op() is not None else 'float64 reference'}")
+    run = run_prefix_cache(model, prefix, suffixes, a.tokens, a.T, drafter, window=a.window, state_dtype=state_dtype)
+    print(f"request A: {run.pnat_before} prefix tokens in its rings at the boundary, folded in place "
+          f"(materialize src == dst) and exported")
+    print(f"request B: imported the prefix state into a fresh slot; its SSM states against the float64 "
+          f"reference at the boundary: max error {run.state_rel_err:.1e} of the largest element")
+    tol = logit_tolerance(model.dtype, state_dtype)
+    ok = True
+    for name, diff, tokens, err in zip("AB", run.diffs, run.tokens, run.logit_rel_err):
+        good = err <= tol
+        ok &= good
+        print(f"check: request {name}'s logits after its prompt against the float64 reference: max error {err:.1e} "
+              f"of the largest (<= {tol:.0e}): {'OK' if good else 'FAILED'}")
+        if diff is None:
+            print(f"check: request {name} from the prefix cache == its cold run: OK ({len(tokens)} tokens)")
+        elif diff["near_tie"]:
+            print(f"check: request {name} == its cold run up to a near tie at token {diff['index']} (float64 "
+                  f"logit gap {diff['gap']:.1e}): OK")
+        else:
+            ok = False
+            print(f"check: request {name} != its cold run: FAILED at token {diff['index']} ({diff['got']} vs "
+                  f"{diff['want']}; float64 logit gap {diff['gap']:.1e})")
+    print(f"request B: {bytes(PROMPTS[0] + PREFIX_SUFFIXES[1])!r} -> {_show(run.tokens[1])} ({run.seconds:.1f} s)")
+    print("demo: OK" if ok else "demo: FAILED")
+    return 0 if ok else 1
 
 
 def main(argv=None) -> int:
@@ -163,6 +206,9 @@ def main(argv=None) -> int:
         speculative_generate(model, prompts[:1], 2 * a.T, a.T, drafter(), window=a.window, state_dtype=state_dtype)
         greedy_generate(model, prompts[:1], 2, window=a.window, state_dtype=state_dtype)
 
+    if a.prefix_cache:
+        return _prefix_cache_demo(a, model, drafter, state_dtype)
+
     ok = True
     if a.tp > 1:
         spec_tokens, ok = _run_tp(a, cfg, prompts)
@@ -170,8 +216,8 @@ def main(argv=None) -> int:
         spec = speculative_generate(model, prompts, a.tokens, a.T, drafter(), window=a.window, state_dtype=state_dtype)
         spec_tokens = spec.tokens
         print(f"spec decode (exact): {spec.generated} tokens in {spec.steps} steps, {spec.tokens_per_s:.1f} tokens/s, "
-              f"mean accepted length {spec.mean_accepted:.2f} / {a.T}, "
-              f"flush (write) fraction {spec.flush_fraction:.2f}")
+              f"mean accepted length {spec.mean_accepted:.2f} / {a.T}, flush (write) fraction "
+              f"{spec.flush_fraction:.2f}")
 
     greedy = {}
     if a.greedy in ("cache", "both"):

@@ -213,6 +213,27 @@ class TinyMamba2LM(torch.nn.Module):
             self._plan.scratch(self.local_cfg.nheads, self.dtype)
         return self._plan
 
+    def ssm_A(self) -> list:
+        """Each layer's per-head A = -exp(A_log) of this rank, (H_local,): what `materialize` takes."""
+        return [-torch.exp(m.A_log) for m in self.mixers]
+
+    @torch.no_grad()
+    def materialize(self, cache: ModelCache, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Fold each source slot's ring history into a fresh checkpoint of its destination (pnat 0), every
+        layer, with this model's A: `specssm.step.materialize` when the step op is the Triton one, else
+        the float64 reference `materialize_ref`. A destination other than its source also gets the
+        source's conv context, so it continues where the source is. src == dst: an early flush."""
+        if self._triton_op() is not None:
+            from specssm.step.materialize import materialize as fold
+        else:
+            from specssm.reference import materialize_ref as fold
+        fold(cache.ssm, src_slots, dst_slots, self.ssm_A(), validate=True)
+        live = dst_slots.detach().cpu() != cache.pad_slot_id
+        src, dst = (t.detach().cpu().long()[live].to(cache.device) for t in (src_slots, dst_slots))
+        for cs in cache.conv_states:
+            cs[dst] = cs[src]
+        cache.conv_offset[dst] = cache.conv_offset[src]
+
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor, cache: ModelCache, slot) -> torch.Tensor:
         """Run the prompt `(Lp,)` (Lp >= 1) of one request from a fresh slot; returns its logits

@@ -21,12 +21,14 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from specssm.step.device import dot16, row_tokens, softplus, split_hi_lo, wrap
+from specssm.step.device import dot16, exp2, row_tokens, softplus, split_hi_lo, wrap
 
 KH = tl.constexpr(16)    # history keys (the window's bound)
 NK = tl.constexpr(32)    # key positions: history, then new tokens on write rows
 VEC = 48                 # fp32 words per (row, head): decays, fold weights, exp(Λ)
 TM = tl.constexpr(16)    # token rows per (row, head): the products' M side (T <= TM)
+LOG2E = tl.constexpr(1.4426950408889634)
+CHUNK_N = 32             # B and C columns per step of the C·Bᵀ loop (at most BLOCK_N)
 
 
 @triton.jit
@@ -50,11 +52,11 @@ def coef_kernel(
     s_cf_b, s_cf_h, s_v_b, s_v_h,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
     WAIT: tl.constexpr, LAUNCH_DEPS: tl.constexpr, UPCAST: tl.constexpr,
-    HB: tl.constexpr, BLOCK_N: tl.constexpr, TO: tl.constexpr,
+    HB: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_N: tl.constexpr, TO: tl.constexpr,
 ):
     """Program (row, head block): history keys k < K and new tokens s < n_tok as two blocks of KH keys
     each, queries t < TO (T <= TO). The blocks are stored at their key positions: history at k, new
-    tokens at new0 + s. Programs run over the StepPlan's entries: the write and no-write groups; the
+    tokens at KH + s (write rows) or K + s (no-write rows). Programs run over the StepPlan's entries: the write and no-write groups; the
     padding group between them (padding rows, rows with a faulted slot / pnat / ring_start) does no
     work."""
     entry = tl.program_id(0)
@@ -62,33 +64,27 @@ def coef_kernel(
     if LAUNCH_DEPS:
         # the mains may start now: they load their state tiles while this grid finishes
         gdc_launch_dependents()
+    # the counts, the row and its slot in one round of loads (every entry < batch holds valid ids)
     n_write = tl.load(counts_ptr)
     n_live = tl.load(counts_ptr + 1)
+    row = tl.load(order_ptr + entry)
+    slot = tl.load(slots_ptr + entry).to(tl.int64)
     if (entry < n_write) | (entry >= batch - (n_live - n_write)):
-        row = tl.load(order_ptr + entry)
-        slot = tl.load(slots_ptr + entry).to(tl.int64)
         K = tl.load(pnat_ptr + slot)
         rs = tl.load(ring_start_ptr + slot)
         tok0, n_tok, row_off = row_tokens(cu_ptr, row, T, VARLEN)
         write = K + n_tok > W
-        # the first new token's key position (a corrupt negative pnat must not move stores out of the row)
-        new0 = tl.where(write, KH, tl.maximum(K, 0))
         heads = h0 + tl.arange(0, HB)
         g = h0 // HPG
         kk = tl.arange(0, KH)                    # history keys; new tokens as keys
         q = tl.arange(0, TO)                     # queries
-        offs_n = tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
         # history: ring rows rs + k; a corrupt ring_start or pnat is masked off, never read outside the ring
         ring_row = wrap(rs + kk, L)
         hist = (kk < K) & (ring_row >= 0) & (ring_row < L)
         new = kk < n_tok
-        q_ok = q < n_tok
 
         dt_hist = tl.load(dtc_ptr + slot * s_dtc_s + heads[:, None] * s_dtc_h + ring_row[None, :],
                           mask=hist[None, :], other=0.0)                                       # (HB, KH)
-        Bh = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + ring_row[:, None] * s_Bc_l + offs_n[None, :],
-                     mask=hist[:, None] & n_ok[None, :], other=0.0)                          # (KH, BLOCK_N)
         if WAIT:
             gdc_wait()      # dt, B, C of the new tokens come from the kernel before (conv1d)
         dt_new = tl.load(dt_ptr + row_off * s_dt_b + (tok0 + kk)[None, :] * s_dt_t + heads[:, None] * s_dt_h,
@@ -103,53 +99,70 @@ def coef_kernel(
         c_hist = tl.cumsum(a_hist, axis=1)
         lam = tl.sum(a_hist, axis=1)
         c_new = lam[:, None] + tl.cumsum(A[:, None] * dt_new, axis=1)
-        c_q = _first_cols(c_new, TO)             # the queries' c is their own keys' (diagonal decay 1)
 
-        # C·Bᵀ over both key blocks (16-bit operands: exact products), queries cut to TO rows
-        Bn = tl.load(B_ptr + row_off * s_B_b + (tok0 + kk)[:, None] * s_B_t + g * s_B_g + offs_n[None, :],
-                     mask=new[:, None] & n_ok[None, :], other=0.0)                           # (KH, BLOCK_N)
-        C = tl.load(C_ptr + row_off * s_B_b + (tok0 + kk)[:, None] * s_B_t + g * s_B_g + offs_n[None, :],
-                    mask=new[:, None] & n_ok[None, :], other=0.0)                            # (KH, BLOCK_N)
-        zero = tl.zeros((KH, KH), tl.float32)
-        cb_hist = tl.trans(_first_cols(tl.trans(dot16(C, tl.trans(Bh), zero, UPCAST)), TO))    # (TO, KH)
-        cb_new = tl.trans(_first_cols(tl.trans(dot16(C, tl.trans(Bn), zero, UPCAST)), TO))
+        # C·Bᵀ over both key blocks (16-bit operands: exact products), over N in chunks so no whole
+        # (KH, N) tile is held in registers; the ring append of the new B rides on the same loads
+        new_row = wrap(rs + K + kk, L)
+        new_ok = new & (new_row >= 0) & (new_row < L)
+        cb_hist = tl.zeros((KH, KH), tl.float32)
+        cb_new = tl.zeros((KH, KH), tl.float32)
+        for n0 in tl.range(0, BLOCK_N, CHUNK_N, num_stages=4):
+            offs_c = n0 + tl.arange(0, CHUNK_N)
+            c_ok = offs_c < N
+            Bh = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + ring_row[:, None] * s_Bc_l + offs_c[None, :],
+                         mask=hist[:, None] & c_ok[None, :], other=0.0)                      # (KH, CHUNK_N)
+            Bn = tl.load(B_ptr + row_off * s_B_b + (tok0 + kk)[:, None] * s_B_t + g * s_B_g + offs_c[None, :],
+                         mask=new[:, None] & c_ok[None, :], other=0.0)
+            C = tl.load(C_ptr + row_off * s_B_b + (tok0 + kk)[:, None] * s_B_t + g * s_B_g + offs_c[None, :],
+                        mask=new[:, None] & c_ok[None, :], other=0.0)
+            cb_hist = dot16(C, tl.trans(Bh), cb_hist, UPCAST)
+            cb_new = dot16(C, tl.trans(Bn), cb_new, UPCAST)
+            if h0 % HPG == 0:
+                tl.store(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + new_row[:, None] * s_Bc_l + offs_c[None, :], Bn,
+                         mask=new_ok[:, None] & c_ok[None, :])
+        cb_hist = tl.trans(_first_cols(tl.trans(cb_hist), TO))                                 # (TO, KH)
+        cb_new = tl.trans(_first_cols(tl.trans(cb_new), TO))
 
-        vis_h = q_ok[:, None] & hist[None, :]
-        coef_h = cb_hist[None, :, :] * dt_hist[:, None, :] * tl.exp(
-            tl.where(vis_h[None, :, :], c_q[:, :, None] - c_hist[:, None, :], float("-inf")))   # (HB, TO, KH)
-        vis_n = q_ok[:, None] & new[None, :] & (kk[None, :] <= q[:, None])
-        coef_n = cb_new[None, :, :] * dt_new[:, None, :] * tl.exp(
-            tl.where(vis_n[None, :, :], c_q[:, :, None] - c_new[:, None, :], float("-inf")))
+        # exp(c_t - c_k) as exp2 of pre-scaled sums; a dead history key's +inf makes its coefficient 0.
+        # Query rows past n_tok are written too (finite: their C rows are zero) and never read.
+        ch = tl.where(hist[None, :], c_hist * LOG2E, float("inf"))
+        cn = c_new * LOG2E
+        cq = _first_cols(cn, TO)
+        coef_h = cb_hist[None, :, :] * dt_hist[:, None, :] * exp2(cq[:, :, None] - ch[:, None, :])  # (HB, TO, KH)
+        coef_n = cb_new[None, :, :] * dt_new[:, None, :] * exp2(cq[:, :, None] - cn[:, None, :])
+        # a key after its query is dropped by a select (its exponent is positive: a product could be inf·0)
+        coef_n = tl.where((kk[None, :] <= q[:, None])[None, :, :], coef_n, 0.0)
         if HAS_D:
-            diag = q_ok[:, None] & (kk[None, :] == q[:, None])
+            diag = kk[None, :] == q[:, None]
             coef_n += tl.where(diag[None, :, :], tl.load(D_ptr + heads).to(tl.float32)[:, None, None], 0.0)
-        # every key position the mains read is written once: history at k < new0 (zeros past K), new
-        # tokens at new0 + s (zeros past n_tok); token rows past n_tok are masked by the mains. No mask
-        # on keys there keeps their coefficient loads in the software pipeline.
-        cf = coef_ptr + row * s_cf_b + heads[:, None, None] * s_cf_h + q[None, :, None] * NK
-        mask_h = q_ok[None, :, None] & (kk < new0)[None, None, :]
-        mask_n = q_ok[None, :, None] & (kk < KH)[None, None, :]
-        hi, lo = split_hi_lo(coef_h, coef_ptr.dtype.element_ty)
-        tl.store(cf + kk[None, None, :], hi, mask=mask_h)
-        tl.store(cf + TM * NK + kk[None, None, :], lo, mask=mask_h)
-        hi, lo = split_hi_lo(coef_n, coef_ptr.dtype.element_ty)
-        tl.store(cf + (new0 + kk)[None, None, :], hi, mask=mask_n)
-        tl.store(cf + TM * NK + (new0 + kk)[None, None, :], lo, mask=mask_n)
+        # every key position the mains read is written, in whole aligned 16-key blocks (vector stores):
+        # write rows put the history keys at [0, KH) (zeros past K) and the new tokens at [KH, 2 KH);
+        # no-write rows one window at [0, KH): history keys k < K, new token s at K + s (a gather moves
+        # the new block there). No mask on keys in the mains keeps their loads in the software pipeline.
+        cf = coef_ptr + row * s_cf_b + heads[:, None, None] * s_cf_h + q[None, :, None] * NK + kk[None, None, :]
+        if write:
+            hi, lo = split_hi_lo(coef_h, coef_ptr.dtype.element_ty)
+            tl.store(cf, hi)
+            tl.store(cf + TM * NK, lo)
+            hi, lo = split_hi_lo(coef_n, coef_ptr.dtype.element_ty)
+            tl.store(cf + KH, hi)
+            tl.store(cf + TM * NK + KH, lo)
+        else:
+            shift = tl.broadcast_to(tl.maximum(kk - K, 0)[None, None, :], (HB, TO, KH))
+            coef_w = tl.where((kk < K)[None, None, :], coef_h, tl.gather(coef_n, shift, 2))
+            hi, lo = split_hi_lo(coef_w, coef_ptr.dtype.element_ty)
+            tl.store(cf, hi)
+            tl.store(cf + TM * NK, lo)
 
         v = vec_ptr + row * s_v_b + heads * s_v_h
-        tl.store(v[:, None] + q[None, :], tl.exp(c_q), mask=q_ok[None, :])
+        tl.store(v[:, None] + q[None, :], exp2(cq))
         if write:
             w_fold = tl.where(hist[None, :], tl.exp(lam[:, None] - c_hist) * dt_hist, 0.0)
             tl.store(v[:, None] + KH + kk[None, :], w_fold)
             tl.store(v + 2 * KH, tl.exp(lam))
 
-        # ring appends of the new dt (and B once per group): rows rs + K + s, disjoint from the history
-        new_row = wrap(rs + K + kk, L)
-        new_ok = new & (new_row >= 0) & (new_row < L)
+        # ring append of the new dt: rows rs + K + s, disjoint from the history
         tl.store(dtc_ptr + slot * s_dtc_s + heads[:, None] * s_dtc_h + new_row[None, :], dt_new,
                  mask=new_ok[None, :])
-        if h0 % HPG == 0:
-            tl.store(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + new_row[:, None] * s_Bc_l + offs_n[None, :], Bn,
-                     mask=new_ok[:, None] & n_ok[None, :])
     elif WAIT:
         gdc_wait()      # a padding entry: nothing to do, but the grid must not finish before its producer

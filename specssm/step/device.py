@@ -28,6 +28,16 @@ def silu(v):
 
 
 @triton.jit
+def exp2(v):
+    """2^v. Compiled: one MUFU.EX2 with denormal results flushed to zero (the plain exp2 adds a range
+    fix-up per element); the interpreter takes tl.math.exp2."""
+    if COMPILED:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.math.exp2(v)
+
+
+@triton.jit
 def wrap(i, L):
     """i mod L for 0 <= i < 2L: one conditional subtraction where `%` by a runtime L costs an integer
     division per element (~20 instructions)."""

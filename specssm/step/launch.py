@@ -19,7 +19,7 @@ from specssm.cache.faults import new_record as new_fault_record
 from specssm.cache.plan import StepPlan
 from specssm.step.store import STATE_KIND
 from specssm.step import tuning
-from specssm.step.coef import TM, coef_kernel
+from specssm.step.coef import CHUNK_N as COEF_CHUNK_N, TM, coef_kernel
 from specssm.step.fused import DYNAMIC, NO_WRITE, WRITE, fused_kernel
 from specssm.step.mains import main_kernel
 
@@ -127,8 +127,9 @@ def _launch_split(a, cfg, plan):
         s_B_g=s["s_B_g"], s_Bc_s=s["s_Bc_s"], s_Bc_g=s["s_Bc_g"], s_Bc_l=s["s_Bc_l"], s_dtc_s=s["s_dtc_s"],
         s_dtc_h=s["s_dtc_h"], s_cf_b=coef.stride(0), s_cf_h=coef.stride(1), s_v_b=vec.stride(0), s_v_h=vec.stride(1),
         HAS_D=f["HAS_D"], HAS_BIAS=f["HAS_BIAS"], SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], WAIT=f["PDL"],
-        LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, TO=to,
-        num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}))
+        LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, CHUNK_N=min(COEF_CHUNK_N, block_n), TO=to,
+        num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}),
+        **({"maxnreg": cfg["coef"]["maxnreg"]} if cfg["coef"].get("maxnreg") and a["cuda"] else {}))
     for write in (True, False):
         mcfg = cfg["write" if write else "no_write"]
         block_p = _block_p(mcfg, P, N)

@@ -18,9 +18,10 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from specssm.step.store import codes_to_f32, codes_to_half, decode_state_tile, encode_state_tile, store_state_tile
+from specssm.step.store import codes_to_f32, codes_to_half, encode_state_tile, store_state_tile
 from specssm.step.coef import KH, NK
-from specssm.step.device import dot16, row_tokens, silu, split_hi_lo, tile_masks, wrap
+from specssm.step.device import dot16, row_tokens, silu, tile_masks, wrap
+from specssm.step.fold import fold_history
 
 
 @triton.jit
@@ -152,11 +153,8 @@ def main_kernel(
             Xn = tl.load(x_base + (tok0 + kk)[:, None] * s_x_t + offs_p[None, :],
                          mask=(kk < n_tok)[:, None] & p_ok[None, :], other=0.0)                # (KH, BLOCK_P)
             y = _coef_x(cf_base, Xn, y, n_tok, KH, UPCAST, TM)
-            # fold: h_K = exp(Λ)·S + (X_hist·w)ᵀ @ B_hist, the fp32 factor as a (hi, lo) pair
-            w_fold = tl.load(v_base + KH + kk)
-            xw_hi, xw_lo = split_hi_lo(Xh.to(tl.float32) * w_fold[:, None], Xh.dtype)
-            hK = tl.load(v_base + 2 * KH) * decode_state_tile(S, S_scale, KIND)
-            hK = dot16(tl.trans(xw_lo), Bh, dot16(tl.trans(xw_hi), Bh, hK, UPCAST), UPCAST)
+            # fold: h_K = exp(Λ)·S + (X_hist·w)ᵀ @ B_hist (weights and exp(Λ) from the coefficient kernel)
+            hK = fold_history(S, S_scale, Xh, Bh, tl.load(v_base + KH + kk), tl.load(v_base + 2 * KH), KIND, UPCAST)
             if TMA:
                 q, scale = encode_state_tile(hK, st_mask, seed_ptr, slot, st_pool + st_row, st_pool + st_off,
                                              state_ptr.dtype.element_ty, KIND, SR, SR_ROWS, PHILOX_ROUNDS)

@@ -12,7 +12,7 @@ Fields of a config (`DEFAULT` lists them all):
                     TN_MIN (token tile 8 or 16), tma; its "write" / "no_write" sub-dicts override these
                     for the fused kernel's own split launches (the replay no-write form)
   coef              the coefficient kernel: HB heads per program (a power of two, within one group),
-                    num_warps
+                    num_warps, maxnreg (register cap: more programs per SM, each waiting on its loads)
   write, no_write   the mains: BLOCK_P state rows per tile, num_warps, stages (software pipelining of
                     the persistent loop), ctas_per_sm (programs per SM of the persistent grid), tma
                     (state tiles through a TMA descriptor), maxnreg (register cap; None: the compiler's)
@@ -38,7 +38,7 @@ DEFAULT = {
     "split_min_batch": 64,
     "fused": {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "TN_MIN": 8, "tma": False,
               "write": {"maxnreg": 168}, "no_write": {}},
-    "coef": {"HB": 8, "num_warps": 2},
+    "coef": {"HB": 8, "num_warps": 2, "maxnreg": None},
     "write": dict(_MAIN),
     "no_write": dict(_MAIN),
 }

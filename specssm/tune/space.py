@@ -1,7 +1,7 @@
 """The knob space `specssm tune` searches: the knobs of each launch of the step, the families of launches
 timed together, and the rules that drop a point before anything is compiled.
 
-A *point* of a family sets every knob of its launches: {"coef": {"HB": 8, "num_warps": 2}, "write": {...},
+A *point* of a family sets every knob of its launches: {"coef": {"HB": 8, ...}, "write": {...},
 "no_write": {...}} (the split family). `config_of` turns it into a config override (tuning.OVERRIDE's
 shape). A *target* is what one search times on: state dtype, rounding, T, W, shape and batch.
 
@@ -87,7 +87,7 @@ MAIN_KNOBS = (
     _MAXNREG,
 )
 KNOBS = {
-    "coef": (Knob("HB", (1, 2, 4, 8, 16), "heads per program, within one group"), _WARPS),
+    "coef": (Knob("HB", (1, 2, 4, 8, 16), "heads per program, within one group"), _WARPS, _MAXNREG),
     "write": MAIN_KNOBS,
     "no_write": MAIN_KNOBS,
     "fused": (Knob("BLOCK_P", (16, 32, 64), "state rows per program"), _WARPS, _MAXNREG, _TN, _TMA),
@@ -117,7 +117,8 @@ FAMILIES = {
     "fused": Family("fused", "dynamic", "rectangle", ("fused",),
                     (("fused", ("BLOCK_P", "num_warps")), ("fused", ("maxnreg",)), ("fused", ("TN_MIN", "tma")))),
     "split": Family("split", "split", "rectangle", ("coef", "write", "no_write"),
-                    (("coef", ("HB", "num_warps")),) + _main_blocks("write") + _main_blocks("no_write")),
+                    (("coef", ("HB", "num_warps")), ("coef", ("maxnreg",)))
+                    + _main_blocks("write") + _main_blocks("no_write")),
     "replay": Family("replay", "split", "replay", ("fused.write", "fused.no_write"),
                      (("fused.write", ("num_warps", "maxnreg")), ("fused.write", ("TN_MIN", "tma")),
                       ("fused.no_write", ("num_warps", "maxnreg")), ("fused.no_write", ("TN_MIN", "tma")))),

@@ -72,7 +72,9 @@ def test_schema1_converts_without_changing_a_config():
             partial, _ = tables.lookup(new, state, "rn", 6, 16, 16, 64, 128, 1, batch)
             assert partial == H200_V1[f"P64:N128:{state}"]
     shipped = json.loads((tuning.TABLE_DIR / "H200.json").read_text())
-    assert shipped["entries"][:2] == new["entries"], "the shipped H200 table is its schema-1 table converted"
+    for got, want in zip(shipped["entries"][:2], new["entries"]):
+        # the batch-1 (fused) buckets are the schema-1 table converted; later buckets were added by sweeps
+        assert got["batches"]["1"] == want["batches"]["1"], "the shipped H200 table's batch-1 buckets changed"
 
 
 @pytest.mark.parametrize("mutate,what", [

@@ -33,7 +33,7 @@ def test_knobs_are_config_fields_and_hold_the_defaults():
 @pytest.mark.parametrize("launch,knobs,t,reason", [
     # HB: the launcher takes the largest power of two dividing H/G = 2
     ("coef", {"HB": 4, "num_warps": 2}, tgt(H=16, G=8), "coef.HB=4 runs as 2"),
-    ("coef", {"HB": 2, "num_warps": 2}, tgt(H=16, G=8), None),
+    ("coef", {"HB": 2, "num_warps": 2, "maxnreg": None}, tgt(H=16, G=8), None),
     # tiles: P=32 clamps 64 to 32; N=256 allows 8192 / 256 = 32 rows; P=80: 32 and 64 leave a partial tile
     ("write", main_knobs(BLOCK_P=64), tgt(P=32), "write.BLOCK_P=64 runs as 32"),
     ("write", main_knobs(BLOCK_P=64), tgt(N=256), "write.BLOCK_P=64 runs as 32"),
@@ -65,8 +65,8 @@ def test_launch_rules(launch, knobs, t, reason):
 
 
 def test_counts_by_hand():
-    # coef at H/G = 2: HB in {1, 2} x 4 warp counts
-    assert len(space.launch_points("coef", tgt(H=16, G=8))) == 8
+    # coef at H/G = 2: HB in {1, 2} x 4 warp counts x 4 register caps
+    assert len(space.launch_points("coef", tgt(H=16, G=8))) == 32
     # fused at T=6 (token tiles 8 and 16 differ), P=64, N=128: 3 x 4 x 4 x 2 x 2, nothing clamped
     assert len(space.launch_points("fused", tgt(T=6))) == 192
     assert len(space.launch_points("fused", tgt(T=12))) == 96
@@ -99,8 +99,8 @@ def test_block_neighbors_change_only_their_block():
 def test_default_point_runs_as_default_and_configs_round_trip():
     t = tgt(H=16, G=8)
     p = space.default_point(FAMILIES["split"], t)
-    assert p["coef"] == {"HB": 2, "num_warps": 2}, "DEFAULT's HB 8 runs as 2 at H/G = 2"
-    assert space.config_of(p) == {"coef": {"HB": 2, "num_warps": 2}, "write": p["write"], "no_write": p["no_write"]}
+    assert p["coef"] == {"HB": 2, "num_warps": 2, "maxnreg": None}, "DEFAULT's HB 8 runs as 2 at H/G = 2"
+    assert space.config_of(p) == {"coef": {"HB": 2, "num_warps": 2, "maxnreg": None}, "write": p["write"], "no_write": p["no_write"]}
     rp = space.default_point(FAMILIES["replay"], t)
     over = space.override_of({"family": "replay", "point": rp})
     assert over["fused"]["write"] == {"num_warps": 4, "maxnreg": 168, "tma": False, "TN_MIN": 8}
