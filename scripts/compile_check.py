@@ -141,8 +141,8 @@ def compile_main(state="fp32", num_warps=4, maxnreg=None, label=None, **cx):
 def compile_coef(num_warps=2, label=None, maxnreg=None, **cx):
     from specssm.step.coef import coef_kernel
     cx = dict(COEF_BASE, **cx)
-    return compile_one(coef_kernel, ssu_pointers(coef_kernel), cx, num_warps=num_warps, ints=ints_of(coef_kernel), maxnreg=maxnreg,
-                       label=label or f"coef HB={cx['HB']} warps={num_warps}")
+    return compile_one(coef_kernel, ssu_pointers(coef_kernel), cx, num_warps=num_warps, ints=ints_of(coef_kernel),
+                       maxnreg=maxnreg, label=label or f"coef HB={cx['HB']} warps={num_warps}")
 
 
 def compile_materialize(state="fp32", sr=False, num_warps=4, label=None):
