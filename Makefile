@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Two commands do everything on a fresh machine: `make demo` and `make test` (`make lint`: ruff).
 PY ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -16,6 +16,10 @@ setup: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -x -m "not gpu" tests
 
+# ruff over the whole repository (rules: pyproject.toml [tool.ruff]); lint only, no `ruff format`
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
 demo: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m specssm demo
 
@@ -26,4 +30,4 @@ gpu-test:
 	$(GPU_PY) scripts/check_versions.py
 	$(GPU_PY) -m pytest -q -m gpu tests
 
-.PHONY: setup test demo gpu-test
+.PHONY: setup test lint demo gpu-test

@@ -15,7 +15,7 @@ from specssm.reference import checkpointing_ssu_ref
 from specssm.reference.storage import decode_state, is_quantized
 
 # relative RMS error of outputs by activation dtype, with tf32 dots (precision="fast") on a GPU; 16-bit
-# activations: the step's coefficient matrix meets x in a 16-bit product (tests/ops/checks.py: the same)
+# activations: the step's coefficient matrix meets x in a 16-bit product (tests/helpers/compare.py: the same)
 OUT_TOL = {torch.float32: 3e-3, torch.bfloat16: 6e-3, torch.float16: 3e-3}
 STATE_TOL = {torch.float32: 3e-3, torch.bfloat16: 1e-2, torch.float16: 3e-3}
 FIELDS = ("state", "state_scale", "x_cache", "B_cache", "dt_cache")

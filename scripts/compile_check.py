@@ -60,7 +60,7 @@ def compile_one(fn, dtypes, constexprs, num_warps=4, label="", ints=None, maxnre
 
 def compile_plan():
     """The StepPlan kernel at its smallest and largest usual blocks, fixed and varlen lengths."""
-    from specssm.cache.plan_kernel import _plan_kernel, _num_warps
+    from specssm.cache.plan_kernel import _num_warps, _plan_kernel
     ptr = {"pnat_ptr": "*i32", "sbi_ptr": "*i32", "lens_ptr": "*i32", "write_flag_ptr": "*i32",
            "order_ptr": "*i32", "slots_ptr": "*i32", "counts_ptr": "*i32", "rs_ptr": "*i32", "faults_ptr": "*i64"}
     for block in (1, 4096):
@@ -141,8 +141,8 @@ def compile_main(state="fp32", num_warps=4, maxnreg=None, label=None, **cx):
 def compile_coef(num_warps=2, label=None, maxnreg=None, **cx):
     from specssm.step.coef import coef_kernel
     cx = dict(COEF_BASE, **cx)
-    return compile_one(coef_kernel, ssu_pointers(coef_kernel), cx, num_warps=num_warps, ints=ints_of(coef_kernel), maxnreg=maxnreg,
-                       label=label or f"coef HB={cx['HB']} warps={num_warps}")
+    return compile_one(coef_kernel, ssu_pointers(coef_kernel), cx, num_warps=num_warps, ints=ints_of(coef_kernel),
+                       maxnreg=maxnreg, label=label or f"coef HB={cx['HB']} warps={num_warps}")
 
 
 def compile_materialize(state="fp32", sr=False, num_warps=4, label=None):

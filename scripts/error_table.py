@@ -8,14 +8,15 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from specssm.ops import checkpointing_ssu  # noqa: E402
-from specssm.reference import checkpointing_ssu_ref  # noqa: E402
-from tests.ops.checks import rel_rms  # noqa: E402
-from tests.ops.helpers import make_step, to_device  # noqa: E402
+from specssm.ops import checkpointing_ssu
+from specssm.reference import checkpointing_ssu_ref
+from tests.helpers.compare import rel_rms
+from tests.helpers.steps import make_step, to_device
 
 
 def main():
     import copy
+
     from specssm.reference.storage import decode_state
     print(f"card: {torch.cuda.get_device_name(0)}; Super TP8 (H=16, P=64, N=128, G=1), T=6, W=16, batch 256, "
           "bf16 activations, one step, mixed pnat")

@@ -11,20 +11,22 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.quick_bench import HIST, fill_state, stationary_pnat  # noqa: E402
-from specssm.cache import SSMCache, StepPlan  # noqa: E402
-from specssm.ops import checkpointing_ssu  # noqa: E402
+from specssm.bench.mix import DEFAULT_ACCEPTANCE, sample_pnat
+from specssm.bench.runner import fill_state
+from specssm.cache import SSMCache, StepPlan
+from specssm.ops import checkpointing_ssu
 
 
 def main(batch=1024, state=torch.float32):
     H, P, N, G, T, W = 16, 64, 128, 1, 6, 16
     dev = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
     cache = SSMCache(1, batch, H, P, N, G, T, W, state_dtype=state, act_dtype=torch.bfloat16, device=dev)
     lc = cache.layers[0]
-    fill_state(lc.state)
-    lc.x_cache.normal_(); lc.B_cache.normal_(); lc.dt_cache.uniform_(0.01, 0.1)
-    cache.pnat.copy_(stationary_pnat(T, W, HIST, gen, batch).to(dev))
+    fill_state(lc.state, lc.state_scale)
+    lc.x_cache.normal_()
+    lc.B_cache.normal_()
+    lc.dt_cache.uniform_(0.01, 0.1)
+    cache.pnat.copy_(torch.from_numpy(sample_pnat("mixed", batch, DEFAULT_ACCEPTANCE, T, W)).to(dev))
     x = torch.randn(batch, T, H, P, device=dev, dtype=torch.bfloat16)
     Bm = torch.randn(batch, T, G, N, device=dev, dtype=torch.bfloat16)
     sbi = torch.arange(batch, dtype=torch.int32, device=dev)

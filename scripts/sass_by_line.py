@@ -20,8 +20,7 @@ import tempfile
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.compile_check import (SSU_BASE, STATES, compile_coef, compile_main, compile_one, ints_of,  # noqa: E402
-                                   ssu_pointers)
+from scripts.compile_check import SSU_BASE, STATES, compile_coef, compile_main, compile_one, ints_of, ssu_pointers
 
 
 def sass_by_line(kernel):
@@ -67,8 +66,8 @@ def main():
         from specssm.step.fused import fused_kernel
         kind, sdt = STATES[a.state]
         cx = dict(SSU_BASE, KIND=kind, NATIVE_CS=kind in (1, 3, 4), BRANCH=1 if a.write else 0, USE_ORDER=a.write)
-        k = compile_one(fused_kernel, ssu_pointers(fused_kernel, sdt), cx, num_warps=a.warps, ints=ints_of(fused_kernel),
-                        maxnreg=a.maxnreg or None, label=f"fused {a.state}")
+        k = compile_one(fused_kernel, ssu_pointers(fused_kernel, sdt), cx, num_warps=a.warps,
+                        ints=ints_of(fused_kernel), maxnreg=a.maxnreg or None, label=f"fused {a.state}")
     total, counts, ops = sass_by_line(k)
     print(f"SASS instructions per warp: {total} (x {a.warps} warps: {total * a.warps})")
     for where, n in counts.most_common(a.top):

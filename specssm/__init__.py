@@ -13,8 +13,8 @@ Public API:
 from specssm.cache import SSMCache, StepPlan
 
 __version__ = "0.1.0"
-__all__ = ["SSMCache", "StepPlan"]      # and, imported when first used, the ops below
 _OPS = ("checkpointing_ssu", "always_write_ssu", "all_states_ssu", "materialize")
+__all__ = ["SSMCache", "StepPlan", *_OPS]       # the ops load on first use (__getattr__)
 
 
 def __getattr__(name):

@@ -15,11 +15,10 @@ from specssm.cache.faults import new_record as new_fault_record
 from specssm.conv import conv1d_update, new_conv_state
 from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
 from specssm.reference import checkpointing_ssu_ref
-from tests.ops.checks import rel_rms
-from tests.ops.helpers import make_step
+from tests.helpers.compare import rel_rms
+from tests.helpers.steps import make_step
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def compact(ins):
@@ -194,19 +193,19 @@ def test_arguments_outside_the_schema_get_the_named_error():
     dispatcher's own error would not name the argument), before anything is written."""
     cache, ins = make_step(batch=2, T=2, seed=5)
     state = cache.layers[0].state.clone()
-    with pytest.raises(TypeError, match="^x: expected a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"^x: expected a torch.Tensor, got list"):
         checkpointing_ssu(**dict(ins, x=[1.0]), **cache.op_kwargs(0))
     plan = StepPlan(2)
-    with pytest.raises(ValueError, match="^num_tokens:"):
+    with pytest.raises(ValueError, match=r"^num_tokens:"):
         plan.build(cache.pnat, ins["state_batch_indices"], cache.W, 4.0)
-    with pytest.raises(TypeError, match="^x: expected dtype"):      # not an error from allocating scratch
+    with pytest.raises(TypeError, match=r"^x: expected dtype"):      # not an error from allocating scratch
         checkpointing_ssu(**dict(ins, x=ins["x"].int()), **cache.op_kwargs(0), plan=plan, launch="split")
     assert plan.allocated_scratch(4, torch.int32) is None
-    with pytest.raises(TypeError, match="^slots:"):
+    with pytest.raises(TypeError, match=r"^slots:"):
         cache.commit([0, 1], torch.ones(2, dtype=torch.int32))
     conv = case_conv("cpu", bias=True)
     before = conv["conv_state"].clone()
-    with pytest.raises(TypeError, match="^pad_slot_id:"):
+    with pytest.raises(TypeError, match=r"^pad_slot_id:"):
         conv1d_update(conv["xBC"], conv["conv_state"], conv["conv_offset"], conv["weight"], pad_slot_id=-1.0)
     assert torch.equal(cache.layers[0].state, state) and torch.equal(conv["conv_state"], before)
     assert plan.batch == 0
@@ -219,9 +218,9 @@ def test_plan_tensors_are_checked_by_the_step_op():
     plan = StepPlan(3).build(args["prev_num_accepted_tokens"], args["state_batch_indices"], cache.W, 4)
     coef, vec = plan.scratch(args["x"].shape[-2], args["x"].dtype)
     out = args["out"].clone()
-    with pytest.raises(ValueError, match="^plan_coef:"):
+    with pytest.raises(ValueError, match=r"^plan_coef:"):
         torch.ops.specssm.checkpointing_ssu(**args, **plan_args(plan), plan_coef=coef[:2], plan_vec=vec[:2],
                                             launch="split")
-    with pytest.raises(ValueError, match="^plan_batch:"):
+    with pytest.raises(ValueError, match=r"^plan_batch:"):
         torch.ops.specssm.checkpointing_ssu(**args, **dict(plan_args(plan), plan_batch=4), launch="split")
     assert torch.equal(args["out"].isnan(), out.isnan())

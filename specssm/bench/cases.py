@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specssm.bench import strategies as sts
 from specssm.bench.peer import PEERS
 
 SHAPES = {
-    # name: (H, P, N, G) per tensor-parallel rank (DESIGN §2)
+    # name: (H, P, N, G) per tensor-parallel rank: Nemotron-3-Super at TP8 and at TP1
     "super_tp8": (16, 64, 128, 1),
     "tp1": (128, 64, 128, 8),
 }
@@ -15,7 +16,7 @@ NO_WRITE_FORMS = ("rectangle", "replay")
 STATE_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 ROUNDINGS = ("rn", "sr")
 BATCHES = tuple(2 ** i for i in range(11))          # 1 .. 1024
-STRATEGIES = ("checkpointing", "always_write", "all_states")
+STRATEGIES = sts.NAMES
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,22 @@ class Shape:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running the step: strategy (+ launch mode and no-write form for checkpointing)."""
+    """One way of running the step: strategy (+ launch mode, no-write form and a tuning override for
+    checkpointing). `config`: a tuning override (specssm/step/tuning.py) as sorted JSON, "" for none."""
     strategy: str
     launch: str = "auto"
     no_write_form: str = "rectangle"
+    config: str = ""
 
     @property
     def label(self) -> str:
         if self.strategy in PEERS:
             return self.strategy
-        if self.strategy == "checkpointing":
-            return f"ckpt/{self.launch}/{'rect' if self.no_write_form == 'rectangle' else 'replay'}"
-        return {"always_write": "always-write", "all_states": "all-states"}[self.strategy]
+        st = sts.STRATEGIES[self.strategy]
+        if st.variants:
+            form = "rect" if self.no_write_form == "rectangle" else "replay"
+            return f"{st.label}/{self.launch}/{form}" + (f" {self.config}" if self.config else "")
+        return st.label
 
 
 @dataclass(frozen=True)
@@ -56,18 +61,20 @@ class Case:
 
     def key(self) -> dict:
         s = self.variant.strategy
+        st = sts.STRATEGIES.get(s)       # None for a peer
         d = {"shape": self.shape.name, "H": self.shape.H, "P": self.shape.P, "N": self.shape.N,
              "G": self.shape.G, "T": self.T, "W": self.W, "strategy": s,
-             "launch": self.variant.launch if s not in ("all_states", *PEERS) else "-",
-             "no_write_form": self.variant.no_write_form if self.variant.strategy == "checkpointing" else "-",
-             "variant": self.variant.label, "state_dtype": self.state_dtype, "rounding": self.rounding,
+             "launch": self.variant.launch if st is not None and st.launch else "-",
+             "no_write_form": self.variant.no_write_form if st is not None and st.variants else "-",
+             "variant": self.variant.label, "config": self.variant.config, "state_dtype": self.state_dtype,
+             "rounding": self.rounding,
              "scenario": self.scenario, "batch": self.batch}
         return d
 
 
 def cache_strategy(strategy: str) -> str:
-    """The strategy whose caches a case runs on: a peer runs on the checkpointing caches."""
-    return "checkpointing" if strategy in PEERS else strategy
+    """The strategy whose caches a case runs on: a peer runs on those of sts.PEER_CACHES."""
+    return sts.PEER_CACHES if strategy in PEERS else strategy
 
 
 def parse_shape(spec: str) -> Shape:
@@ -84,25 +91,28 @@ def parse_shape(spec: str) -> Shape:
     return Shape(name or f"H{H}P{P}N{N}G{G}", H, P, N, G)
 
 
-def variants(strategies, launches, forms) -> list[Variant]:
+def variants(strategies, launches, forms, configs=("",)) -> list[Variant]:
     out = []
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"--strategies: expected names from {STRATEGIES}, got {s!r}")
-        if s == "checkpointing":
-            out += [Variant(s, launch, form) for launch in launches for form in forms]
+        if sts.STRATEGIES[s].variants:
+            out += [Variant(s, launch, form, cfg) for launch in launches for form in forms for cfg in configs]
         else:
             out.append(Variant(s, "auto", "rectangle"))
     return out
 
 
 def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios, batches, T, W,
-           peers=()) -> list[Case]:
+           peers=(), configs=("",)) -> list[Case]:
     """All cases of a run, grouped so consecutive cases can share one cache:
     shape > state dtype > batch > strategy > scenario > variant > rounding.
 
     Peers (`--peer`) run on the checkpointing caches: in each scenario, right after our checkpointing
     variants (every rounding), so one cache and one pnat draw serve both and their figures compare.
+
+    `configs` (`--sweep`): tuning overrides as sorted JSON ("" none); each checkpointing variant runs
+    under each of them.
 
     Baselines run once per (shape, dtype, batch, rounding) with scenario "any"; all-states has no
     rounding choice (it stores in the state dtype directly) and runs with "rn" only. In the all-write
@@ -123,18 +133,19 @@ def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios,
     for name in peers:
         if name not in PEERS:
             raise ValueError(f"--peer: expected names from {PEERS}, got {name!r}")
-    vs = variants(strategies, launches, forms)
+    vs = variants(strategies, launches, forms, configs)
     pvs = [Variant(name) for name in peers]
     cases = []
     for shape in shapes:
         for dt in dtypes:
             for batch in batches:
-                for strategy in STRATEGIES:
+                for strategy, st in sts.STRATEGIES.items():
                     svs = [v for v in vs if v.strategy == strategy]
-                    if not svs and not (strategy == "checkpointing" and pvs):
+                    peers_here = pvs if strategy == sts.PEER_CACHES else []
+                    if not svs and not peers_here:
                         continue
-                    if strategy != "checkpointing":
-                        rnds = ["rn"] if strategy == "all_states" else list(roundings)
+                    if not st.scenarios:
+                        rnds = list(roundings) if st.rounding else ["rn"]
                         cases += [Case(shape, svs[0], dt, r, "any", batch, T, W) for r in rnds]
                         continue
                     for sc in scenarios:
@@ -142,5 +153,5 @@ def expand(*, shapes, strategies, launches, forms, dtypes, roundings, scenarios,
                             if sc == "all_write" and v.no_write_form != "rectangle" and "rectangle" in forms:
                                 continue
                             cases += [Case(shape, v, dt, r, sc, batch, T, W) for r in roundings]
-                        cases += [Case(shape, v, dt, r, sc, batch, T, W) for v in pvs for r in roundings]
+                        cases += [Case(shape, v, dt, r, sc, batch, T, W) for v in peers_here for r in roundings]
     return cases

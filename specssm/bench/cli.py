@@ -1,4 +1,4 @@
-"""`specssm bench`: time the strategies' per-layer step on a GPU against the byte floor (DESIGN §6).
+"""`specssm bench`: time the strategies' per-layer step on a GPU against the byte floor (benchmarks/README.md).
 
 Each case (shape, strategy variant, state dtype, rounding, scenario, batch) is captured in a CUDA graph of
 several steps on rotating slot sets (state cold, inputs hot), replayed under torch.profiler; the step time
@@ -8,12 +8,20 @@ summary.md and PNG plots to --out; --results-md also writes the summary to a pat
 --peer trtllm=PATH also times TensorRT-LLM's Triton checkpointing kernel (the seed) on the same caches,
 imported from PATH at run time (only its own kernels are timed); our checkpointing rows gain `× seed`.
 
+The quick loop used while tuning: --timer events times whole graph replays with CUDA events (no
+profiler; no seed), --sweep runs each checkpointing variant under each of a list of tuning overrides,
+--kernels prints the registers, spills and shared memory of every compiled step kernel at the end:
+
+    specssm bench --timer events --strategies checkpointing --launch dynamic,split --dtypes fp32 \\
+        --batches 1,8,64,256,1024 --no-conv --no-plots --sweep '[{}, {"fused": {"num_warps": 8}}]' --kernels
+
 Long runs (--all) can be split: --time-budget stops cleanly, --resume continues from --out/results.json.
 --dry-run lists the cases and --render re-renders a results.json; both work without a GPU.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +31,7 @@ from specssm.bench import mix, report
 from specssm.bench import peer as pr
 
 EXIT_INCOMPLETE = 3
+TIMERS = ("cupti", "events")
 
 QUICK = dict(shapes=["super_tp8"], batches=[1, 16, 256], dtypes=["fp32", "bf16", "int8"], launch=["auto"],
              no_write_form=["rectangle"], scenarios=["mixed"], rounding=["rn"], min_samples=50)
@@ -66,16 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--W", type=int, default=16, help="history window of checkpointing (default 16)")
     g.add_argument("--act-dtype", default="bf16", choices=["bf16", "fp16"], help="activation dtype (default bf16)")
     g.add_argument("--z", action="store_true", help="pass the z gate to the step (counted in the floor)")
-    g.add_argument("--histogram", help="acceptance histogram CSV, rows 'accepted,count' (default: DESIGN §6)")
+    g.add_argument("--histogram", help="acceptance histogram CSV, rows 'accepted,count' (default: "
+                   "DEFAULT_ACCEPTANCE in specssm/bench/mix.py)")
     g.add_argument("--precision", default="fast", help="precision= of the checkpointing ops (default fast)")
     g.add_argument("--no-conv", dest="conv", action="store_false", help="skip the figure with conv1d")
     g.add_argument("--conv-all", action="store_true", help="conv1d figure for every variant, not just the "
                    "default one (auto/rectangle/RN) and the baselines")
+    g.add_argument("--sweep", metavar="JSON", help="a JSON list of tuning overrides (specssm/step/tuning.py), "
+                   "e.g. '[{}, {\"coef\": {\"HB\": 4}}]': every checkpointing variant runs under each ({} for "
+                   "the tables alone); rows carry it in `config`")
     g.add_argument("--d-conv", type=int, default=4, help="conv1d width (default 4)")
     g.add_argument("--pdl", action="store_true", help="conv1d figure with Programmatic Dependent Launch: "
                    "conv1d_update and checkpointing_ssu with pdl=True (rows get pdl = true; compare with a run "
                    "without it, in another --out)")
     t = ap.add_argument_group("timing")
+    t.add_argument("--timer", default="cupti", choices=TIMERS, help="cupti: each step's span between marker "
+                   "kernels in a CUPTI trace (default); events: CUDA events around whole graph replays, per "
+                   "step (the quick loop: no profiler, no seed)")
     t.add_argument("--min-samples", type=int, help="steps timed per case (default 200; --quick 50)")
     t.add_argument("--cold-factor", type=float, default=4.0, help="state bytes between visits of a slot, x L2")
     t.add_argument("--max-sets", type=int, default=4096, help="most slot sets (steps) in one graph")
@@ -90,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--time-budget", type=float, help="seconds; start no new case after it "
                    f"(exit code {EXIT_INCOMPLETE} while cases remain)")
     o.add_argument("--strict", action="store_true", help="raise on the first failing case")
+    o.add_argument("--kernels", action="store_true", help="after the run, print the registers, spills, shared "
+                   "memory and warps of every compiled variant of the step kernels")
     o.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU)")
     o.add_argument("--render", metavar="JSON", help="re-render tables and plots from a results.json (no GPU)")
     return ap
@@ -110,16 +128,33 @@ def peer_of(args) -> pr.PeerSpec | None:
     return None if spec is None else pr.parse_peer(spec)
 
 
+def sweep_configs(text) -> list[str]:
+    """--sweep's overrides as sorted JSON ("" for {}: the tables alone); [""] without --sweep."""
+    if text is None:
+        return [""]
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--sweep: expected a JSON list of tuning overrides, got {text!r} ({e})") from None
+    if not isinstance(overrides, list) or not overrides or not all(isinstance(o, dict) for o in overrides):
+        raise ValueError(f"--sweep: expected a non-empty JSON list of objects (tuning overrides), got {text!r}")
+    return [json.dumps(o, sort_keys=True) if o else "" for o in overrides]
+
+
 def make_cases(args) -> list[cs.Case]:
     shapes = [cs.parse_shape(s) for s in args.shapes]
     peer = peer_of(args)
+    if peer is not None and getattr(args, "timer", "cupti") == "events":
+        raise ValueError("--peer: the events timer counts every op of a replay, the seed's wrapper ops "
+                         "too; time the seed with --timer cupti")
     if args.T < 1:
         raise ValueError(f"--T: expected >= 1, got {args.T}")
     if not 0 <= args.W <= 16:
         raise ValueError(f"--W: expected 0 <= W <= 16, got {args.W}")
     return cs.expand(shapes=shapes, strategies=args.strategies, launches=args.launch, forms=args.no_write_form,
                      dtypes=args.dtypes, roundings=args.rounding, scenarios=args.scenarios, batches=args.batches,
-                     T=args.T, W=args.W, peers=[peer.name] if peer else [])
+                     T=args.T, W=args.W, peers=[peer.name] if peer else [],
+                     configs=sweep_configs(getattr(args, "sweep", None)))
 
 
 def render(rows, meta, out_dir: Path, results_md=None, plots=True) -> list[dict]:
@@ -203,6 +238,9 @@ def main(argv=None) -> int:
     progress.close()
     render(kept + rows, meta, out_dir, args.results_md, args.plots)
     sys.stdout.write(report.rows_table(rows))
+    if args.kernels:
+        from specssm.bench.runner import compiled_kernels
+        sys.stdout.write(report.kernels_table(compiled_kernels()))
     print(f"specssm bench: wrote {out_dir}/results.csv, results.json, summary.md"
           + (f", {args.results_md}" if args.results_md else ""), file=sys.stderr)
     if remaining:

@@ -1,4 +1,5 @@
-"""Bytes a step must move (DESIGN §6 "Floor"), per strategy, as pure functions of the sizes.
+"""Bytes a step must move (benchmarks/README.md, "What is measured": floor), per strategy, as pure
+functions of the sizes.
 
 The floor of a step is `bytes / copy bandwidth`, the time a perfect kernel would take if it did nothing but
 stream its unavoidable reads and writes at the speed of a large device-to-device copy. Counted per row
@@ -13,7 +14,7 @@ checkpointing (window W) and always-write (W = 0), row with history length K:
     ring appends      T·(H·P + G·N)·a + 4·H·T
 all-states:
     state read H·P·N·s, state writes T·H·P·N·s, new inputs, outputs (no history, no ring).
-conv1d (the figure with the conv, DESIGN §6), conv_dim = H·P + 2·G·N, per row:
+conv1d (the figure with the conv), conv_dim = H·P + 2·G·N, per row:
     context read (d_conv-1)·conv_dim·a, new inputs T·conv_dim·a, outputs T·conv_dim·a,
     state store (d_conv-1+T)·conv_dim·a; once per step the weights d_conv·conv_dim·a and bias conv_dim·a.
 
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from specssm.bench import strategies
+
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "fp8": 1, "fp64": 8}
 QUANTIZED = ("int8", "fp8")
-STRATEGY_NAMES = ("checkpointing", "always_write", "all_states")
 
 
 def dtype_bytes(name: str) -> int:
@@ -65,8 +67,7 @@ def ssu_step_bytes(strategy: str, *, H: int, P: int, N: int, G: int, T: int, pna
                    act_dtype: str = "bf16", window: int = 16, has_z: bool = False) -> StepBytes:
     """Bytes one step of `strategy` must move for rows whose history lengths are `pnat` (one entry per
     live row; ignored by all-states except for its length). always-write uses window 0."""
-    if strategy not in STRATEGY_NAMES:
-        raise ValueError(f"strategy: expected one of {STRATEGY_NAMES}, got {strategy!r}")
+    st = strategies.get(strategy)
     s, a = dtype_bytes(state_dtype), dtype_bytes(act_dtype)
     ks = [int(k) for k in pnat]
     rows = len(ks)
@@ -77,13 +78,13 @@ def ssu_step_bytes(strategy: str, *, H: int, P: int, N: int, G: int, T: int, pna
     b.inputs = rows * per_row_inputs
     b.outputs = rows * T * H * P * a
     b.state_read = rows * state
-    if strategy == "all_states":
+    if not st.ring:
         if scale:
             raise ValueError(f"state_dtype: all_states keeps float states only, got {state_dtype!r}")
         b.state_write = rows * T * state
         b.writes = rows
         return b
-    W = 0 if strategy == "always_write" else window
+    W = window if st.window else 0
     b.scale_read = rows * scale
     b.writes = sum(1 for k in ks if k + T > W)
     b.state_write = b.writes * state
@@ -114,7 +115,7 @@ def state_bytes_per_slot(strategy: str, *, H: int, P: int, N: int, G: int, T: in
                          state_dtype: str, act_dtype: str = "bf16") -> int:
     """Memory one slot of one layer occupies (state, scales, rings): sizes the rotating slot sets."""
     s, a = dtype_bytes(state_dtype), dtype_bytes(act_dtype)
-    if strategy == "all_states":
+    if not strategies.get(strategy).ring:
         return T * H * P * N * s
     scale = H * P * 4 if state_dtype in QUANTIZED else 0
     return H * P * N * s + scale + (H * L * P + G * L * N) * a + 4 * H * L
@@ -123,6 +124,6 @@ def state_bytes_per_slot(strategy: str, *, H: int, P: int, N: int, G: int, T: in
 def touched_bytes_per_row(strategy: str, *, H: int, P: int, N: int, T: int, state_dtype: str) -> int:
     """State bytes a step touches per row (what must not stay in L2 between replays)."""
     s = dtype_bytes(state_dtype)
-    if strategy == "all_states":
+    if not strategies.get(strategy).ring:
         return (1 + T) * H * P * N * s
     return H * P * N * s + (H * P * 4 if state_dtype in QUANTIZED else 0)

@@ -51,8 +51,9 @@ def time_materialize(shape="super_tp8", batch=1024, state_dtype="bf16", rounding
     row: sizes, call_us and kernel_us (medians over >= min_samples calls, CUDA-graph replays), their
     p10 / p90, bytes, floor_us, floor fraction of the kernels, slot sets and the cold factor reached."""
     import torch
-    from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, keep_named, stats, time_graph
+
     from specssm.bench.runner import torch_dtype
+    from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, keep_named, stats, time_graph
     from specssm.cache import SSMCache
     from specssm.step.materialize import materialize
     dev = torch.device("cuda", torch.cuda.current_device())

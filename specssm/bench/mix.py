@@ -1,6 +1,6 @@
-"""The mix of write / no-write rows a benchmark step sees (DESIGN §6 "Mix").
+"""The mix of write / no-write rows a benchmark step sees (benchmarks/README.md, "What is measured": mix of writes).
 
-A slot's `pnat` (history length K) follows the Markov chain of the commit (DESIGN §4):
+A slot's `pnat` (history length K) follows the Markov chain of the commit (docs/design.md, "The closed form"):
 
     pnat' = acc            if pnat + T > W     (the step flushed: the history restarts)
     pnat' = pnat + acc     otherwise
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Accepted-length counts for T = 6 (DESIGN §6): write fraction ~0.31, mean pnat ~8.0 at W = 16.
+# Accepted-length counts for T = 6, the benchmarks' default: write fraction ~0.31, mean pnat ~8.0 at W = 16.
 DEFAULT_ACCEPTANCE = {1: 539622, 2: 329144, 3: 336224, 4: 495832, 5: 444398, 6: 1007008}
 
 SCENARIOS = ("mixed", "all_write", "all_no_write")
@@ -133,7 +133,8 @@ def load_histogram_csv(path) -> dict:
             except (ValueError, IndexError):
                 if i == 0:
                     continue  # header
-                raise ValueError(f"histogram {path}: expected rows 'accepted,count', got {row!r} at line {i + 1}")
+                raise ValueError(f"histogram {path}: expected rows 'accepted,count', got {row!r} "
+                                 f"at line {i + 1}") from None
             hist[acc] = hist.get(acc, 0.0) + count
     if not hist:
         raise ValueError(f"histogram {path}: expected rows 'accepted,count', got none")

@@ -1,10 +1,10 @@
 """Peers `specssm bench --peer NAME=PATH` times beside specssm: outside implementations of the same step.
 
-The only peer is `trtllm`: TensorRT-LLM's Triton checkpointing kernel (the seed of DESIGN §5), entry
+The only peer is `trtllm`: TensorRT-LLM's Triton checkpointing kernel (the seed: docs/performance.md), entry
 `replay_selective_state_update` of the package `trtllm_replay`. Its code is never part of this project:
 it is imported at run time from the folder named on the command line (../shared/peers/README.md).
 
-It runs on our checkpointing caches (ring contract, DESIGN §4). Its wrapper gathers our rings into its
+It runs on our checkpointing caches (docs/design.md, "The cache contract"). Its wrapper gathers our rings into its
 native double-buffered scratch before its kernels and scatters the appends back after them; those torch
 ops are not its cost, so only its kernels whose names contain `TIMED_KERNELS[name]` are timed.
 

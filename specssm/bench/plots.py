@@ -54,7 +54,8 @@ def plot_all(rows: list[dict], meta: dict, out_dir) -> list[Path]:
                                         ("floor", "pct_floor", "% of byte floor", False)):
             panels = []
             for d in dtypes:
-                sel = [r for r in ck if (r["shape"], r["scenario"], r["rounding"], r["state_dtype"]) == (shape, scenario, rnd, d)]
+                sel = [r for r in ck
+                       if (r["shape"], r["scenario"], r["rounding"], r["state_dtype"]) == (shape, scenario, rnd, d)]
                 sel += [r for r in base if r["shape"] == shape and r["state_dtype"] == d
                         and (r["rounding"] == rnd or r["strategy"] == "all_states")]
                 series = _series(sel, key)

@@ -13,8 +13,8 @@ from pathlib import Path
 # Columns of the CSV, in order; rows may carry more keys (kept in the JSON).
 CSV_COLUMNS = [
     "card", "torch", "triton", "date", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z",
-    "strategy", "launch", "no_write_form", "variant", "state_dtype", "rounding", "scenario", "batch",
-    "status", "reason", "median_us", "p10_us", "p90_us", "mean_us", "busy_us", "samples",
+    "strategy", "launch", "no_write_form", "variant", "config", "state_dtype", "rounding", "scenario", "batch",
+    "timer", "status", "reason", "median_us", "p10_us", "p90_us", "mean_us", "busy_us", "samples",
     "kernels_per_step", "plan_us", "pdl", "conv_median_us", "conv_p10_us", "conv_p90_us",
     "speedup_vs_always_write", "speedup_vs_all_states", "speedup_vs_seed", "write_frac", "mean_pnat", "bytes_per_step",
     "floor_us", "pct_floor", "conv_floor_us", "conv_pct_floor", "copy_bw_GBps", "slot_sets", "cold_x_L2",
@@ -22,10 +22,11 @@ CSV_COLUMNS = [
 
 # What makes two rows the same measurement (used by --resume and to find baselines).
 IDENTITY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "strategy", "launch",
-            "no_write_form", "state_dtype", "rounding", "scenario", "batch", "pdl")
+            "no_write_form", "config", "state_dtype", "rounding", "scenario", "batch", "pdl", "timer")
 # Values of identity keys that rows written before the key existed lack.
-_IDENTITY_DEFAULTS = {"pdl": False}
-# The peer whose median makes `× seed` (`--peer trtllm=PATH`): TensorRT-LLM's Triton kernel, the seed (DESIGN §5).
+_IDENTITY_DEFAULTS = {"pdl": False, "config": "", "timer": "cupti"}
+# The peer whose median makes `× seed` (`--peer trtllm=PATH`): TensorRT-LLM's Triton kernel, the seed
+# (docs/performance.md).
 SEED = "trtllm"
 # What a checkpointing row and the seed's row share to be compared (the seed runs in the same scenarios).
 _SEED_KEY = ("card", "shape", "H", "P", "N", "G", "T", "W", "act_dtype", "z", "state_dtype", "rounding", "scenario",
@@ -226,7 +227,9 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
         f"{'on' if meta.get('z') else 'off'}, conv1d d_conv = {meta.get('d_conv')}"
         f"{' (with conv: conv1d and checkpointing launched with PDL)' if meta.get('pdl') else ''}; state cold "
         f"(≥ {meta.get('cold_factor')}× L2 of states between visits of a slot), inputs hot\n"
-        f"- command: `{meta.get('command')}`\n")
+        f"- command: `{meta.get('command')}`\n"
+        + ("- timer **events** (the quick loop): µs = CUDA-event time of a whole graph replay / its steps, not "
+           "the CUPTI spans below; p10–p90 spread over replays\n" if meta.get("timer") == "events" else ""))
     seed = has_seed(rows)
     out.append(COLUMN_NOTES + (SEED_NOTE if seed else ""))
     out.append(targets_markdown(rows))
@@ -266,7 +269,7 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
             vb = []
             for (batch,), g in sorted(byb.items()):
                 m = {r.get("variant"): r for r in g}
-                vb.append([batch] + [fmt(m[l].get("median_us"), 2) if l in m and _ok(m[l]) else "-" for l in labels])
+                vb.append([batch] + [fmt(m[v].get("median_us"), 2) if v in m and _ok(m[v]) else "-" for v in labels])
             out.append(markdown_table(["batch"] + labels, vb))
     base = [r for r in rows if r.get("strategy") in ("always_write", "all_states")]
     for key, grp in _groups(base, ("shape", "state_dtype", "rounding")).items():
@@ -285,8 +288,8 @@ def summary_markdown(rows: list[dict], meta: dict) -> str:
                 else:
                     line += [fmt(r["median_us"], 2), fmt(r.get("conv_median_us"), 2), fmt(r.get("pct_floor"))]
             body.append(line)
-        out.append(markdown_table(["batch", "always-write µs", "with conv µs", "% floor", "all-states µs", "with conv µs",
-                                   "% floor"], body))
+        out.append(markdown_table(["batch", "always-write µs", "with conv µs", "% floor", "all-states µs",
+                                   "with conv µs", "% floor"], body))
     skipped = [r for r in rows if r.get("status") != "ok"]
     if skipped:
         out.append(f"\n## Not measured ({len(skipped)} cases)\n\n")
@@ -307,7 +310,7 @@ Columns:
   included in µs.
 - **× always-write / × all-states**: baseline median / this median (same card, shape, dtype, batch).
 - **floor µs**: bytes the step must move (state read, state write on flush rows + scales, history,
-  new inputs, outputs, ring appends; DESIGN §6) / the copy bandwidth above. **% floor** = floor / median.
+  new inputs, outputs, ring appends; benchmarks/README.md) / the copy bandwidth above. **% floor** = floor / median.
 - **write frac**: fraction of rows that flush their state in the measured steps.
 """
 SEED_NOTE = f"""- **{SEED} µs / × seed**: TensorRT-LLM's Triton checkpointing kernel, the seed
@@ -316,6 +319,15 @@ SEED_NOTE = f"""- **{SEED} µs / × seed**: TensorRT-LLM's Triton checkpointing 
   `*persistent*`, leaving out the torch gather/scatter its wrapper adds to read our ring layout.
   × seed = seed median / the best variant's median.
 """
+
+
+def kernels_table(kernels: list[dict]) -> str:
+    """`specssm bench --kernels`: one line per compiled variant of a step kernel (runner.compiled_kernels)."""
+    if not kernels:
+        return "no step kernel was compiled in this run\n"
+    return markdown_table(["kernel", "regs", "spills", "shared B", "warps", "specialization (end)"],
+                          [[k["kernel"], k["regs"], k["spills"], k["shared"], k["warps"], str(k["key"])[-120:]]
+                           for k in kernels])
 
 
 def write_csv(rows: list[dict], path) -> None:

@@ -11,7 +11,9 @@ Nothing here runs at import time; torch.cuda is touched only by `GpuBench(...)`.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
 import math
 import platform
 import sys
@@ -22,10 +24,9 @@ from specssm.bench import floor as fl
 from specssm.bench import mix, report, timing
 from specssm.bench import peer as pr
 from specssm.bench.cases import Case, cache_strategy
-from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph
+from specssm.bench.strategies import STRATEGIES
+from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph, time_graph_events
 
-OP_NAMES = {"checkpointing": "checkpointing_ssu", "always_write": "always_write_ssu",
-            "all_states": "all_states_ssu"}
 SKIP_ERRORS = (TypeError, ValueError, NotImplementedError)
 
 
@@ -63,17 +64,53 @@ def slot_set_count(touched_per_step: int, bytes_per_set: int, l2_bytes: int, col
     return sets
 
 
+def fill_state(state, state_scale=None) -> None:
+    """Random contents for a state pool on its device, in chunks (fp8 tensors have no normal_): floats
+    N(0, 0.1²); int8 codes of N(0, 40²), fp8 of N(0, 50²), clamped to the format; scales in [1e-3, 1e-2]."""
+    import torch
+    flat = state.view(state.shape[0], -1)
+    chunk = max(1, (1 << 26) // flat.shape[1])
+    for a in range(0, flat.shape[0], chunk):
+        v = torch.randn(flat[a:a + chunk].shape, device=state.device)
+        if state.dtype == torch.int8:
+            v = v.mul_(40).round_().clamp_(-127, 127)
+        elif state.dtype == torch.float8_e4m3fn:
+            v = v.mul_(50).clamp_(-448, 448)
+        else:
+            v = v.mul_(0.1)
+        flat[a:a + chunk].copy_(v)
+    if state_scale is not None:
+        state_scale.uniform_(1e-3, 1e-2)
+
+
+def compiled_kernels() -> list[dict]:
+    """Registers, spills, shared memory and warps of every variant of the step kernels compiled in this
+    process (`specssm bench --kernels`)."""
+    from specssm.step.coef import coef_kernel
+    from specssm.step.fused import fused_kernel
+    from specssm.step.mains import main_kernel
+    out = []
+    for kernel in (fused_kernel, coef_kernel, main_kernel):
+        for caches in getattr(kernel, "device_caches", {}).values():
+            for key, k in caches[0].items():
+                out.append({"kernel": kernel.fn.__name__, "regs": k.n_regs, "spills": k.n_spills,
+                            "shared": k.metadata.shared, "warps": k.metadata.num_warps, "key": str(key)})
+    return out
+
+
 # ---- environment ---------------------------------------------------------------------------------
 class Env:
-    def __init__(self, bench: "GpuBench", case: Case):
+    def __init__(self, bench: GpuBench, case: Case):
         import torch
+
         from specssm.cache import SSMCache
 
         o = bench.opts
         self.bench, self.case, self.strategy = bench, case, cache_strategy(case.variant.strategy)
+        self.st = st = STRATEGIES[self.strategy]
         sh, T, batch = case.shape, case.T, case.batch
         self.H, self.P, self.N, self.G, self.T, self.batch = sh.H, sh.P, sh.N, sh.G, T, batch
-        self.W = 0 if self.strategy == "always_write" else case.W
+        self.W = case.W if st.window else 0
         dev = bench.device
         self.device = dev
         act = torch_dtype(o.act_dtype)
@@ -145,43 +182,30 @@ class Env:
         _sync(dev)
 
     def _fill_state(self, gen):
-        import torch
-        st = self.cache.layers[0].state
-        flat = st.view(st.shape[0], -1)
-        chunk = max(1, (1 << 26) // flat.shape[1])
-        for a in range(0, flat.shape[0], chunk):
-            v = torch.randn(flat[a:a + chunk].shape, device=self.device)
-            if st.dtype == torch.int8:
-                v = v.mul_(40).round_().clamp_(-127, 127)
-            elif st.dtype == torch.float8_e4m3fn:
-                v = v.mul_(50).clamp_(-448, 448)
-            else:
-                v = v.mul_(0.1)
-            flat[a:a + chunk].copy_(v)
-        sc = self.cache.layers[0].state_scale
-        if sc is not None:
-            sc.uniform_(1e-3, 1e-2)
+        lc = self.cache.layers[0]
+        fill_state(lc.state, lc.state_scale)
 
     def set_scenario(self, scenario: str):
         """Per-slot pnat (or state index) for the scenario, the plans of every slot set, the bytes."""
         import torch
+
         from specssm.cache import StepPlan
         if scenario == self.scenario:
             return
         o, b = self.bench.opts, self.bench
-        n = self.cache.num_slots
-        if self.strategy == "all_states":
+        n, st = self.cache.num_slots, self.st
+        if not st.ring:                              # the accepted state of the last step, by index
             acc = mix.sample_accepted(n, b.hist, self.T, o.seed + 1)
             self.cache.state_index.copy_(torch.from_numpy(acc - 1).to(self.device))
             self.pnat_host = np.zeros(n, dtype=np.int32)
         else:
-            if self.strategy == "always_write":
-                pn = mix.sample_accepted(n, b.hist, self.T, o.seed + 1)   # pnat = last step's acc
-            else:
+            if st.window:
                 pn = mix.sample_pnat(scenario, n, b.hist, self.T, self.W, o.seed + 1)
+            else:                                    # W = 0: pnat = last step's acc
+                pn = mix.sample_accepted(n, b.hist, self.T, o.seed + 1)
             self.cache.pnat.copy_(torch.from_numpy(pn).to(self.device))
             self.pnat_host = pn
-            if self.strategy == "checkpointing":   # always-write runs without a plan (every row writes)
+            if st.plan:                              # always-write runs without a plan (every row writes)
                 self.plans = [StepPlan(self.batch, self.device).build(self.cache.pnat, s, self.W, self.T)
                               for s in self.slot_sets]
         self.scenario = scenario
@@ -213,7 +237,8 @@ class Env:
         if case.variant.strategy in pr.PEERS:
             return self.peer_step_fn(case)
         from specssm import ops
-        name = OP_NAMES[self.strategy]
+        st = self.st
+        name = st.op
         op = getattr(ops, name, None)
         if op is None:
             raise Skip(f"specssm.ops.{name} does not exist")
@@ -221,21 +246,23 @@ class Env:
         common = dict(x=self.x, dt=self.dt, A=self.A, B=self.B, C=self.C, out=self.out, D=self.D, z=self.z,
                       dt_bias=self.dt_bias, dt_softplus=True)
         kw = {**self.cache.op_kwargs(0), **common}
-        if self.strategy != "all_states":
+        if st.rounding:
             kw.update(rounding=case.rounding, precision=o.precision)
-            if self.strategy == "checkpointing":   # always-write has its own launch and no no-write rows
+            if st.variants:                        # always-write has its own launch and no no-write rows
                 kw.update(launch=case.variant.launch, no_write_form=case.variant.no_write_form)
                 if pdl:
                     kw["pdl"] = True
             if case.rounding == "sr":
                 kw["rand_seed"] = self.cache.seeds
         plans, sets = self.plans, self.slot_sets
+        override = _override(case.variant.config)
 
         def fn(i, validate):
-            if plans:
-                op(**kw, state_batch_indices=sets[i], plan=plans[i], validate=validate)
-            else:
-                op(**kw, state_batch_indices=sets[i], validate=validate)
+            with override():
+                if plans:
+                    op(**kw, state_batch_indices=sets[i], plan=plans[i], validate=validate)
+                else:
+                    op(**kw, state_batch_indices=sets[i], validate=validate)
         return fn
 
     def peer_step_fn(self, case: Case):
@@ -263,7 +290,7 @@ class Env:
             if isinstance(e, torch.cuda.OutOfMemoryError) or not (peer or isinstance(e, SKIP_ERRORS)):
                 raise
             what = f"{type(e).__name__}: {e}" if peer else str(e)
-            name = case.variant.strategy if peer else OP_NAMES[self.strategy]
+            name = case.variant.strategy if peer else self.st.op
             raise Skip(f"{name} rejected it: {what.strip().splitlines()[0][:300]}") from None
         return step
 
@@ -283,6 +310,16 @@ class Env:
         def fn(i):
             plans[i].build(pnat, sets[i], W, T)
         return fn
+
+
+def _override(config: str):
+    """A context-manager factory applying a variant's tuning override (sorted JSON, "" for none) around
+    each call of its op: inside CUDA-graph capture that is when the launch config is chosen."""
+    if not config:
+        return contextlib.nullcontext
+    from specssm.step import tuning
+    over = json.loads(config)
+    return lambda: tuning.overridden(over)
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -328,6 +365,7 @@ class GpuBench:
                 "copy_bw_GBps": self.copy["copy_bw_GBps"], "copy_bytes": self.copy["copy_bytes"],
                 "T": o.T, "W": o.W, "act_dtype": o.act_dtype, "z": o.z, "d_conv": o.d_conv, "pdl": o.pdl,
                 "cold_factor": o.cold_factor, "histogram": {str(k): v for k, v in self.hist.items()},
+                "timer": getattr(o, "timer", "cupti"),
                 "peer": self.peer_spec.label() if self.peer_spec else None,
                 "command": "specssm bench " + " ".join(o.argv)}
 
@@ -340,7 +378,7 @@ class GpuBench:
         if self.opts.conv_all:
             return True
         v = case.variant
-        return case.rounding == "rn" and (v.strategy != "checkpointing"
+        return case.rounding == "rn" and (not STRATEGIES[v.strategy].variants
                                           or (v.launch == "auto" and v.no_write_form == "rectangle"))
 
     def run(self, cases, deadline=None, on_group_done=None) -> tuple[list[dict], int]:
@@ -382,7 +420,7 @@ class GpuBench:
                 except torch.cuda.OutOfMemoryError as e:
                     row.update(status="skipped", reason=f"out of memory: {str(e).splitlines()[0]}")
                     torch.cuda.empty_cache()
-                except Exception as e:  # noqa: BLE001 - one broken case must not end a long run
+                except Exception as e:             # one broken case must not end a long run
                     if self.opts.strict:
                         raise
                     row.update(status="error", reason=f"{type(e).__name__}: {e}".splitlines()[0][:300])
@@ -396,18 +434,32 @@ class GpuBench:
 
     def uses_pdl(self, case: Case) -> bool:
         """--pdl chains conv1d and the step only where the step op can wait for it (checkpointing)."""
-        return self.opts.pdl and case.variant.strategy == "checkpointing"
+        st = STRATEGIES.get(case.variant.strategy)
+        return self.opts.pdl and st is not None and st.variants
 
     def base_row(self, case: Case) -> dict:
         return {"card": self.card, "torch": self.meta["torch"], "triton": self.meta["triton"],
                 "date": self.meta["date"], **case.key(), "act_dtype": self.opts.act_dtype, "z": self.opts.z,
-                "pdl": self.uses_pdl(case), "copy_bw_GBps": round(self.copy["copy_bw_GBps"], 1)}
+                "pdl": self.uses_pdl(case), "timer": getattr(self.opts, "timer", "cupti"),
+                "copy_bw_GBps": round(self.copy["copy_bw_GBps"], 1)}
 
     def _graph_stats(self, env: Env, one_step, max_steps=None, keep=None):
         """Capture [begin, one_step(i), end] for the slot sets (all, or the first max_steps), replay,
         return the span stats (of the activities whose names contain one of `keep`, if given) and the
         unfiltered steps."""
         m, S = self.markers, env.sets_n if max_steps is None else min(env.sets_n, max_steps)
+        if getattr(self.opts, "timer", "cupti") == "events":
+            if keep is not None:
+                raise Skip("the events timer cannot single out a peer's kernels (use --timer cupti)")
+
+            def steps():
+                for i in range(S):
+                    one_step(i)
+            graph = capture_graph(steps)          # warm-up: every slot set once, as below
+            try:
+                return time_graph_events(graph, S, min_samples=self.opts.min_samples), []
+            finally:
+                del graph
 
         def body():
             for i in range(S):
@@ -438,7 +490,7 @@ class GpuBench:
         nbytes = float(np.mean([b.total for b in env.bytes]))
         bw = self.copy["copy_bw_bytes_per_s"]
         res["write_frac"] = float(np.mean([b.writes / max(1, b.rows) for b in env.bytes]))
-        res["mean_pnat"] = float(np.mean(env.pnat_host)) if env.strategy != "all_states" else float("nan")
+        res["mean_pnat"] = float(np.mean(env.pnat_host)) if env.st.ring else float("nan")
         res["bytes_per_step"] = nbytes
         res["floor_us"] = fl.floor_us(nbytes, bw)
         res["pct_floor"] = 100.0 * res["floor_us"] / st.median_us

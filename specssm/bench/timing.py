@@ -1,4 +1,4 @@
-"""Step times from CUPTI kernel timestamps (DESIGN §6 "Time").
+"""Step times from CUPTI kernel timestamps (benchmarks/README.md, "What is measured": step time).
 
 A CUDA graph holds several steps, each between a begin-marker and an end-marker kernel:
 
@@ -11,6 +11,9 @@ pair (e.g. work the graph replay itself launches) is dropped. For a peer, only i
 (`keep_named`, by name), so its span skips the torch ops its wrapper adds around them. The pure part
 (trace parsing, splitting, statistics) runs on a CPU; the GPU part imports torch.cuda / triton only
 when called.
+
+The quick timer (`specssm bench --timer events`, `time_graph_events`) skips the profiler: CUDA events
+around whole replays of a graph without markers, the loop used while tuning.
 """
 from __future__ import annotations
 
@@ -145,6 +148,7 @@ class StepMarkers:
 
     def __init__(self, device):
         import torch
+
         from specssm.bench import markers
         self.flag = torch.zeros(1, dtype=torch.int32, device=device)
         self._begin, self._end = markers.specssm_bench_begin_marker, markers.specssm_bench_end_marker
@@ -218,6 +222,32 @@ def time_graph(graph, steps_per_replay: int, min_samples: int = 200, min_replays
     return stats(steps if keep is None else keep_named(steps, keep)), steps
 
 
+def time_graph_events(graph, steps_per_replay: int, min_samples: int = 200, min_replays: int = 5,
+                      warmup_replays: int = 1) -> StepStats:
+    """The quick timer (`specssm bench --timer events`): CUDA events around whole replays of a graph of
+    `steps_per_replay` steps, no profiler and no markers. Each sample is one replay's time / its steps,
+    so the spread is that of replays, not of single steps; kernels_per_step and busy_us are unknown
+    (0 and nan). Includes everything in the graph (a peer's wrapper ops too)."""
+    import torch
+    if steps_per_replay < 1:
+        raise ValueError(f"steps_per_replay: expected >= 1, got {steps_per_replay}")
+    for _ in range(warmup_replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    replays = max(min_replays, -(-min_samples // steps_per_replay))
+    per_step = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        per_step.append(start.elapsed_time(end) * 1e3 / steps_per_replay)
+    t = np.array(per_step, dtype=np.float64)
+    return StepStats(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)),
+                     float(t.mean()), float("nan"), int(t.size), 0)
+
+
 def copy_bandwidth(device, nbytes: int, iters: int = 20) -> dict:
     """Device-to-device copy bandwidth (bytes read + written per second), from CUPTI durations."""
     import torch
@@ -233,7 +263,7 @@ def copy_bandwidth(device, nbytes: int, iters: int = 20) -> dict:
 
     events = profile_device_events(run)
     durs = np.array([e.end - e.start for e in events if e.end > e.start])
-    del src, dst
+    src = dst = None                  # free both (run() holds them) before emptying the cache
     torch.cuda.empty_cache()
     if durs.size < iters:
         raise RuntimeError(f"copy bandwidth: expected {iters} copy activities in the trace, got {durs.size}")

@@ -1,4 +1,4 @@
-from specssm.cache.cache import SSMCache, LayerCache, STRATEGIES
+from specssm.cache.cache import STRATEGIES, LayerCache, SSMCache
 from specssm.cache.plan import StepPlan
 
 __all__ = ["SSMCache", "LayerCache", "StepPlan", "STRATEGIES"]

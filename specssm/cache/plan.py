@@ -76,7 +76,7 @@ class StepPlan:
         return self._scratch[1], self._scratch[2]
 
     @classmethod
-    def over(cls, order, slots, counts, batch, coef=None, vec=None) -> "StepPlan":
+    def over(cls, order, slots, counts, batch, coef=None, vec=None) -> StepPlan:
         """A plan around buffers it does not own: the tensors of a built plan as the step op receives them
         (specssm/library.py), its batch, and its split-step scratch `coef`, `vec` (None: the step
         allocates one at its split launches, outside CUDA-graph capture only). Checked here, since a
@@ -120,7 +120,7 @@ class StepPlan:
         on the host when `validate` is True, or when it is None (default) and the tensors are on the
         CPU, where that costs no sync (CUDA-graph safe). Runs as the custom op
         `torch.ops.specssm.plan_build` (specssm/library.py), checks included.
-        
+
         Rows whose slot id lies outside the pool are put with the padding rows (no launch visits them).
         With `ring_start` `(slots,)` int32, `ring_len` (L), `max_pnat` (max(window, T)) and a fault
         record `faults` (specssm/cache/faults.py), so are rows whose pnat or ring_start breaks the

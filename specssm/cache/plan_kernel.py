@@ -1,4 +1,4 @@
-"""The step plan (DESIGN §5, "plan") in one Triton launch.
+"""The step plan (docs/design.md, "Kernels": Plan) in one Triton launch.
 
 One program covers the whole batch in a single block of BLOCK = next_power_of_2(batch) rows: it loads
 the rows' slots, their pnat and lengths, forms the write / no-write / padding masks, ranks every row
@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from specssm._runtime import kernels_interpreted
 
 NO_FAULT = tl.constexpr((1 << 63) - 1)     # specssm.cache.faults.NO_FAULT
 
@@ -71,16 +73,9 @@ def _plan_kernel(pnat_ptr, pnat_stride, num_slots, sbi_ptr, sbi_stride, lens_ptr
     tl.store(counts_ptr + 1, n_live)
 
 
-def interpreting() -> bool:
-    """Whether `_plan_kernel` runs through the Triton CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_plan_kernel, InterpretedFunction)
-
-
 def kernel_runs_on(device: torch.device) -> bool:
     """CUDA devices, and any device under the interpreter; elsewhere Triton has nothing to launch on."""
-    return torch.device(device).type == "cuda" or interpreting()
+    return torch.device(device).type == "cuda" or kernels_interpreted(_plan_kernel)
 
 
 def _num_warps(block: int) -> int:

@@ -25,6 +25,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 
 from specssm import library
 from specssm._checks import CPU_FIX, check_slots_host
+from specssm._runtime import kernels_interpreted
 from specssm._runtime import pdl_supported as _pdl_supported
 
 __all__ = ["conv1d_update"]
@@ -114,12 +115,6 @@ def _conv1d_update_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_conv1d_update_kernel, InterpretedFunction)
-
-
 def _tensor(name, t, expected):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: got {type(t).__name__}, expected {expected}")
@@ -143,7 +138,7 @@ def _check_inputs(xBC, conv_state, conv_offset, weight, bias, activation, state_
     if T < 1:
         raise ValueError(f"xBC: got T = {T} tokens per row, expected T >= 1")
     device = xBC.device
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not kernels_interpreted(_conv1d_update_kernel):
         raise ValueError(f"xBC: got device {device}, expected a CUDA device, or the CPU under the Triton "
                          f"interpreter (off when this kernel was imported). Fix: {CPU_FIX}")
 

@@ -87,9 +87,11 @@ def conv_commit(conv_offset: torch.Tensor, slots: torch.Tensor | None, accepted:
     Device tensor ops only (no ``.item()``, no boolean-mask indexing), so it can sit in a CUDA graph.
     Pad rows are neutralised without host sync by adding a zero delta (``scatter_add_`` of
     ``accepted - old`` for live rows, 0 for pad rows redirected to slot 0), which stays exact when a
-    live row of slot 0 shares the target with pad rows; integer adds commute, so it is deterministic. Live rows must name distinct slots (as in ``conv1d_update``).
+    live row of slot 0 shares the target with pad rows; integer adds commute, so it is deterministic.
+    Live rows must name distinct slots (as in ``conv1d_update``).
     ``validate=True`` (host sync) checks slots in range and distinct and ``0 <= accepted <= num_tokens``
-    (``num_tokens`` = the step's ``T`` if given, else only ``>= 0`` is checked); on CPU tensors these checks always run since they are free.
+    (``num_tokens`` = the step's ``T`` if given, else only ``>= 0`` is checked); on CPU tensors these
+    checks always run since they are free.
     """
     _check_offset(conv_offset)
     device = conv_offset.device

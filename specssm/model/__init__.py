@@ -14,11 +14,18 @@ Public API:
 """
 from specssm.model.cache import ModelCache
 from specssm.model.config import SIZES, Mamba2Config
-from specssm.model.decode import (GenerationResult, NgramDrafter, RandomDrafter, compare_tokens,
-                                  greedy_generate, reference_greedy, speculative_generate)
+from specssm.model.decode import (
+    GenerationResult,
+    NgramDrafter,
+    RandomDrafter,
+    compare_tokens,
+    greedy_generate,
+    reference_greedy,
+    speculative_generate,
+)
 from specssm.model.lm import TinyMamba2LM
 from specssm.model.mixer import Mamba2Mixer, gated_rmsnorm, resolve_conv, resolve_ssu, rmsnorm
 
 __all__ = ["Mamba2Config", "SIZES", "Mamba2Mixer", "TinyMamba2LM", "ModelCache", "GenerationResult",
-           "speculative_generate", "greedy_generate", "reference_greedy", "compare_tokens", "NgramDrafter", "RandomDrafter",
-           "resolve_ssu", "resolve_conv", "gated_rmsnorm", "rmsnorm"]
+           "speculative_generate", "greedy_generate", "reference_greedy", "compare_tokens", "NgramDrafter",
+           "RandomDrafter", "resolve_ssu", "resolve_conv", "gated_rmsnorm", "rmsnorm"]

@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 
 from specssm._checks import check_tensor
-from specssm.cache import SSMCache
-from specssm.cache import transfer
+from specssm.cache import SSMCache, transfer
 from specssm.conv import conv_commit, new_conv_offset, new_conv_state
 from specssm.model.config import Mamba2Config
 

@@ -52,7 +52,7 @@ class Mamba2Config:
             raise ValueError(f"tp_size: expected a divisor of nheads={self.nheads} and ngroups={self.ngroups} "
                              f"(each rank holds whole heads and whole groups), got {tp_size}")
 
-    def local(self, tp_size: int) -> "Mamba2Config":
+    def local(self, tp_size: int) -> Mamba2Config:
         """The sizes one of `tp_size` ranks holds: nheads / tp heads, ngroups / tp groups."""
         self.check_tp(tp_size)
         return replace(self, nheads=self.nheads // tp_size, ngroups=self.ngroups // tp_size)

@@ -14,8 +14,14 @@ import torch
 
 from specssm._runtime import kernels_interpreted
 from specssm.model.config import SIZES
-from specssm.model.decode import (NgramDrafter, RandomDrafter, compare_tokens, greedy_generate,
-                                  reference_greedy, speculative_generate)
+from specssm.model.decode import (
+    NgramDrafter,
+    RandomDrafter,
+    compare_tokens,
+    greedy_generate,
+    reference_greedy,
+    speculative_generate,
+)
 from specssm.model.lm import TinyMamba2LM
 from specssm.model.tp import DTYPES
 

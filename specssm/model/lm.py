@@ -77,7 +77,7 @@ class TinyMamba2LM(torch.nn.Module):
         self._decode, self.compiled, self._graphs = self.decode_step, None, False
 
     def compile_step(self, backend: str = "inductor", mode: str | None = None, options: dict | None = None,
-                     dynamic: bool = False) -> "TinyMamba2LM":
+                     dynamic: bool = False) -> TinyMamba2LM:
         """Run `step`'s computation (`decode_step`: plan, every layer's conv1d, SSM step and gate,
         logits) through `torch.compile(fullgraph=True)`; the host checks of `step` stay eager, before it.
         Every kernel is a `torch.ops.specssm` custom op, so the step compiles as one graph.

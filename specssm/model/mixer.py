@@ -21,7 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from specssm._runtime import interpreting, kernels_interpreted  # noqa: F401 (interpreting: imported from here)
+from specssm._runtime import kernels_interpreted
 from specssm.conv import conv_state_from_prefill
 from specssm.conv.reference import conv1d_sequential_ref, conv1d_window_ref, conv_context_ref
 from specssm.model.config import Mamba2Config

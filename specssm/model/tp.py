@@ -42,7 +42,7 @@ def _worker(rank, world_size, port, backend, fn, args, results):
             results.put((rank, True, fn(rank, world_size, *args)))
         finally:
             dist.destroy_process_group()
-    except BaseException:                                           # report, don't hang the parent
+    except BaseException:  # noqa: BLE001 - report, don't hang the parent
         results.put((rank, False, traceback.format_exc()))
 
 

@@ -5,17 +5,21 @@ call reproduces what a kernel calling the device functions with the same offsets
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .philox import random_words as _random_words_dev, random_words_rows as _random_words_rows_dev
+from specssm._runtime import kernels_interpreted
+
+from .philox import random_words as _random_words_dev
+from .philox import random_words_rows as _random_words_rows_dev
 from .rounding import (
     dequantize as _dequantize_dev,
+)
+from .rounding import (
     quantize,
-    round_half, row_scale,
+    round_half,
+    row_scale,
 )
 
 QUANT_DTYPES = {torch.int8: (0, 127.0), torch.float8_e4m3fn: (1, 448.0), torch.int16: (2, 32767.0)}
@@ -89,14 +93,10 @@ def _dequantize_kernel(codes_ptr, scale_ptr, out_ptr, R, N: tl.constexpr, BLOCK_
 
 # ------------------------------------------------------------------------------------ launchers
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _row_blocks(R: int, N: int):
     block_n = triton.next_power_of_2(max(N, 4))
     # the interpreter pays per op, not per element: few large programs there
-    target = (1 << 16) if _interpreting() else 4096
+    target = (1 << 16) if kernels_interpreted() else 4096
     block_m = max(1, min(triton.next_power_of_2(max(R, 1)), target // block_n))
     return block_m, block_n, triton.cdiv(R, block_m)
 
@@ -142,7 +142,7 @@ def random_words(seed: int, offsets: torch.Tensor, n_rounds: int = 10) -> torch.
     flat = offsets.contiguous().reshape(-1)
     out = torch.empty(flat.shape, dtype=torch.int32, device=offsets.device)
     if flat.numel():
-        block = 1 << 16 if _interpreting() else 1024
+        block = 1 << 16 if kernels_interpreted(_random_words_kernel) else 1024
         _random_words_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, seed, flat.numel(),
                                                                   N_ROUNDS=n_rounds, BLOCK=block)
     return out.reshape(offsets.shape)
@@ -213,7 +213,8 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if not isinstance(codes, torch.Tensor) or codes.dtype not in QUANT_DTYPES:
         raise TypeError(f"codes: got {getattr(codes, 'dtype', type(codes).__name__)}, "
                         f"expected a tensor of {list(QUANT_DTYPES)}")
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != tuple(codes.shape[:-1]):
+    if (not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32
+            or tuple(scale.shape) != tuple(codes.shape[:-1])):
         raise ValueError(f"scale: got {getattr(scale, 'dtype', None)} {tuple(getattr(scale, 'shape', ()))}, "
                          f"expected float32 of shape {tuple(codes.shape[:-1])}")
     cc, sc = codes.contiguous(), scale.contiguous()

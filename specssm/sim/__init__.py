@@ -1,1 +1,3 @@
-from specssm.sim.simulator import simulate, SimReport, random_params
+from specssm.sim.simulator import SimReport, random_params, simulate
+
+__all__ = ["SimReport", "random_params", "simulate"]

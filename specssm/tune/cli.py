@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("what to tune (comma-separated lists)")
     g.add_argument("--shapes", type=_list(), default=["super_tp8"],
                    help=f"named {sorted(SHAPES)} or HxPxNxG, e.g. 64x80x128x8 (default super_tp8)")
-    g.add_argument("--states", type=_list(), default=["bf16"], help=f"state dtypes from {sorted(STATES)} (default bf16)")
+    g.add_argument("--states", type=_list(), default=["bf16"],
+                   help=f"state dtypes from {sorted(STATES)} (default bf16)")
     g.add_argument("--rounding", type=_list(), default=["rn"], help="rn, sr or rn,sr (default rn; sr is skipped "
                    "for fp32 states, which store without rounding)")
     g.add_argument("--T", type=_list(int), default=[6], help="tokens per verify step (default 6)")
@@ -57,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch buckets (default 1,8,32,64,256,1024)")
     g.add_argument("--families", type=_list(), default=["fused", "split"],
                    help=f"from {sorted(space.FAMILIES)} (default fused,split; replay: the replay no-write form)")
-    g.add_argument("--fused-up-to", type=int, default=64, help="tune the fused launch at batches up to this (default 64)")
+    g.add_argument("--fused-up-to", type=int, default=64,
+                   help="tune the fused launch at batches up to this (default 64)")
     g.add_argument("--split-from", type=int, default=8, help="tune the split launches from this batch on (default 8)")
     s = ap.add_argument_group("search (a resumed run must use the logged run's values)")
     d = Settings()
-    s.add_argument("--rounds", type=int, default=d.rounds, help=f"interleaved rounds per screening (default {d.rounds})")
+    s.add_argument("--rounds", type=int, default=d.rounds,
+                   help=f"interleaved rounds per screening (default {d.rounds})")
     s.add_argument("--confirm-rounds", type=int, default=d.confirm_rounds,
                    help=f"rounds of a confirmation, challenger against incumbent (default {d.confirm_rounds})")
     s.add_argument("--min-gain", type=float, default=d.min_gain,
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chunk", type=int, default=d.chunk, help=f"candidates per screening (default {d.chunk})")
     s.add_argument("--exhaustive-limit", type=int, default=d.exhaustive_limit,
                    help=f"search exhaustively up to this many valid points (default {d.exhaustive_limit})")
-    s.add_argument("--max-sweeps", type=int, default=d.max_sweeps, help=f"descent sweeps per start (default {d.max_sweeps})")
+    s.add_argument("--max-sweeps", type=int, default=d.max_sweeps,
+                   help=f"descent sweeps per start (default {d.max_sweeps})")
     s.add_argument("--restarts", type=int, default=d.restarts,
                    help=f"descents from random valid points after DEFAULT's (default {d.restarts})")
     s.add_argument("--compile-check", choices=["auto", "on", "off"], default="auto",
@@ -80,14 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-check", dest="check", action="store_false",
                    help="keep a winner without comparing its outputs with DEFAULT's")
     s.add_argument("--sms", type=int, default=space.DEFAULT_SMS,
-                   help=f"SMs assumed by --dry-run / --synthetic (default {space.DEFAULT_SMS}; a GPU run reads its own)")
+                   help=f"SMs assumed by --dry-run / --synthetic (default {space.DEFAULT_SMS}; a GPU run reads "
+                        "its own)")
     o = ap.add_argument_group("run")
-    o.add_argument("--out", default="out/tune", help="output folder: log.jsonl, <card>.json, summary.md (default out/tune)")
+    o.add_argument("--out", default="out/tune",
+                   help="output folder: log.jsonl, <card>.json, summary.md (default out/tune)")
     o.add_argument("--resume", action="store_true", help="continue the run logged in --out/log.jsonl")
-    o.add_argument("--time-budget", type=float, help=f"seconds; no measurement starts after it (exit code {EXIT_INCOMPLETE})")
+    o.add_argument("--time-budget", type=float,
+                   help=f"seconds; no measurement starts after it (exit code {EXIT_INCOMPLETE})")
     o.add_argument("--dry-run", action="store_true", help="list the cases and the points of their first sweep (no GPU)")
     o.add_argument("--show-pruned", action="store_true", help="with --dry-run: also the dropped points and why")
-    o.add_argument("--synthetic", action="store_true", help="time with the synthetic cost model (CPU; for trying the tuner)")
+    o.add_argument("--synthetic", action="store_true",
+                   help="time with the synthetic cost model (CPU; for trying the tuner)")
     o.add_argument("--noise", type=float, default=0.01, help="--synthetic: relative noise of a sample (default 0.01)")
     o.add_argument("--install", action="store_true",
                    help="merge the tuned entries into specssm/step/configs/<card>.json")
@@ -129,8 +137,8 @@ def plan_cases(args, num_sms: int) -> list[Case]:
                     for W in args.W:
                         for b in args.batches:
                             t = space.Target(STATES[st], rnd, T, W, H, P, N, G, b, num_sms)
-                            fams = [f for f in args.families
-                                    if (f != "fused" or b <= args.fused_up_to) and (f == "fused" or b >= args.split_from)]
+                            fams = [f for f in args.families if (f != "fused" or b <= args.fused_up_to)
+                                    and (f == "fused" or b >= args.split_from)]
                             cases += [Case(t, f) for f in fams]
                             if "fused" in fams and "split" in fams:
                                 cases.append(Case(t, "crossover"))
@@ -211,7 +219,8 @@ class Progress:
         if rec["family"] == "crossover":
             msg = f"{rec['winner']} (fused {rec['fused_us']:.2f}, split {rec['split_us']:.2f} us)"
         else:
-            msg = f"{rec['tuned_us']:.2f} us against default {rec['default_us']:.2f} ({rec['method']}, check {rec['check']})"
+            msg = (f"{rec['tuned_us']:.2f} us against default {rec['default_us']:.2f} ({rec['method']}, "
+                   f"check {rec['check']})")
         self.stream.write(f"done {case.id}: {msg}\n")
         self.stream.flush()
 

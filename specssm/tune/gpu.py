@@ -1,4 +1,4 @@
-"""The tuner's GPU timer: the benchmark's method (DESIGN §6, scripts/step_sweep.py) for a list of
+"""The tuner's GPU timer: the benchmark's method (benchmarks/README.md, scripts/step_sweep.py) for a list of
 candidate configs, interleaved, in one profiler session.
 
 Per target: one SSMCache with enough slot sets that the touched states exceed 4x L2 (state cold), pnat
@@ -178,7 +178,7 @@ class GpuTimer:
                 continue
             try:
                 graphs.append(self._capture(env, c))
-            except Exception as e:  # noqa: BLE001 - a candidate that does not compile is timed as inf
+            except Exception as e:         # a candidate that does not compile is timed as inf
                 if "CUDA error" in str(e) or "illegal" in str(e):
                     raise        # the context is gone: every later measurement would be wrong
                 print(f"specssm tune: {json.dumps(c)} failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)

@@ -124,7 +124,8 @@ class Oracle:
                          lambda req: self.timer.time(case.target, candidates, rounds, req))
 
     def check(self, case: Case, cand: dict, reference: dict) -> dict:
-        return self._ask(case, "check", [cand, reference], 1, lambda req: self.timer.check(case.target, cand, reference))
+        return self._ask(case, "check", [cand, reference], 1,
+                         lambda req: self.timer.check(case.target, cand, reference))
 
 
 class Pruner:

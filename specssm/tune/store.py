@@ -100,7 +100,8 @@ def summary_markdown(card: str, log) -> str:
              f"`{run['command']}`", "",
              "Tuned vs default (DEFAULT of specssm/step/tuning.py), timed together in the same process "
              "(median of interleaved rounds, µs):", "",
-             "| state | rounding | T | W | H,P,N,G | batch | family | default | tuned | tuned/default | method | winner |",
+             "| state | rounding | T | W | H,P,N,G | batch | family | default | tuned | tuned/default | method "
+             "| winner |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     from specssm.tune.space import describe
     for rec in sorted(log.results.values(), key=lambda r: (_entry_key(r["target"]), r["target"]["batch"],

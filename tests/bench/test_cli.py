@@ -1,6 +1,7 @@
 """`specssm bench` arguments, case lists and re-rendering of a results.json (no GPU)."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -41,7 +42,7 @@ def test_case_lists():
     assert len(keys) == len(full)
     # grouped: consecutive cases share (shape, dtype, batch, strategy) runs
     groups = [(c.shape, c.state_dtype, c.batch, c.variant.strategy) for c in full]
-    changes = sum(1 for a, b in zip(groups, groups[1:]) if a != b)
+    changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
     assert changes + 1 == 2 * 5 * 11 * 3
 
 
@@ -50,6 +51,34 @@ def test_dry_run(capsys):
     out = capsys.readouterr()
     assert "super_tp8 ckpt/dynamic/rect bf16 rn mixed batch=256" in out.out
     assert "18 cases" in out.err
+
+
+def test_sweep_runs_each_checkpointing_variant_under_each_override(capsys):
+    """The quick loop's --sweep: every checkpointing variant once per override ({} = the tables alone),
+    the baselines once; the override is part of the case (label, row key) so rows of a sweep differ."""
+    a = args_of("--strategies", "checkpointing,always_write", "--launch", "dynamic,split", "--dtypes", "fp32",
+                "--batches", "1", "--sweep", '[{}, {"coef": {"HB": 4}}]', "--timer", "events")
+    cases = cli.make_cases(a)
+    ck = [c for c in cases if c.variant.strategy == "checkpointing"]
+    assert len(ck) == 2 * 2 and len(cases) == len(ck) + 1          # always-write once (RN), no override
+    assert {c.variant.config for c in ck} == {"", '{"coef": {"HB": 4}}'}
+    assert {c.key()["variant"] for c in ck} == {"ckpt/dynamic/rect", "ckpt/split/rect",
+                                                'ckpt/dynamic/rect {"coef": {"HB": 4}}',
+                                                'ckpt/split/rect {"coef": {"HB": 4}}'}
+    assert all(c.variant.config == "" for c in cases if c.variant.strategy != "checkpointing")
+    assert len({tuple(sorted(c.key().items())) for c in cases}) == len(cases)
+    assert a.timer == "events" and args_of().timer == "cupti"
+
+
+@pytest.mark.parametrize("sweep", ['{"coef": {}}', "[]", "[1]", "[{"])
+def test_bad_sweep_exits_2_naming_it(sweep, capsys):
+    assert cli.main(["--dry-run", "--sweep", sweep]) == 2
+    assert "specssm bench: --sweep: expected" in capsys.readouterr().err
+
+
+def test_the_events_timer_does_not_time_the_seed(peer_dir, capsys):
+    assert cli.main(["--dry-run", "--timer", "events", "--peer", f"trtllm={peer_dir}"]) == 2
+    assert "specssm bench: --peer: the events timer counts every op" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", [["--dtypes", "fp4"], ["--launch", "warp"], ["--scenarios", "often"],

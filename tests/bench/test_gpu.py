@@ -1,20 +1,15 @@
-"""GPU: the timing machinery on plain torch kernels, then `specssm bench --quick` end to end."""
+"""GPU: the timing machinery on plain torch kernels, then `specssm bench --quick` and the quick loop
+(`--timer events --sweep`) end to end."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-needs_gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU and TRITON_INTERPRET unset")
-
 
 @pytest.mark.gpu
-@needs_gpu
 def test_graph_of_marked_steps_is_split_and_timed():
     from specssm.bench.timing import StepMarkers, capture_graph, copy_bandwidth, time_graph
     dev = torch.device("cuda")
@@ -40,7 +35,6 @@ def test_graph_of_marked_steps_is_split_and_timed():
 
 
 @pytest.mark.gpu
-@needs_gpu
 def test_quick_run_end_to_end(tmp_path):
     from specssm.bench import cli
     out = tmp_path / "bench"
@@ -53,7 +47,7 @@ def test_quick_run_end_to_end(tmp_path):
     assert meta["copy_bw_GBps"] > 100 and meta["card"] == torch.cuda.get_device_name()
     assert len(rows) == 2 * 3 * 3
     by = {(r["strategy"], r["state_dtype"], r["batch"]): r for r in rows}
-    for (strategy, dtype, batch), r in by.items():
+    for (strategy, dtype, _batch), r in by.items():
         if strategy == "all_states" and dtype == "int8":
             assert r["status"] == "skipped"
             continue
@@ -79,13 +73,40 @@ def test_quick_run_end_to_end(tmp_path):
     assert len(again) == len(rows)
 
 
+@pytest.mark.gpu
+def test_the_quick_loop_times_a_sweep_with_events(tmp_path, capsys):
+    """The loop used while tuning: --timer events, two overrides, --kernels; the events timer and the
+    CUPTI spans agree on a plain case within a factor of two (one replay is many steps)."""
+    from specssm.bench import cli
+    from specssm.bench.timing import StepMarkers, capture_graph, time_graph, time_graph_events
+    dev = torch.device("cuda")
+    bufs = [torch.zeros(1 << 22, device=dev) for _ in range(8)]
+    markers = StepMarkers(dev)
+    plain = capture_graph(lambda: [b.mul_(0.5) for b in bufs])
+    marked = capture_graph(lambda: [(markers.begin(), b.mul_(0.5), markers.end()) for b in bufs])
+    ev = time_graph_events(plain, len(bufs), min_samples=80)
+    cupti, _ = time_graph(marked, len(bufs), min_samples=80)
+    assert ev.samples == 10 and 0 < ev.p10_us <= ev.median_us <= ev.p90_us
+    assert 0.5 < ev.median_us / cupti.median_us < 2.0
+    out = tmp_path / "bench"
+    rc = cli.main(["--timer", "events", "--strategies", "checkpointing", "--launch", "dynamic,split",
+                   "--dtypes", "fp32", "--batches", "8", "--min-samples", "20", "--no-conv", "--no-plots",
+                   "--sweep", '[{}, {"fused": {"num_warps": 8}}]', "--kernels", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["timer"] == "events" for r in rows), rows
+    assert {r["config"] for r in rows} == {"", '{"fused": {"num_warps": 8}}'}
+    assert all(0 < r["p10_us"] <= r["median_us"] <= r["p90_us"] and r["plan_us"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "| fused_kernel |" in printed and "| main_kernel |" in printed
+
+
 REPO = Path(__file__).resolve().parents[2]
 SEED_DIR = next((d for d in (REPO / ".peers", REPO.parent / "shared" / "peers") if (d / "trtllm_replay").is_dir()),
                 None)
 
 
 @pytest.mark.gpu
-@needs_gpu
 @pytest.mark.skipif(SEED_DIR is None, reason="no vendored seed (.peers/trtllm_replay or ../shared/peers)")
 def test_seed_runs_beside_ours(tmp_path):
     """--peer trtllm=PATH: the seed's rows, its span of its own kernels only, × seed on ours."""

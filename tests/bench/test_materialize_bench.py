@@ -9,8 +9,6 @@ from specssm.bench import cli
 from specssm.bench.cases import parse_shape
 from specssm.bench.materialize import fold_bytes
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 def test_fold_bytes_counts_states_scales_and_ring_rows():
     sh = parse_shape("super_tp8")                          # H 16, P 64, N 128, G 1
@@ -40,7 +38,6 @@ def test_without_a_gpu_it_says_so(capsys):
     assert "expected a CUDA device" in capsys.readouterr().err
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("state_dtype", ["bf16", "int8"])
 def test_gpu_time_materialize_runs(state_dtype):

@@ -65,7 +65,8 @@ def test_fmt():
 def test_rows_and_summary_markdown():
     rows = report.add_speedups(sample_rows())
     table = report.rows_table(rows)
-    assert "| super_tp8 | ckpt/auto/rect | fp32 | rn | mixed | 1 | 4.00 | 3.60–4.40 | 6.00 | 2.00 | 1.50x | 3.00x | 50.0 | ok |" in table
+    assert ("| super_tp8 | ckpt/auto/rect | fp32 | rn | mixed | 1 | 4.00 | 3.60–4.40 | 6.00 | 2.00 | 1.50x | 3.00x "
+            "| 50.0 | ok |") in table
     assert "skipped: rejected" in table
     meta = {"card": "NVIDIA H100 80GB HBM3", "copy_bw_GBps": 3000.0, "l2_bytes": 50 * 2**20, "torch": "2.13",
             "triton": "3.6.0", "T": 6, "W": 16, "act_dtype": "bf16", "command": "specssm bench --quick"}
@@ -98,16 +99,18 @@ def test_targets_section_takes_the_worst_value_of_each_batch_range():
         row(ck, "a", 1.0, batch=256, scenario="all_write", pct_floor=1.0),     # not the mixed scenario
     ]
     md = report.targets_markdown(rows)
-    lines = {tuple(c.strip() for c in l.strip("|").split("|")) for l in md.splitlines() if l.startswith("| super")}
-    assert ("super_tp8", "fp32", "RN", "× always-write ≥ 1.3 at batch ≥ 64", "1.20 (batch 64)", "missed by 1.08×") in lines
+    lines = {tuple(c.strip() for c in ln.strip("|").split("|")) for ln in md.splitlines() if ln.startswith("| super")}
+    assert ("super_tp8", "fp32", "RN", "× always-write ≥ 1.3 at batch ≥ 64", "1.20 (batch 64)",
+            "missed by 1.08×") in lines
     # batch 1024: the best variant is "b" (290 us), so its 3.8x is the one that counts
-    assert ("super_tp8", "fp32", "RN", "× all-states ≥ 4 at batch ≥ 256", "3.80 (batch 1024)", "missed by 1.05×") in lines
+    assert ("super_tp8", "fp32", "RN", "× all-states ≥ 4 at batch ≥ 256", "3.80 (batch 1024)",
+            "missed by 1.05×") in lines
     assert ("super_tp8", "fp32", "RN", "% floor ≥ 92 at batch ≥ 256", "61.00 (batch 1024)", "missed by 1.51×") in lines
     assert ("super_tp8", "fp32", "RN", "batch 1 ≤ 3.5 µs", "3.00 µs", "met") in lines
     assert ("super_tp8", "fp32", "RN", "batch 8 ≤ 5.0 µs", "7.00 µs",
             "missed by 1.40× (the byte floor alone is 6.00 µs: out of reach on this card)") in lines
     assert ("super_tp8", "int8", "RN", "% floor ≥ 75 at batch ≥ 256", "80.00 (batch 256)", "met") in lines
-    assert not any(l[1] == "int8" and "92" in l[3] for l in lines)
+    assert not any(ln[1] == "int8" and "92" in ln[3] for ln in lines)
     assert "docs/performance.md" in md
     assert report.targets_markdown([row("always_write", "always-write", 6.0, scenario="any")]) == ""
     meta = {"card": "x", "T": 6, "W": 16}
@@ -146,10 +149,23 @@ def test_row_identity_ignores_results():
     # a --pdl row is another measurement; rows from before the field read as pdl = false
     assert report.row_id(row("checkpointing", "v", 1.0, pdl=True)) != report.row_id(a)
     assert report.row_id(row("checkpointing", "v", 1.0, pdl=False)) == report.row_id(a)
+    # so is a row under a tuning override (--sweep) or timed by the events timer; older rows had neither
+    assert report.row_id(row("checkpointing", "v", 1.0, config='{"coef": {"HB": 4}}')) != report.row_id(a)
+    assert report.row_id(row("checkpointing", "v", 1.0, timer="events")) != report.row_id(a)
+    assert report.row_id(row("checkpointing", "v", 1.0, config="", timer="cupti")) == report.row_id(a)
+
+
+def test_kernels_table():
+    k = {"kernel": "main_kernel", "regs": 168, "spills": 0, "shared": 66560, "warps": 4, "key": "x" * 300}
+    table = report.kernels_table([k])
+    assert table.splitlines()[0] == "| kernel | regs | spills | shared B | warps | specialization (end) |"
+    assert table.splitlines()[2] == "| main_kernel | 168 | 0 | 66560 | 4 | " + "x" * 120 + " |"
+    assert report.kernels_table([]) == "no step kernel was compiled in this run\n"
 
 
 @pytest.mark.parametrize("name,slug", [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"),
-                                       ("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA GeForce RTX 4090", "GeForce-RTX-4090")])
+                                       ("NVIDIA A100-SXM4-80GB", "A100"),
+                                       ("NVIDIA GeForce RTX 4090", "GeForce-RTX-4090")])
 def test_card_slug(name, slug):
     assert report.card_slug(name) == slug
 
@@ -177,7 +193,8 @@ def seed_rows():
         row("always_write", "always-write", 6.0, scenario="any"),
         # batch 2: the seed did not run in RN (its SR row must not be taken instead)
         row("checkpointing", "ckpt/auto/rect", 10.0, batch=2),
-        row("trtllm", "trtllm", None, batch=2, status="skipped", reason="trtllm rejected it: AssertionError: x", **seed),
+        row("trtllm", "trtllm", None, batch=2, status="skipped", reason="trtllm rejected it: AssertionError: x",
+            **seed),
         row("trtllm", "trtllm", 5.0, batch=2, rounding="sr", **seed),
         # other scenario, other card: never the seed of the mixed rows above
         row("checkpointing", "ckpt/auto/rect", 2.0, scenario="all_no_write"),
@@ -205,7 +222,8 @@ def test_seed_columns_in_the_tables_and_csv():
     rows = report.add_speedups(seed_rows())
     table = report.rows_table(rows)
     assert "| × AW | × AS | × seed | % floor |" in table
-    assert "| super_tp8 | ckpt/dynamic/rect | fp32 | rn | mixed | 1 | 3.00 | 2.70–3.30 | - | - | 2.00x | - | 2.00x |" in table
+    assert ("| super_tp8 | ckpt/dynamic/rect | fp32 | rn | mixed | 1 | 3.00 | 2.70–3.30 | - | - | 2.00x | - "
+            "| 2.00x |") in table
     md = report.summary_markdown(rows, {"card": "x"})
     assert "| × always-write | × all-states | trtllm µs | × seed | floor µs |" in md and "**trtllm µs / × seed**" in md
     # best variant (dynamic, 3 us) against the seed's 6 us; batch 2: the seed was skipped; batch 4: the seed alone

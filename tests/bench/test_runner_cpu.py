@@ -2,7 +2,6 @@
 Triton ops (no graphs, no timing): every keyword the runner passes must be one the op signature has."""
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from specssm import reference
-from specssm.bench import cli, mix
+from specssm.bench import cli, mix, strategies
 from specssm.bench.cases import Case, Shape, Variant
 from specssm.bench.runner import Env, Skip, slot_set_count
 from specssm.cache import StepPlan
@@ -33,6 +32,20 @@ def standin(ref, calls):
             kw.pop(k, None)
         return ref(*args, **kw)
     return op
+
+
+def test_the_strategy_table_matches_the_caches_and_the_ops():
+    """Every strategy the harness times is one SSMCache keeps, with its op in specssm.ops; a peer's
+    caches are those of a strategy with plans (its work items come from our plans)."""
+    from specssm import ops
+    from specssm.cache.cache import STRATEGIES as CACHE_STRATEGIES
+    assert strategies.NAMES == CACHE_STRATEGIES
+    for st in strategies.STRATEGIES.values():
+        assert callable(getattr(ops, st.op)), st.op
+        assert st.ring or not (st.window or st.plan), st.name       # a window and plans need the rings
+    assert strategies.STRATEGIES[strategies.PEER_CACHES].plan
+    with pytest.raises(ValueError, match=r"^strategy: expected one of"):
+        strategies.get("sometimes")
 
 
 @pytest.fixture
@@ -106,7 +119,7 @@ def test_missing_op_and_rejected_dtype_are_skips(monkeypatch):
         Env(bench, Case(TINY, Variant("all_states"), "int8", "rn", "any", batch=1, T=2, W=4))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conv1d on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_conv_wiring(fake_ops):
     from specssm.conv import conv1d_update
     bench = fake_bench(conv_update=conv1d_update)
@@ -134,7 +147,7 @@ def test_pdl_goes_to_the_checkpointing_op_only(fake_ops, strategy):
     assert [c["pdl"] for c in fake_ops] == [True if pdl else None, None]
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="conv1d on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_conv_with_pdl_gives_the_same_outputs(fake_ops):
     from specssm.conv import conv1d_update
     bench = fake_bench(["--pdl"], conv_update=conv1d_update)
@@ -149,6 +162,27 @@ def test_conv_with_pdl_gives_the_same_outputs(fake_ops):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_a_sweep_override_holds_during_its_op_call_only(monkeypatch):
+    """--sweep: the variant's tuning override is merged into tuning.OVERRIDE around each call of the op
+    (inside a CUDA-graph capture that is when the launch config is chosen), and gone after it."""
+    from specssm import ops
+    from specssm.step import tuning
+    seen = []
+
+    def op(**kw):
+        seen.append(tuning.merge({}, tuning.OVERRIDE))
+    monkeypatch.setattr(ops, "checkpointing_ssu", op)
+    over = '{"coef": {"HB": 4}}'
+    bench = fake_bench()
+    for config in (over, ""):
+        case = Case(TINY, Variant("checkpointing", "split", "rectangle", config), "fp32", "rn", "mixed", 2, 2, 4)
+        env = Env(bench, case)
+        env.set_scenario("mixed")
+        env.step_fn(case)(0, False)
+        assert tuning.OVERRIDE == {}
+    assert seen == [{"coef": {"HB": 4}}, {}]
+
+
 def test_slot_set_count():
     MiB = 2**20
     # 512 KiB touched per step, L2 50 MiB, 4x: 400 sets
@@ -160,8 +194,9 @@ def test_slot_set_count():
         slot_set_count(512 * 1024, 2 * MiB, 50 * MiB, 4.0, 4096, MiB)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton ops on CPU need TRITON_INTERPRET=1")
-@pytest.mark.parametrize("strategy,launch,dtype", [("checkpointing", "split", "bf16"), ("checkpointing", "dynamic", "fp32"),
+@pytest.mark.interpreter
+@pytest.mark.parametrize("strategy,launch,dtype", [("checkpointing", "split", "bf16"),
+                                                   ("checkpointing", "dynamic", "fp32"),
                                                    ("always_write", "auto", "fp16"), ("all_states", "auto", "fp32")])
 def test_env_drives_the_triton_ops(strategy, launch, dtype):
     """The real ops (interpreted) accept what the runner passes; rejected cases become skips."""
@@ -177,7 +212,7 @@ def test_env_drives_the_triton_ops(strategy, launch, dtype):
     assert torch.isfinite(env.out.float()).all()
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton ops on CPU need TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_op_rejection_is_a_skip():
     pytest.importorskip("specssm.step")
     bench = fake_bench()
@@ -287,7 +322,7 @@ def test_what_the_peer_cannot_run_is_a_skip():
     failed = fake_bench(peer_error="importing trtllm=/x failed: ImportError: no triton")
     env = Env(failed, case)
     env.set_scenario("mixed")
-    with pytest.raises(Skip, match="^importing trtllm=/x failed"):
+    with pytest.raises(Skip, match=r"^importing trtllm=/x failed"):
         env.step_fn(case)
     # never a conv figure for a peer (its span is its own kernels), not even with --conv-all
     assert not GpuBench.wants_conv(fake_bench(["--conv-all"]), case)

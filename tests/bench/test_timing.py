@@ -5,8 +5,19 @@ import math
 
 import pytest
 
-from specssm.bench.timing import (BEGIN_MARKER, END_MARKER, DeviceEvent, events_from_trace, keep_named,
-                                  spans_by_position, split_by_count, split_steps, stats, step_busy, step_span)
+from specssm.bench.timing import (
+    BEGIN_MARKER,
+    END_MARKER,
+    DeviceEvent,
+    events_from_trace,
+    keep_named,
+    spans_by_position,
+    split_by_count,
+    split_steps,
+    stats,
+    step_busy,
+    step_span,
+)
 
 
 def ev(name, start, dur):

@@ -1,5 +1,5 @@
-"""SSMCache.commit: the on-device ring_start/pnat update of DESIGN §4, checked against a plain Python
-transcription of it, plus its bad inputs."""
+"""SSMCache.commit: the on-device ring_start/pnat update (docs/design.md, "The closed form"), checked
+against a plain Python transcription of it, plus its bad inputs."""
 import pytest
 import torch
 
@@ -9,7 +9,7 @@ PAD = -1
 
 
 def commit_model(ring_start, pnat, seeds, rows, accepted, lens, W, L):
-    """DESIGN §4, one row at a time: flushed = pnat + len > W;
+    """The commit, one row at a time: flushed = pnat + len > W;
     ring_start = (ring_start + pnat) % L if flushed; pnat = acc if flushed else pnat + acc; seed += 1."""
     rs, pn, sd = list(ring_start), list(pnat), list(seeds)
     for b, s in enumerate(rows):

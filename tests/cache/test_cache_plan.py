@@ -9,8 +9,8 @@ PAD = -1
 
 
 def expected_plan(pnat, rows, W, lens):
-    """DESIGN §5 in plain Python: writes (pnat + len > W) first, then padding, then no-writes (which the
-    step's no-write launch reads from the end), each group in row order."""
+    """docs/design.md ("Kernels": Plan) in plain Python: writes (pnat + len > W) first, then padding, then
+    no-writes (which the step's no-write launch reads from the end), each group in row order."""
     flags = [int(s != PAD and pnat[s] + n > W) for s, n in zip(rows, lens)]
     writes = [b for b, s in enumerate(rows) if s != PAD and flags[b]]
     stays = [b for b, s in enumerate(rows) if s != PAD and not flags[b]]
@@ -93,7 +93,7 @@ def test_int64_indices_and_empty_batch():
 
 
 def test_max_batch_must_be_positive():
-    with pytest.raises(ValueError, match="^max_batch:"):
+    with pytest.raises(ValueError, match=r"^max_batch:"):
         StepPlan(0)
 
 

@@ -6,12 +6,9 @@ import torch
 
 from specssm.cache import StepPlan
 from specssm.cache import plan as plan_module
-from specssm.cache.plan_kernel import interpreting
 
 PAD = -1
 POISON = -7
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-interpreter = pytest.mark.skipif(not interpreting(), reason="the kernel on CPU needs TRITON_INTERPRET=1")
 
 
 def poisoned(max_batch, device="cpu"):
@@ -52,7 +49,7 @@ def assert_same_as_reference(pnat, rows, W, lens, pad_slot_id=PAD, kernel_plan=N
     return kernel_plan
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_kernel_is_what_build_runs(monkeypatch):
     """Under the interpreter, build must not fall back to the torch ops."""
     def no_torch(*a, **k):
@@ -64,7 +61,7 @@ def test_kernel_is_what_build_runs(monkeypatch):
     assert plan.counts.tolist() == [1, 3]
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("varlen", [False, True])
 def test_batch_sizes_1_to_300(varlen):
     """Every batch size 1..300 (blocks 1..512), each with its own random mix of T, W and padding."""
@@ -77,7 +74,7 @@ def test_batch_sizes_1_to_300(varlen):
         assert_same_as_reference(pnat, rows, W, lens)
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T,W", [(1, 16), (6, 16), (16, 16), (6, 0), (3, 5)])
 @pytest.mark.parametrize("p_pad", [0.0, 0.3, 1.0])
 def test_random_mixes(T, W, p_pad):
@@ -88,7 +85,7 @@ def test_random_mixes(T, W, p_pad):
         assert_same_as_reference(pnat, rows, W, lens)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_boundary_and_stable_order():
     """pnat = W - T stays, W - T + 1 writes; rows keep their order inside each group."""
     T, W = 6, 16
@@ -101,7 +98,7 @@ def test_boundary_and_stable_order():
     assert plan.counts.tolist() == [2, 5]
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_varlen_lengths_zero_to_T():
     gen = torch.Generator().manual_seed(3)
     for batch in (1, 5, 16, 33):
@@ -111,7 +108,7 @@ def test_varlen_lengths_zero_to_T():
             assert_same_as_reference(pnat, rows, 16, lens)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_varlen_from_cu_seqlens_like_the_op():
     """The op passes cu_seqlens[1:] - cu_seqlens[:-1]."""
     cu = torch.tensor([0, 6, 6, 9, 15, 17], dtype=torch.int32)
@@ -121,7 +118,7 @@ def test_varlen_from_cu_seqlens_like_the_op():
     assert plan.write_flag.tolist() == [0, 0, 0, 0, 1] and plan.counts.tolist() == [1, 4]
 
 
-@interpreter
+@pytest.mark.interpreter
 @pytest.mark.parametrize("pad_slot_id", [-1, -5, 80])
 def test_pad_rows_and_pad_ids(pad_slot_id):
     """No padding, all padding, padding at the ends; a pad id past the slot range is still padding."""
@@ -135,7 +132,7 @@ def test_pad_rows_and_pad_ids(pad_slot_id):
         assert_same_as_reference(pnat, rows, 16, lens, pad_slot_id)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_int64_and_strided_inputs():
     gen = torch.Generator().manual_seed(5)
     for batch in (1, 9, 40):
@@ -150,7 +147,7 @@ def test_int64_and_strided_inputs():
         assert_same_as_reference(wide_pnat, wide_rows, 16, 6)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_one_plan_reused_across_batch_sizes():
     """Shrinking and growing batches on one kernel plan and one reference plan: equal after each
     build, including the stale entries past the current batch."""
@@ -162,14 +159,14 @@ def test_one_plan_reused_across_batch_sizes():
         assert_same_as_reference(pnat, rows, 16, lens, kernel_plan=kernel_plan, ref_plan=ref_plan)
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_empty_batch():
     pnat = torch.tensor([15, 2], dtype=torch.int32)
     plan = assert_same_as_reference(pnat, torch.zeros(0, dtype=torch.int32), 16, 4)
     assert plan.batch == 0 and plan.counts.tolist() == [0, 0]
 
 
-@interpreter
+@pytest.mark.interpreter
 def test_unchecked_out_of_range_slot_reads_nothing_outside_pnat():
     """validate=False leaves slot ids to the caller; the kernel still never loads past pnat."""
     pnat = torch.tensor([16, 0], dtype=torch.int32)
@@ -219,7 +216,6 @@ def test_compiles_for_sm90(tmp_path):
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("varlen", [False, True])
 def test_gpu_kernel_matches_reference(varlen):
@@ -232,7 +228,6 @@ def test_gpu_kernel_matches_reference(varlen):
                                  device="cuda")
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 64, 1024])
 def test_gpu_build_in_a_cuda_graph(batch):

@@ -48,7 +48,7 @@ def test_allocate_resets_slots_and_gives_fresh_seeds():
     c = SSMCache(2, 4, H, P, N, G, 4, state_dtype=torch.int8)
     first = c.allocate(4)
     assert first.dtype == torch.int32 and sorted(first.tolist()) == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="^n:"):
+    with pytest.raises(ValueError, match=r"^n:"):
         c.allocate(1)
     seeds0 = c.seeds.clone()
     assert len(set(seeds0.tolist())) == 4
@@ -71,10 +71,10 @@ def test_free_rejects_unknown_and_free_slots():
     c = SSMCache(1, 3, H, P, N, G, 4)
     c.allocate(2)
     for bad in ([3], [-1], [2]):
-        with pytest.raises(ValueError, match="^slots:"):
+        with pytest.raises(ValueError, match=r"^slots:"):
             c.free(bad)
     c.free([0])
-    with pytest.raises(ValueError, match="^slots:"):
+    with pytest.raises(ValueError, match=r"^slots:"):
         c.free([0])
 
 

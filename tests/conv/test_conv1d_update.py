@@ -6,20 +6,15 @@ realistic size (batch 256, conv_dim = 16*64 + 2*1*128) plus CUDA-graph capture.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from specssm._runtime import kernels_interpreted
 from specssm.conv import conv1d_update, conv_commit, conv_state_from_prefill, new_conv_offset, new_conv_state
-from specssm.conv.reference import (conv1d_sequential_ref, conv1d_update_ref, conv1d_window_ref,
-                                    conv_context_ref)
+from specssm.conv.reference import conv1d_sequential_ref, conv1d_update_ref, conv1d_window_ref, conv_context_ref
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-gpu = pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU and TRITON_INTERPRET unset")
-# Small tests run the kernel on CPU tensors, which only the interpreter can do.
-interp = pytest.mark.skipif(not INTERPRETING, reason="CPU kernel tests need TRITON_INTERPRET=1")
+# Small tests run the kernel on CPU tensors (marked interpreter), which only the interpreter can do.
+INTERPRETING = kernels_interpreted()
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 # rtol ~ one rounding of the output dtype; atol covers fp32 accumulation order near zero. The Triton
@@ -67,7 +62,7 @@ def check_step(xBC, conv_state, conv_offset, weight, bias, activation, idx, pad_
 # ---------------------------------------------------------------------------------------------------
 # kernel vs float64 reference
 # ---------------------------------------------------------------------------------------------------
-@interp
+@pytest.mark.interpreter
 @pytest.mark.parametrize("T", [1, 2, 4, 6])
 @pytest.mark.parametrize("d_conv", [2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -79,14 +74,14 @@ def test_matches_reference(dtype, d_conv, T):
     check_step(xBC, conv_state, conv_offset, weight, bias, "silu", idx)
 
 
-@interp
+@pytest.mark.interpreter
 @pytest.mark.parametrize("bias,activation", [(False, "silu"), (True, None), (False, None), (True, "swish")])
 def test_bias_and_activation_variants(bias, activation):
     xBC, conv_state, conv_offset, weight, b, idx = make_case(2, 3, 24, 4, 4, 3, torch.float32, "cpu", bias=bias)
     check_step(xBC, conv_state, conv_offset, weight, b, activation, idx)
 
 
-@interp
+@pytest.mark.interpreter
 def test_conv1d_module_weight_and_low_precision_weights():
     xBC, conv_state, conv_offset, weight, bias, idx = make_case(2, 4, 40, 4, 4, 2, torch.bfloat16, "cpu")
     # nn.Conv1d(groups=conv_dim).weight is (conv_dim, 1, d_conv); bf16 weights/bias are read as fp32.
@@ -94,7 +89,7 @@ def test_conv1d_module_weight_and_low_precision_weights():
                "silu", idx)
 
 
-@interp
+@pytest.mark.interpreter
 def test_no_state_batch_indices_means_slot_is_row():
     xBC, conv_state, conv_offset, weight, bias, _ = make_case(2, 2, 33, 3, 2, 4, torch.float16, "cpu")
     ref_untouched = conv_state[2:].clone()
@@ -102,7 +97,7 @@ def test_no_state_batch_indices_means_slot_is_row():
     assert torch.equal(conv_state[2:], ref_untouched)
 
 
-@interp
+@pytest.mark.interpreter
 def test_pad_rows_read_and_write_nothing():
     # All rows pad, with a custom pad id and int64 indices: nothing at all may change.
     xBC, conv_state, conv_offset, weight, bias, _ = make_case(3, 4, 20, 4, 4, 3, torch.bfloat16, "cpu")
@@ -118,7 +113,7 @@ def test_pad_rows_read_and_write_nothing():
     assert torch.equal(conv_state[:2], state_before[:2])
 
 
-@interp
+@pytest.mark.interpreter
 def test_strided_input_and_in_place_output():
     # xBC as a column slice of a wider projection output (the Mamba2 layout), out = xBC (in place).
     g = torch.Generator().manual_seed(3)
@@ -133,7 +128,7 @@ def test_strided_input_and_in_place_output():
     assert torch.equal(conv_state, ref_state)
 
 
-@interp
+@pytest.mark.interpreter
 def test_pdl_gives_the_same_outputs_and_state():
     """pdl=True only adds a launch hint (off in the interpreter and below sm_90): same results."""
     import specssm.conv.conv1d as mod
@@ -150,7 +145,7 @@ def test_pdl_gives_the_same_outputs_and_state():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-@interp
+@pytest.mark.interpreter
 def test_empty_batch():
     _, conv_state, conv_offset, weight, bias, _ = make_case(1, 2, 8, 2, 2, 2, torch.float32, "cpu")
     out = conv1d_update(torch.empty(0, 2, 8), conv_state, conv_offset, weight, bias)
@@ -214,7 +209,7 @@ def run_speculative_steps(dtype, d_conv, batch, conv_dim, num_slots, T_max, step
     assert accepted_total > 0
 
 
-@interp
+@pytest.mark.interpreter
 @pytest.mark.parametrize("d_conv", [2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_speculative_steps_equal_sequential(dtype, d_conv):
@@ -266,7 +261,7 @@ BAD_INPUTS = {
 }
 
 
-@interp
+@pytest.mark.interpreter
 @pytest.mark.parametrize("kind", list(BAD_INPUTS))
 def test_bad_input_raises_and_leaves_caches(kind):
     changes, exc, needle = BAD_INPUTS[kind]
@@ -287,7 +282,7 @@ def test_bad_input_raises_and_leaves_caches(kind):
 def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
     import specssm.conv.conv1d as mod
 
-    monkeypatch.setattr(mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(mod, "kernels_interpreted", lambda kernel=None: False)
     xBC, conv_state, conv_offset, weight, bias, idx = make_case(2, 3, 24, 4, 4, 3, torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="xBC: got device cpu"):
         conv1d_update(xBC, conv_state, conv_offset, weight, bias, state_batch_indices=idx)
@@ -297,7 +292,6 @@ def test_cpu_tensors_without_interpreter_are_rejected(monkeypatch):
 # GPU: realistic size, CUDA graphs, validate flag
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("T", [1, 2, 4, 6])
 @pytest.mark.parametrize("d_conv", [2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -313,7 +307,6 @@ def test_gpu_matches_reference_realistic(dtype, d_conv, T):
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_speculative_steps_equal_sequential(dtype):
     run_speculative_steps(dtype, 4, batch=64, conv_dim=SUPER_TP8_CONV_DIM, num_slots=80, T_max=6, steps=6,
@@ -321,7 +314,6 @@ def test_gpu_speculative_steps_equal_sequential(dtype):
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_cuda_graph_step_and_commit():
     """Update + commit captured once and replayed with new inputs/acceptance: no host sync inside."""
     dtype, d_conv, T, batch, num_slots, conv_dim = torch.bfloat16, 4, 6, 32, 40, SUPER_TP8_CONV_DIM
@@ -354,7 +346,6 @@ def test_gpu_cuda_graph_step_and_commit():
 
 
 @pytest.mark.gpu
-@gpu
 def test_gpu_validate_flag_catches_bad_slots():
     xBC, conv_state, conv_offset, weight, bias, idx = make_case(4, 2, 64, 4, 2, 6, torch.float16, "cuda")
     bad = idx.clone()
@@ -376,7 +367,7 @@ def test_window_reference_equals_sequential_reference():
     assert torch.equal(win, xBC[:, -3:])
 
 
-@interp
+@pytest.mark.interpreter
 @pytest.mark.parametrize("bad", ["slot", "offset"])
 def test_bad_slot_or_offset_touches_nothing_without_validation(bad):
     """The kernel's own guard (what validate=False leaves on a GPU; on the CPU the wrapper checks these

@@ -12,10 +12,9 @@ from torch._dynamo.utils import counters
 
 from specssm.cache import StepPlan
 from specssm.model import SIZES, TinyMamba2LM
-from specssm.model.mixer import interpreting
 from specssm.ops import checkpointing_ssu
 from specssm.step import tuning
-from tests.ops.helpers import make_step, to_device
+from tests.helpers.steps import make_step, to_device
 
 TINY = SIZES["tiny"]
 T, W = 4, 6                    # a row writes when pnat + 4 > 6
@@ -24,9 +23,7 @@ T, W = 4, 6                    # a row writes when pnat + 4 > 6
 ACCEPTED = [[4, 1, 1], [2, 1, 3], [1, 1, 1], [4, 1, 2], [1, 1, 1], [1, 1, 1]]
 WRITES = [[0, 0, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0], [1, 0, 1], [0, 0, 0]]
 CPU_STEPS = 3           # the interpreter is slow; the GPU runs all six
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
-           pytest.param("cuda", marks=GPU)]
+DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +106,7 @@ def test_compiled_model_step_equals_eager_bit_for_bit(launches, device):
     assert counters["stats"]["unique_graphs"] == 1          # compiled once, not run eagerly
 
 
-@pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_one_graph_no_breaks_no_recompiles(split_launches):
     """torch._dynamo.explain: the decode step is one graph without breaks, and later steps (another
     write mix, another plan) reuse the first compile."""
@@ -206,7 +203,7 @@ def test_compiled_op_forms_and_checks(form, backend, device):
     assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(after, before))
 
 
-@pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_compiled_split_step_with_a_plan_without_scratch():
     """A plan whose scratch was not allocated before the trace: the compiled step allocates a temporary
     one per call (outside the plan: a trace must not create it) and still gives eager's bits."""
@@ -226,7 +223,7 @@ def test_compiled_split_step_with_a_plan_without_scratch():
     assert_same_bits(caches[1].tensors(), caches[0].tensors(), "cache tensor")
 
 
-@pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_demo_compile(capsys):
     from specssm.model.demo import main
     assert main(["--size", "tiny", "--tokens", "6", "--batch", "2", "--compile", "aot_eager"]) == 0
@@ -238,7 +235,6 @@ def test_demo_compile(capsys):
 
 # ---- GPU: CUDA graphs (mode="reduce-overhead") ------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("launches", ["dynamic", "split"], indirect=True)
 def test_gpu_reduce_overhead_across_steps(launches):
     """The decode step compiled with inductor and replayed from CUDA graphs (validate=False) while the
@@ -261,5 +257,5 @@ def test_gpu_reduce_overhead_across_steps(launches):
     # a recorded graph counts its non-static inputs (tokens, slots): the graphed run did record
     assert counters["inductor"]["cudagraph_recorded_non_static_inputs"] > 0
     assert counters["stats"]["unique_graphs"] == 2          # one per compile, none again across steps
-    with pytest.raises(ValueError, match="^validate:"):
+    with pytest.raises(ValueError, match=r"^validate:"):
         model_and_cache("cuda", validate=True)[0].compile_step("inductor", mode="reduce-overhead")

@@ -3,9 +3,18 @@ drafters, the demo."""
 import pytest
 import torch
 
-from specssm.model import (SIZES, Mamba2Config, NgramDrafter, RandomDrafter, TinyMamba2LM, compare_tokens,
-                           greedy_generate, reference_greedy, speculative_generate)
-from specssm.model.mixer import interpreting
+from specssm._runtime import interpreting
+from specssm.model import (
+    SIZES,
+    Mamba2Config,
+    NgramDrafter,
+    RandomDrafter,
+    TinyMamba2LM,
+    compare_tokens,
+    greedy_generate,
+    reference_greedy,
+    speculative_generate,
+)
 
 TINY = SIZES["tiny"]
 PROMPTS = [b"The quick brown fox ", b"abcabcab", b"\x00\xff"]
@@ -72,7 +81,7 @@ def test_flush_fraction_follows_the_pnat_chain():
     assert 0 < res.flush_fraction < 1
 
 
-@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_spec_decode_through_triton_ops():
     """End to end through the Triton conv update and checkpointing op (interpreter), fp32 state and
     activations, precision='exact': the tokens of the float64 reference greedy decoding."""
@@ -99,7 +108,7 @@ def _verify_step_with_a_padding_row(ssu, plan_builds: list):
     return model.step(tokens, cache, slots), cache
 
 
-@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
     """The Triton op takes a plan: the model builds one per verify step for all layers (split launches
     forced at this small batch), with the same logits and caches as letting each layer's op build its
@@ -121,7 +130,7 @@ def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
         assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
 
 
-@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("split_min_batch, builds_per_step", [(128, 0), (3, 1), (4, 0)])
 def test_plan_built_only_for_split_launches(split_min_batch, builds_per_step, monkeypatch):
     """Below the split batch the Triton op runs one dynamic launch and reads no plan: the model builds
@@ -217,7 +226,7 @@ def test_demo_says_when_it_falls_back_to_the_reference(capsys):
         assert "ssu = checkpointing_ssu(" in out and "note:" not in out, out
 
 
-@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("split_min_batch", [1, 128])
 def test_model_step_records_a_bad_pnat_without_validation(split_min_batch, monkeypatch):
     """validate=False: a row whose slot holds a pnat outside the contract does no SSM work in any layer,

@@ -3,11 +3,17 @@ demo. Run with `make gpu-test` on the device."""
 import pytest
 import torch
 
-from specssm.model import (SIZES, NgramDrafter, TinyMamba2LM, compare_tokens, greedy_generate,
-                           reference_greedy, speculative_generate)
+from specssm.model import (
+    SIZES,
+    NgramDrafter,
+    TinyMamba2LM,
+    compare_tokens,
+    greedy_generate,
+    reference_greedy,
+    speculative_generate,
+)
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.gpu
 
 PROMPTS = [b"The quick brown fox jumps over the lazy dog. ", b"abcabcabc", b"0123456789", b"Mamba2 "]
 

@@ -3,9 +3,10 @@ reference of the whole mixer; the cache contract after prefill; parameter shardi
 import pytest
 import torch
 
+from specssm._runtime import interpreting
 from specssm.conv.reference import conv1d_sequential_ref
 from specssm.model import Mamba2Config, Mamba2Mixer, ModelCache, gated_rmsnorm, resolve_conv, resolve_ssu
-from specssm.model.mixer import init_mixer_params, interpreting, shard_mixer_params
+from specssm.model.mixer import init_mixer_params, shard_mixer_params
 
 CFG = Mamba2Config(d_model=32, n_layers=1, nheads=4, head_dim=8, d_state=8, ngroups=2, d_conv=4)
 
@@ -155,7 +156,8 @@ def test_step_passes_tied_parameters_as_stride0_views():
 
 def test_gated_rmsnorm_is_groupwise():
     gen = torch.Generator().manual_seed(0)
-    y, z = torch.randn(3, 12, dtype=torch.float64, generator=gen), torch.randn(3, 12, dtype=torch.float64, generator=gen)
+    y = torch.randn(3, 12, dtype=torch.float64, generator=gen)
+    z = torch.randn(3, 12, dtype=torch.float64, generator=gen)
     w = torch.rand(12, dtype=torch.float64, generator=gen)
     got = gated_rmsnorm(y, z, w, 3, 1e-5)
     v = y * z * torch.sigmoid(z)

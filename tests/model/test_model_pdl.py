@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specssm.model import Mamba2Config, Mamba2Mixer, ModelCache, resolve_conv, resolve_ssu
-from specssm.model.mixer import init_mixer_params, interpreting
+from specssm.model.mixer import init_mixer_params
 
 CFG = Mamba2Config(d_model=32, n_layers=1, nheads=4, head_dim=8, d_state=8, ngroups=2, d_conv=4)
 
@@ -22,7 +22,7 @@ def test_pdl_is_bound_to_the_triton_ops_only():
         assert not isinstance(fn, functools.partial)
 
 
-@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_mixer_decode_with_pdl_is_bit_identical():
     """Verify steps with commits in between (padding row included): outputs and caches equal bit for bit."""
     T, batch = 3, 3
@@ -47,13 +47,13 @@ def test_mixer_decode_with_pdl_is_bit_identical():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or interpreting(), reason="needs a CUDA GPU, TRITON_INTERPRET unset")
 @pytest.mark.parametrize("batch", [1, 64, 256])
 def test_gpu_conv_then_step_with_pdl_is_bit_identical(batch):
     """conv1d_update -> checkpointing_ssu (x, B, C views of the conv output), captured in a CUDA graph
     over rotating slot sets, with and without pdl on both: identical outputs and caches after the
-    same replays (the setup of scripts/pdl_check.py). On cards below sm_90 pdl is a no-op."""
-    from scripts.pdl_check import Chain, measure
+    same replays (specssm/bench/pdl.py, which scripts/pdl_check.py times). On cards below sm_90 pdl is
+    a no-op."""
+    from specssm.bench.pdl import Chain, measure
     sets = 3
     _, _, differ = measure(Chain(batch, sets, T=6, W=16), sets, reps=3, rounds=1)
     assert not differ, f"differ with pdl: {differ}"

@@ -10,9 +10,8 @@ import torch
 
 from specssm.model import SIZES, NgramDrafter, TinyMamba2LM
 from specssm.model.cache import ModelCache
-from specssm.model.mixer import interpreting
 from specssm.model.prefix import feed, logit_tolerance, run_prefix_cache
-from tests.ops.slot_cases import bits
+from tests.helpers.slots import bits
 
 TINY = SIZES["tiny"]
 PROMPT = torch.tensor(list(b"The quick brown fox jumps over the lazy dog. "), dtype=torch.int64)
@@ -38,8 +37,7 @@ def _prefilled(model, T=4):
     return cache, slots
 
 
-@pytest.mark.parametrize("ssu", ["reference", pytest.param("op", marks=pytest.mark.skipif(
-    not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("ssu", ["reference", pytest.param("op", marks=pytest.mark.interpreter)])
 def test_fork_then_step_gives_the_sources_logits(ssu):
     model = _model(ssu)
     cache, slots = _prefilled(model)
@@ -129,7 +127,7 @@ def test_prefix_cache_run_matches_cold_runs_and_notices_a_broken_restore(monkeyp
     assert broken.state_rel_err > 0.1 and min(broken.logit_rel_err) > tol
 
 
-@pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_demo_prefix_cache(capsys):
     from specssm.model.demo import main
     rc = main(["--prefix-cache", "--size", "tiny", "--tokens", "8", "-T", "4"])

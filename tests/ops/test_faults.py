@@ -13,8 +13,8 @@ import torch
 from specssm.cache import StepPlan
 from specssm.cache import faults as flt
 from specssm.ops import checkpointing_ssu
-from tests.ops.checks import state_bits
-from tests.ops.helpers import make_step
+from tests.helpers.compare import state_bits
+from tests.helpers.steps import make_step
 
 PNAT = [14, 3, 9, 12]          # row 0 writes, the others do not (T = 4, W = 16)
 BAD_ROW = 1
@@ -132,7 +132,6 @@ def test_plan_kernel_and_torch_reference_agree_on_faults():
     assert flt.decode(got[0][3]) == (0, flt.SLOT, -7)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
@@ -141,7 +140,7 @@ def test_plan_kernel_and_torch_reference_agree_on_faults():
 def test_gpu_a_bad_row_does_nothing_and_is_recorded(field, value, name, state_dtype, launch):
     """The device-side checks on sm_90 at Super TP8 shapes (on an H200 a slot id of 100000 or -5 used to
     end in an illegal memory access that killed the CUDA context)."""
-    from tests.ops.helpers import to_device
+    from tests.helpers.steps import to_device
     cache, ins = make_step(batch=48, slots=52, H=16, P=64, N=128, G=1, T=6, act=torch.bfloat16,
                            state_dtype=state_dtype, seed=73)
     cache, ins = to_device(cache, ins, "cuda")

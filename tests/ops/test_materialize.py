@@ -14,11 +14,10 @@ from specssm.reference import fold_slot, materialize_ref
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state
 from specssm.step.materialize import materialize
-from tests.ops.slot_cases import assert_same_bits, bits, cache_bits, cache_to, grid_step, poison_slots, random_cache
+from tests.helpers.slots import assert_same_bits, bits, cache_bits, cache_to, grid_step, poison_slots, random_cache
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float8_e4m3fn]
-GPU = pytest.param("cuda", marks=[cuda, pytest.mark.gpu])
+GPU = pytest.param("cuda", marks=pytest.mark.gpu)
 
 
 def _stored(cache, layer, slot):
@@ -205,8 +204,8 @@ def test_a_step_after_materialize_matches_the_reference_step():
     float64 reference's step on the same cache."""
     from specssm.ops import checkpointing_ssu
     from specssm.reference import checkpointing_ssu_ref
-    from tests.ops.checks import run_and_compare
-    from tests.ops.helpers import make_step
+    from tests.helpers.compare import run_and_compare
+    from tests.helpers.steps import make_step
     cache, ins = make_step(batch=3, slots=6, T=4, act=torch.float32, pnat=[14, 9, 5], seed=14)
     sbi = ins["state_batch_indices"]
     materialize(cache, sbi[:2], sbi[:2], [ins["A"]])       # two rows flushed early, one not
@@ -281,15 +280,14 @@ def test_no_validate_drops_and_records_bad_pairs():
 def test_rejects_other_strategies_and_float64_caches():
     from specssm.cache import SSMCache
     A = [-torch.ones(2)]
-    with pytest.raises(ValueError, match="^cache: expected a cache of a ring strategy"):
+    with pytest.raises(ValueError, match=r"^cache: expected a cache of a ring strategy"):
         materialize(SSMCache(1, 2, 2, 16, 16, 1, 4, strategy="all_states"), torch.tensor([0]), torch.tensor([1]), A)
     c = SSMCache(1, 2, 2, 16, 16, 1, 4, state_dtype=torch.float64, act_dtype=torch.float64)
-    with pytest.raises(TypeError, match="^cache: expected float32 dt_cache"):
+    with pytest.raises(TypeError, match=r"^cache: expected float32 dt_cache"):
         materialize(c, torch.tensor([0]), torch.tensor([1]), A)
     materialize_ref(c, torch.tensor([0]), torch.tensor([1]), A)      # the reference folds float64 caches
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("state_dtype", DTYPES)
 def test_gpu_super_tp8_256_pairs(state_dtype):

@@ -6,19 +6,8 @@ import pytest
 import torch
 
 from specssm.ops import always_write_ssu, checkpointing_ssu
-from tests.ops.checks import state_bits
-from tests.ops.helpers import make_step
-
-
-def cache_bits(cache) -> dict:
-    """Every tensor of the cache that a step or a commit may write, as comparable copies."""
-    d = {"ring_start": cache.ring_start.clone(), "pnat": cache.pnat.clone(), "seeds": cache.seeds.clone()}
-    for i, lc in enumerate(cache.layers):
-        for nm in ("state", "state_scale", "x_cache", "B_cache", "dt_cache"):
-            t = getattr(lc, nm)
-            if t is not None:
-                d[f"{nm}[{i}]"] = state_bits(t).clone()
-    return d
+from tests.helpers.compare import cache_bits
+from tests.helpers.steps import make_step
 
 
 def assert_rejected_untouched(op, cache, ins, name, **kw):
@@ -73,8 +62,8 @@ import copy, json, os, sys
 import torch
 from specssm.ops import all_states_ssu, always_write_ssu, checkpointing_ssu
 from specssm.conv import conv1d_update, new_conv_offset, new_conv_state
-from tests.ops.helpers import make_step
-from tests.ops.test_op_errors import cache_bits
+from tests.helpers.compare import cache_bits
+from tests.helpers.steps import make_step
 if sys.argv[1] == "late":                          # set after the kernels were defined: too late
     os.environ["TRITON_INTERPRET"] = "1"
 res = {}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specssm.ops import checkpointing_ssu
-from tests.ops.helpers import make_step
+from tests.helpers.steps import make_step
 
 # the interpreter's numpy warns about the NaN / Inf it is given here on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -141,7 +141,8 @@ def test_poison_in_a_live_rows_inputs_stays_in_its_slot(launch, state_dtype, row
     assert not torch.isfinite(got.x_cache[slot][:, appended].float()).all()      # the ring holds the poison
     # the checkpoint (and scales) of the row's slot: a flush stores the clean run's h_K, a no-write row
     # leaves the old one
-    assert (PNAT[row] + T > clean.W) == (not torch.equal(bits(want, "state")[slot], bits(clean.layers[0], "state")[slot]))
+    written = not torch.equal(bits(want, "state")[slot], bits(clean.layers[0], "state")[slot])
+    assert (PNAT[row] + T > clean.W) == written
     for f in ("state", "state_scale"):
         if getattr(got, f) is not None:
             assert torch.equal(bits(got, f)[slot], bits(want, f)[slot]), f"{f}: the new tokens reached the checkpoint"

@@ -8,8 +8,6 @@ import triton.language as tl
 
 from specssm.step.store import codes_to_half
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 
 @triton.jit
 def _codes_kernel(q_ptr, out_ptr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
@@ -18,7 +16,7 @@ def _codes_kernel(q_ptr, out_ptr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.gpu])])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_codes_to_half_is_exact(dtype, device):
     """Every int8 code, in shuffled order (so each packed register mixes signs), to bf16 / fp16 exactly:
     the packed PRMT/bf16x2 conversion when compiled, the fp32 path in the interpreter."""

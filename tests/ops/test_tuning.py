@@ -81,10 +81,14 @@ def test_schema1_converts_without_changing_a_config():
     (lambda t: t.update(schema=1), "schema: expected 2"),
     (lambda t: t["provenance"].pop("commit"), "provenance: expected provenance fields"),
     (lambda t: t["entries"][0]["batches"]["1"].update(bogus={}), "entries[0].batches.1: expected launches"),
-    (lambda t: t["entries"][0]["batches"]["64"]["write"].update(warps=4), "entries[0].batches.64.write: unknown field 'warps'"),
-    (lambda t: t["entries"][0]["batches"]["64"]["write"].update(num_warps=3), "entries[0].batches.64.write.num_warps: expected a power of two"),
-    (lambda t: t["entries"][0]["batches"]["64"]["coef"].update(HB=6), "entries[0].batches.64.coef.HB: expected a power of two"),
-    (lambda t: t["entries"][0]["batches"]["1"]["fused"].update(write={"BLOCK_P": 16}), "entries[0].batches.1.fused.write: expected an object with fields"),
+    (lambda t: t["entries"][0]["batches"]["64"]["write"].update(warps=4),
+     "entries[0].batches.64.write: unknown field 'warps'"),
+    (lambda t: t["entries"][0]["batches"]["64"]["write"].update(num_warps=3),
+     "entries[0].batches.64.write.num_warps: expected a power of two"),
+    (lambda t: t["entries"][0]["batches"]["64"]["coef"].update(HB=6),
+     "entries[0].batches.64.coef.HB: expected a power of two"),
+    (lambda t: t["entries"][0]["batches"]["1"]["fused"].update(write={"BLOCK_P": 16}),
+     "entries[0].batches.1.fused.write: expected an object with fields"),
     (lambda t: t["entries"][0]["batches"].update({"0": {}}), "entries[0].batches: expected positive batch sizes"),
     (lambda t: t["entries"][1].update(rounding="rn"), "entries[1]: a second entry"),
     (lambda t: t["entries"][3].update(G=3), "entries[3]: expected G dividing H"),
@@ -212,7 +216,7 @@ def test_launcher_asks_the_table_with_its_step(test_card, monkeypatch):
     bucket 1 of the only H=4, P=16 entry) its write main gets that bucket's stages, not bucket 64's."""
     from specssm.ops import checkpointing_ssu
     from specssm.step import launch as step_launch
-    from tests.ops.helpers import make_step
+    from tests.helpers.steps import make_step
     table = {"schema": 2, "card": "TEST", "provenance": PROV, "entries": [
         _entry(state="float32", T=4, H=4, P=16, N=16, G=2, batches={"1": {"write": {"stages": 3}},
                                                                      "64": {"write": {"stages": 1}}}),
@@ -238,7 +242,7 @@ def test_launch_configs_reach_their_launches(launch, monkeypatch):
     and spilled)."""
     from specssm.ops import always_write_ssu, checkpointing_ssu
     from specssm.step import launch as step_launch
-    from tests.ops.helpers import make_step
+    from tests.helpers.steps import make_step
     seen = []
     for name in ("fused_kernel", "coef_kernel", "main_kernel"):
         monkeypatch.setattr(step_launch, name, _Recorder(name, seen))

@@ -8,17 +8,34 @@ import triton
 
 from specssm.quant import ops
 from specssm.quant.reference import (
-    neighbours_ref, philox4x32_ref, quantize_ref, random_words_ref, round_sr_ref, row_scale_ref,
+    neighbours_ref,
+    philox4x32_ref,
+    quantize_ref,
+    random_words_ref,
+    round_sr_ref,
+    row_scale_ref,
     scaled_values_ref,
 )
-from tests.quant.quant_test_kernels import (
-    assert_same_bits, gpu, needs_cuda, randint4x_kernel, run_philox_raw, run_quant_words, run_round_words,
-    u32, unbiased_z, words_2d_kernel,
+from tests.helpers.quant import (
+    FMT_IDS,
+    FMTS,
+    QUANT_EDGE_WORDS,
+    ROUND_EDGE_WORDS,
+    assert_same_bits,
+    randint4x_kernel,
+    rows_of_values,
+    run_philox_raw,
+    run_quant_words,
+    run_round_words,
+    special_rows,
+    special_values,
+    spread_values,
+    u32,
+    unbiased_z,
+    words_2d_kernel,
 )
-from tests.quant.test_quant_rounding import EDGE_WORDS as ROUND_EDGE_WORDS, special_values, spread_values
-from tests.quant.test_quant_scaled import EDGE_WORDS as QUANT_EDGE_WORDS, FMT_IDS, FMTS, rows_of_values, special_rows
 
-pytestmark = [gpu, needs_cuda]
+pytestmark = pytest.mark.gpu
 DEV = "cuda"
 MILLION = 1 << 20
 

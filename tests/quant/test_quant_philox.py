@@ -7,8 +7,12 @@ import triton
 
 from specssm.quant import ops
 from specssm.quant.reference import philox4x32_ref, random_words_ref
-from tests.quant.quant_test_kernels import (
-    DEVICE, randint4x_kernel, run_philox_raw, u32, words_2d_kernel,
+from tests.helpers.quant import (
+    DEVICE,
+    randint4x_kernel,
+    run_philox_raw,
+    u32,
+    words_2d_kernel,
 )
 
 # Known-answer vectors of the Random123 distribution (kat_vectors, philox4x32_7 / philox4x32_10):

@@ -7,47 +7,27 @@ import torch
 
 from specssm.quant import ops
 from specssm.quant.reference import (
-    grid_values, neighbours_ref, random_words_ref, round_rn_ref, round_sr_ref,
+    grid_values,
+    neighbours_ref,
+    random_words_ref,
+    round_rn_ref,
+    round_sr_ref,
 )
-from tests.quant.quant_test_kernels import (
-    DEVICE, assert_same_bits, run_round_words, sr_seeded_kernel, unbiased_z,
+from tests.helpers.quant import (
+    BF16_MAX,
+    DEVICE,
+    assert_same_bits,
+    run_round_words,
+    special_values,
+    spread_values,
+    sr_seeded_kernel,
+    unbiased_z,
+)
+from tests.helpers.quant import (
+    ROUND_EDGE_WORDS as EDGE_WORDS,
 )
 
 DTYPES = [torch.float16, torch.bfloat16]
-F16_MAX, BF16_MAX = 65504.0, float(torch.finfo(torch.bfloat16).max)
-
-
-def spread_values(n: int, dtype, seed: int) -> torch.Tensor:
-    """fp32 values of both signs over the whole finite range of dtype (incl. its subnormals and values
-    below its smallest subnormal), kept below the largest finite value so both neighbours are finite."""
-    g = torch.Generator().manual_seed(seed)
-    lo_exp, hi_exp = (-30, 15) if dtype == torch.float16 else (-136, 126)
-    e = torch.randint(lo_exp, hi_exp + 1, (n,), generator=g).to(torch.float64)
-    m = 1 + torch.rand(n, generator=g, dtype=torch.float64)
-    s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
-    x = (s * m * torch.exp2(e)).to(torch.float32)
-    top = F16_MAX if dtype == torch.float16 else BF16_MAX
-    return torch.clamp(x, -top, top)
-
-
-def special_values(dtype) -> torch.Tensor:
-    f32 = torch.finfo(torch.float32)
-    vals = [0.0, -0.0, 1.0, -1.0, 1 / 3, -2 / 3, 2.0 ** -149, -(2.0 ** -149), 2.0 ** -126, 1.5 * 2.0 ** -140,
-            f32.max, -f32.max, float("inf"), -float("inf"), float("nan"), 1e30, -1e-30, 0.999999, 1.0000001,
-            # ties for round-to-nearest-even (fp16: 1 + 2**-11 is half an ulp; bf16: 1 + 2**-8)
-            1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, -(1 + 2.0 ** -8)]
-    if dtype == torch.float16:
-        vals += [2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26, 2.0 ** -14, 2.0 ** -14 - 2.0 ** -25,
-                 2.0 ** -33, 2.0 ** -34, 3 * 2.0 ** -40, 65504.0, 65505.0, 65519.0, 65519.99, 65520.0, 65535.9,
-                 65536.0, -65530.0, 1e5, 70000.0]
-    else:
-        vals += [BF16_MAX, -BF16_MAX, BF16_MAX * (1 + 2.0 ** -10), 3.3961e38, 2.0 ** -133, 2.0 ** -134,
-                 3 * 2.0 ** -135]
-    return torch.tensor(vals, dtype=torch.float32)
-
-
-EDGE_WORDS = [0, 1, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFEFFFF, 0xFFFF0000,
-              0xFFFFFFFE, 0xFFFFFFFF]
 
 
 # ------------------------------------------------------------------------------------ reference

@@ -7,41 +7,29 @@ import torch
 
 from specssm.quant import ops
 from specssm.quant.reference import (
-    FORMATS, dequantize_ref, grid_values, neighbours_ref, quantize_ref, random_words_ref, row_scale_ref,
+    FORMATS,
+    dequantize_ref,
+    grid_values,
+    neighbours_ref,
+    quantize_ref,
+    random_words_ref,
+    row_scale_ref,
     scaled_values_ref,
 )
-from tests.quant.quant_test_kernels import (
-    DEVICE, assert_same_bits, run_quant_words, sr_seeded_kernel, unbiased_z,
+from tests.helpers.quant import (
+    DEVICE,
+    FMT_IDS,
+    FMTS,
+    assert_same_bits,
+    rows_of_values,
+    run_quant_words,
+    special_rows,
+    sr_seeded_kernel,
+    unbiased_z,
 )
-
-FMTS = [("int8", torch.int8), ("fp8", torch.float8_e4m3fn), ("int16", torch.int16)]
-FMT_IDS = [f[0] for f in FMTS]
-
-
-def rows_of_values(R: int, N: int, seed: int) -> torch.Tensor:
-    """Rows with magnitudes from 1e-12 to 1e12, heavy tails inside a row, some exact grid hits."""
-    g = torch.Generator().manual_seed(seed)
-    mag = torch.exp2(torch.randint(-40, 40, (R, 1), generator=g).float())
-    x = torch.randn(R, N, generator=g) * mag
-    x = x * torch.exp2(torch.randint(-12, 1, (R, N), generator=g).float())
-    return x.contiguous()
-
-
-def special_rows(N: int) -> torch.Tensor:
-    rows = torch.zeros(10, N)
-    rows[1] = -0.0
-    rows[2, 0] = 1e-40                    # fp32 subnormal amax
-    rows[3, :2] = torch.tensor([3.0e-30, -1.0e-30])
-    rows[4] = torch.linspace(-1, 1, N)
-    rows[5, N // 2] = -7.0                # a single non-zero
-    rows[6] = 3.0e38
-    rows[6, 0] = -3.4e38
-    rows[7, 0] = float("nan")
-    rows[7, 1] = 2.0
-    rows[7, 2] = torch.tensor(0x7FC0_0A01, dtype=torch.int32).view(torch.float32)  # a NaN with a payload
-    rows[8, N - 1] = float("inf")
-    rows[9] = -float("inf")
-    return rows
+from tests.helpers.quant import (
+    QUANT_EDGE_WORDS as EDGE_WORDS,
+)
 
 
 def codes_as_values(codes: torch.Tensor) -> torch.Tensor:
@@ -181,7 +169,8 @@ def test_quantize_rows_matches_reference(name, dtype, stochastic, shape):
     x = rows_of_values(R, N, seed=R * N).reshape(shape)
     offset = 2**33 + 4 * R if N % 4 == 0 else 2**33 + 1
     codes, scale = ops.quantize_rows(x.to(DEVICE), dtype, stochastic=stochastic, seed=2**40 + 5, offset=offset)
-    words = random_words_ref(2**40 + 5, offset + np.arange(x.numel(), dtype=np.int64)).reshape(shape) if stochastic else None
+    words = (random_words_ref(2**40 + 5, offset + np.arange(x.numel(), dtype=np.int64)).reshape(shape)
+             if stochastic else None)
     ref_codes, ref_scale = quantize_ref(x, name, words)
     assert_same_bits(codes, ref_codes)
     assert torch.equal(scale.cpu(), ref_scale)
@@ -208,10 +197,6 @@ def test_row_max_scaled_above_qmax(name, dtype, stochastic):
     ref_codes, ref_scale = quantize_ref(x, name, words)
     assert_same_bits(codes, ref_codes)
     assert codes_as_values(codes).abs().max(dim=1).values.eq(float(qmax)).all()
-
-
-EDGE_WORDS = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xFFFFFFFE, 0xFFFFFFFF, 0x12345678],
-                      dtype=np.uint32)
 
 
 @pytest.mark.parametrize("name, dtype", FMTS, ids=FMT_IDS)

@@ -4,22 +4,13 @@ import torch
 
 from specssm.reference import all_states_ssu_ref
 from specssm.reference import recurrence as rec
-from tests.reference.ssu_case import PAD, rel_err, same_bits, softplus_dt
+from tests.helpers.steps import PAD, make_case, rel_err, same_bits, softplus_dt
 
 
-def make(T, H=4, P=8, N=8, G=2, slots=5, rows=(3, PAD, 0, 4, 1), dtype=torch.float64, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    batch = len(rows)
-    r = lambda *s: torch.randn(*s, dtype=torch.float64, generator=gen)   # noqa: E731
-    A = -torch.exp(torch.empty(H, dtype=torch.float64).uniform_(-1, 1, generator=gen))
-    kw = dict(states=r(slots, T, H, P, N).to(dtype),
-              state_index=torch.randint(0, T, (slots,), generator=gen, dtype=torch.int32),
-              x=r(batch, T, H, P), dt=r(batch, T, H)[..., None].expand(batch, T, H, P),
-              A=A[:, None, None].expand(H, P, N), B=r(batch, T, G, N), C=r(batch, T, G, N),
-              out=torch.full((batch, T, H, P), float("nan"), dtype=torch.float64),
-              D=r(H)[:, None].expand(H, P), z=r(batch, T, H, P), dt_bias=(r(H) - 2)[:, None].expand(H, P),
-              dt_softplus=True, state_batch_indices=torch.tensor(rows, dtype=torch.int32), pad_slot_id=PAD)
-    return kw
+def make(T, slots=5, rows=(3, PAD, 0, 4, 1), dtype=torch.float64, seed=0):
+    """All-states cache and inputs of one step (float64 activations, states in `dtype`)."""
+    return make_case(strategy="all_states", T=T, num_slots=slots, rows=list(rows), state_dtype=dtype,
+                     seed=seed).kwargs()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.bfloat16, 8e-3)])

@@ -10,7 +10,7 @@ import torch
 from specssm.reference import materialize_ref
 from specssm.reference.step import sr_bits
 from specssm.reference.storage import encode_state
-from tests.ops.slot_cases import bits, random_cache
+from tests.helpers.slots import bits, random_cache
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
@@ -20,7 +20,7 @@ def test_stores_the_encoded_implied_state(state_dtype, rounding):
                             ring_start=[19, 0, 5, 14, 0, 0], seed=21)
     before = copy.deepcopy(cache)
     src, dst = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 1, 5, 2])     # pair 3 writes slot 2, pair 2 reads it
-    with pytest.raises(ValueError, match="^dst_slots: expected no pair to write another pair's source"):
+    with pytest.raises(ValueError, match=r"^dst_slots: expected no pair to write another pair's source"):
         materialize_ref(cache, src, dst, A, rounding=rounding)
     dst = torch.tensor([4, 1, 5, cache.pad_slot_id])
     folded = materialize_ref(cache, src, dst, A, rounding=rounding)

@@ -1,4 +1,4 @@
-"""The float64 recurrence and its closed forms (DESIGN §3).
+"""The float64 recurrence and its closed forms (docs/design.md, "The closed form").
 
 The ground truth here is a scalar loop written straight from the §3 formulas; `sequential` is checked
 against it, and every closed form (fold, triangle, rectangle) against `sequential`.

@@ -1,6 +1,7 @@
 """The float64 reference of one checkpointing step, checked against the sequential recurrence.
 
-Each case fills a ring cache at random, runs `checkpointing_ssu_ref` once and checks (ssu_case.Case.check):
+Each case fills a ring cache at random, runs `checkpointing_ssu_ref` once and checks
+(tests/helpers/steps.py, Case.check):
 outputs equal the token-by-token recurrence from the true state (checkpoint + history), every output
 of a live row is written and none of a padding row, the state is written iff pnat + len > W (else
 bit-identical), the T new tokens land at (ring_start + pnat + t) % L and nothing else moves.
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from specssm.reference import always_write_ssu_ref, checkpointing_ssu_ref
-from tests.reference.ssu_case import PAD, make_case, run_case, same_bits, rel_err
+from tests.helpers.steps import PAD, make_case, rel_err, run_case, same_bits
 
 W = 16
 # (G, H): heads per group 2, 2 and 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from specssm.reference import all_states_ssu_ref, checkpointing_ssu_ref
-from tests.reference.ssu_case import PAD, make_case, run_case, same_bits
+from tests.helpers.steps import PAD, make_case, run_case, same_bits
 
 META = torch.device("meta")
 

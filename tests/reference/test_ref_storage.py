@@ -116,9 +116,9 @@ def test_decode_of_float_state_is_exact():
 
 def test_bad_rounding_arguments():
     h = states()
-    with pytest.raises(ValueError, match="^rounding:"):
+    with pytest.raises(ValueError, match=r"^rounding:"):
         encode_state(h, torch.int8, rounding="nearest")
-    with pytest.raises(ValueError, match="^rand_bits:"):
+    with pytest.raises(ValueError, match=r"^rand_bits:"):
         encode_state(h, torch.int8, rounding="sr")
 
 

@@ -2,7 +2,6 @@
 interpreter on a CPU), each checked by the simulator against the sequential recurrence."""
 import pytest
 
-from specssm._runtime import kernels_interpreted
 from specssm.sim import cli
 
 
@@ -24,7 +23,7 @@ def test_reference(capsys):
     assert max(_errors(r.out)) <= 1e-10 and "write fraction 0.00" not in r.out
 
 
-@pytest.mark.skipif(not kernels_interpreted(), reason="the Triton op on a CPU needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 def test_kernel(capsys):
     """Failed with `dt_cache: expected torch.float32 for the Triton op, got torch.float64` whatever the
     arguments: the simulator ran in float64. W = 4 makes rows write from the second step on."""

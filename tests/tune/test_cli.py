@@ -44,8 +44,8 @@ def test_dry_run_lists_the_points_of_the_first_sweep(capsys):
     assert out[2] == "  block fused BLOCK_P,num_warps: 11 points"
     assert out[3:14] == [f"    fused P{p} w{w} r128 tn8 ptr" for p in (16, 32, 64) for w in (1, 2, 4, 8)
                          if (p, w) != (64, 4)]
-    assert out[14:18] == ["  block fused maxnreg: 3 points", "    fused P64 w4 r- tn8 ptr", "    fused P64 w4 r96 tn8 ptr",
-                          "    fused P64 w4 r168 tn8 ptr"]
+    assert out[14:18] == ["  block fused maxnreg: 3 points", "    fused P64 w4 r- tn8 ptr",
+                          "    fused P64 w4 r96 tn8 ptr", "    fused P64 w4 r168 tn8 ptr"]
     # T=12 runs a token tile of 16 whatever TN_MIN says: those points are TN_MIN=8's duplicates
     assert out[18:22] == ["  block fused TN_MIN,tma: 1 points (2 pruned)", "    fused P64 w4 r128 tn8 tma",
                           "    - fused P64 w4 r128 tn16 ptr: fused.TN_MIN=16 runs as 8",
@@ -58,7 +58,8 @@ def test_dry_run_exhaustive_and_crossover(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("case int8/rn/T6/W16/H16P64N128G1/b8/fused: 192 valid points, exhaustive")
     assert out[2] == "  block all: 191 points"
-    assert "case int8/rn/T6/W16/H16P64N128G1/b8/crossover: the fused and split winners head to head (2 candidates)" in out
+    assert ("case int8/rn/T6/W16/H16P64N128G1/b8/crossover: the fused and split winners head to head "
+            "(2 candidates)") in out
     assert out[-1].startswith("3 cases, ")
 
 
@@ -74,7 +75,7 @@ def test_budget_stop_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     with open(stopped / "log.jsonl", "a") as f:
         f.write('{"type": "request", "case": "cut off')               # the machine went away mid-write
     code, timer = run(stopped, "--resume")
-    assert code == 0 and "(%d measurements, 10 replayed from the log)" % (n_whole - 10) in capsys.readouterr().err
+    assert code == 0 and f"({n_whole - 10} measurements, 10 replayed from the log)" in capsys.readouterr().err
     assert timer.calls == n_whole - 10
     log = RunLog(stopped / "log.jsonl")
     assert len(log.runs) == 2 and len(log.requests) == n_whole

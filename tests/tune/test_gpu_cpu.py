@@ -4,11 +4,10 @@ each run, equal math passes, and a wrong output is caught."""
 import pytest
 import torch
 
-from specssm._runtime import interpreting
 from specssm.tune import gpu, space
 from specssm.tune.search import candidate
 
-pytestmark = pytest.mark.skipif(not interpreting(), reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+pytestmark = pytest.mark.interpreter
 
 
 def test_compare_passes_other_tilings_and_catches_wrong_outputs(monkeypatch):

@@ -71,10 +71,11 @@ def test_real_compile_in_a_worker():
 def test_job_argument_names_are_the_kernels():
     """The jobs name the kernels' runtime arguments without importing them: a kernel signature change
     must show here, not as a worker's compile failure on the GPU."""
+    import inspect
+
     from specssm.step.coef import coef_kernel
     from specssm.step.fused import fused_kernel
     from specssm.step.mains import main_kernel
-    import inspect
     for names, kernel in ((offline._COEF_ARGS, coef_kernel), (offline._MAIN_ARGS, main_kernel),
                           (offline._FUSED_ARGS, fused_kernel)):
         params = inspect.signature(kernel.fn).parameters.values()

@@ -7,8 +7,18 @@ import pytest
 
 from specssm.tune import space, store, synthetic
 from specssm.tune.log import RunLog
-from specssm.tune.search import (BudgetExhausted, Case, LogMismatch, Oracle, Pruner, Search, Settings, accepts,
-                                 candidate, run_cases)
+from specssm.tune.search import (
+    BudgetExhausted,
+    Case,
+    LogMismatch,
+    Oracle,
+    Pruner,
+    Search,
+    Settings,
+    accepts,
+    candidate,
+    run_cases,
+)
 from specssm.tune.space import FAMILIES, Target
 
 

@@ -100,7 +100,8 @@ def test_default_point_runs_as_default_and_configs_round_trip():
     t = tgt(H=16, G=8)
     p = space.default_point(FAMILIES["split"], t)
     assert p["coef"] == {"HB": 2, "num_warps": 2, "maxnreg": None}, "DEFAULT's HB 8 runs as 2 at H/G = 2"
-    assert space.config_of(p) == {"coef": {"HB": 2, "num_warps": 2, "maxnreg": None}, "write": p["write"], "no_write": p["no_write"]}
+    assert space.config_of(p) == {"coef": {"HB": 2, "num_warps": 2, "maxnreg": None}, "write": p["write"],
+                                  "no_write": p["no_write"]}
     rp = space.default_point(FAMILIES["replay"], t)
     over = space.override_of({"family": "replay", "point": rp})
     assert over["fused"]["write"] == {"num_warps": 4, "maxnreg": 168, "tma": False, "TN_MIN": 8}

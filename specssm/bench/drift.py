@@ -1,6 +1,6 @@
 """`specssm drift`: long-horizon drift of rounded / quantized checkpoints under speculative decoding.
 
-Thousands of verify steps with random acceptance (DESIGN §6 histogram) drive the float64 reference step
+Thousands of verify steps with random acceptance (the benchmarks' histogram) drive the float64 reference step
 (`checkpointing_ssu_ref`, float64 activations) on an `SSMCache` whose `state` has the studied dtype, so
 the only error in the run is the rounding of the checkpoint on flush steps — the same rounding points as
 the kernels. After every step the implied state (checkpoint + history) and the outputs of all T tokens
@@ -372,7 +372,7 @@ def markdown(res: dict) -> str:
         "# Drift of rounded / quantized SSM checkpoints (`specssm drift`)",
         "",
         f"{s['steps']} verify steps, {s['rows']} rows, H={s['H']}, P={s['P']}, N={s['N']}, G=1, T={s['T']}, "
-        f"acceptance histogram of DESIGN §6 (mean {res['tokens_per_row'] / s['steps']:.2f} accepted tokens per "
+        f"the benchmarks' acceptance histogram (mean {res['tokens_per_row'] / s['steps']:.2f} accepted tokens per "
         f"step), seed {s['seed']}; x scale {s['x_scale']}, persistent input part {s['coherent']}, raw-dt noise "
         f"{s['dt_noise']}, head decay rates "
         f"log-spaced over [{s['decay_lo']:g}, {s['decay_hi']:g}] per token. "
@@ -438,7 +438,8 @@ def markdown(res: dict) -> str:
         for obs, e, lam in zip(r["per_head"]["state_rms"], r["per_head"]["flush_err_rms"], lams):
             model = e / math.sqrt(-math.expm1(-2.0 * lam * F)) if e > 0 and lam > 0 else 0.0
             cells.append(f"{obs / model:.2f}" if model > 0 else "–")
-        lines.append(f"| {c['dtype']} | {c['rounding'].upper()} | {c['policy']} | {F:.1f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {c['dtype']} | {c['rounding'].upper()} | {c['policy']} | {F:.1f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,24 +1,23 @@
-"""Small Triton kernels and helpers used by the tests in tests/quant (device functions driven with
-explicit counters, keys and random words)."""
-import os
-
+"""For the tests in tests/quant: small Triton kernels driving the device functions with explicit
+counters, keys and random words, bit comparisons, and the test values the CPU and GPU tests share."""
 import numpy as np
-import pytest
 import torch
 import triton
 import triton.language as tl
 
+from specssm._runtime import kernels_interpreted
 from specssm.quant.philox import philox4x32, random_words, random_words_rows
 from specssm.quant.rounding import (
-    quantize, round_half,
-    sr_to_bf16, sr_to_fp16, sr_to_fp8, sr_to_int8,
+    quantize,
+    round_half,
+    sr_to_bf16,
+    sr_to_fp8,
+    sr_to_fp16,
+    sr_to_int8,
 )
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-HAS_CUDA = torch.cuda.is_available()
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not HAS_CUDA or INTERPRETING, reason="needs a CUDA GPU (compiled, not interpreted)")
-DEVICE = "cuda" if HAS_CUDA and not INTERPRETING else "cpu"
+INTERPRETING = kernels_interpreted()
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
 
 
 def u32(t: torch.Tensor) -> np.ndarray:
@@ -188,8 +187,8 @@ def assert_same_bits(got: torch.Tensor, ref: torch.Tensor):
     bad = gb != rb
     if bad.any():
         i = int(bad.reshape(-1).nonzero()[0])
-        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements differ; first (flat {i}): got bits {int(gb.reshape(-1)[i])}, "
-                             f"expected {int(rb.reshape(-1)[i])}")
+        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} elements differ; first (flat {i}): got bits "
+                             f"{int(gb.reshape(-1)[i])}, expected {int(rb.reshape(-1)[i])}")
 
 
 def unbiased_z(v: torch.Tensor, result: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
@@ -200,3 +199,77 @@ def unbiased_z(v: torch.Tensor, result: torch.Tensor, lo: torch.Tensor, hi: torc
     p = torch.where(inside, (v - lo) / torch.where(inside, step, 1.0), 0.0)
     z = torch.where(inside, (result - v) / torch.where(inside, step, 1.0), 0.0)
     return float(z.sum()), float(torch.sqrt((p * (1 - p)).sum()))
+
+
+# ------------------------------------------------------------------------------------ test values
+# shared by the CPU tests (tests/quant/test_quant_rounding.py, test_quant_scaled.py) and the GPU ones
+
+F16_MAX, BF16_MAX = 65504.0, float(torch.finfo(torch.bfloat16).max)
+
+
+def spread_values(n: int, dtype, seed: int) -> torch.Tensor:
+    """fp32 values of both signs over the whole finite range of dtype (incl. its subnormals and values
+    below its smallest subnormal), kept below the largest finite value so both neighbours are finite."""
+    g = torch.Generator().manual_seed(seed)
+    lo_exp, hi_exp = (-30, 15) if dtype == torch.float16 else (-136, 126)
+    e = torch.randint(lo_exp, hi_exp + 1, (n,), generator=g).to(torch.float64)
+    m = 1 + torch.rand(n, generator=g, dtype=torch.float64)
+    s = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(torch.float64)
+    x = (s * m * torch.exp2(e)).to(torch.float32)
+    top = F16_MAX if dtype == torch.float16 else BF16_MAX
+    return torch.clamp(x, -top, top)
+
+
+def special_values(dtype) -> torch.Tensor:
+    f32 = torch.finfo(torch.float32)
+    vals = [0.0, -0.0, 1.0, -1.0, 1 / 3, -2 / 3, 2.0 ** -149, -(2.0 ** -149), 2.0 ** -126, 1.5 * 2.0 ** -140,
+            f32.max, -f32.max, float("inf"), -float("inf"), float("nan"), 1e30, -1e-30, 0.999999, 1.0000001,
+            # ties for round-to-nearest-even (fp16: 1 + 2**-11 is half an ulp; bf16: 1 + 2**-8)
+            1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, 1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, -(1 + 2.0 ** -8)]
+    if dtype == torch.float16:
+        vals += [2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26, 2.0 ** -14, 2.0 ** -14 - 2.0 ** -25,
+                 2.0 ** -33, 2.0 ** -34, 3 * 2.0 ** -40, 65504.0, 65505.0, 65519.0, 65519.99, 65520.0, 65535.9,
+                 65536.0, -65530.0, 1e5, 70000.0]
+    else:
+        vals += [BF16_MAX, -BF16_MAX, BF16_MAX * (1 + 2.0 ** -10), 3.3961e38, 2.0 ** -133, 2.0 ** -134,
+                 3 * 2.0 ** -135]
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+# random words at the edges of the SR thresholds (fp16 / bf16 rounding)
+ROUND_EDGE_WORDS = [0, 1, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFEFFFF, 0xFFFF0000,
+                    0xFFFFFFFE, 0xFFFFFFFF]
+
+FMTS = [("int8", torch.int8), ("fp8", torch.float8_e4m3fn), ("int16", torch.int16)]
+FMT_IDS = [f[0] for f in FMTS]
+
+
+def rows_of_values(R: int, N: int, seed: int) -> torch.Tensor:
+    """Rows with magnitudes from 1e-12 to 1e12, heavy tails inside a row, some exact grid hits."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp2(torch.randint(-40, 40, (R, 1), generator=g).float())
+    x = torch.randn(R, N, generator=g) * mag
+    x = x * torch.exp2(torch.randint(-12, 1, (R, N), generator=g).float())
+    return x.contiguous()
+
+
+def special_rows(N: int) -> torch.Tensor:
+    rows = torch.zeros(10, N)
+    rows[1] = -0.0
+    rows[2, 0] = 1e-40                    # fp32 subnormal amax
+    rows[3, :2] = torch.tensor([3.0e-30, -1.0e-30])
+    rows[4] = torch.linspace(-1, 1, N)
+    rows[5, N // 2] = -7.0                # a single non-zero
+    rows[6] = 3.0e38
+    rows[6, 0] = -3.4e38
+    rows[7, 0] = float("nan")
+    rows[7, 1] = 2.0
+    rows[7, 2] = torch.tensor(0x7FC0_0A01, dtype=torch.int32).view(torch.float32)  # a NaN with a payload
+    rows[8, N - 1] = float("inf")
+    rows[9] = -float("inf")
+    return rows
+
+
+# random words at the edges of the per-row scaled formats (int8 / fp8 / int16)
+QUANT_EDGE_WORDS = np.array([0, 1, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xFFFFFFFE, 0xFFFFFFFF, 0x12345678],
+                            dtype=np.uint32)

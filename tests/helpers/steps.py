@@ -1,13 +1,17 @@
-"""Random checkpointing-step cases and an independent check of what one step must do.
+"""Random steps on the ring contract, one generator for every test, and an independent check of what
+one step must do.
 
-A case holds a filled ring cache (random checkpoint states, random ring contents, any ring_start and
-pnat per slot), fresh random inputs of one verify step and NaN-poisoned outputs. `expect` derives
-what the step must produce without the step's code: the true state of each row is the sequential
-recurrence run over the row's history from its checkpoint, and the outputs are the sequential
-recurrence over the new tokens from that state. `check` compares a finished step with that
-expectation, element by element, including the tensors the step must not touch.
+`make_case` draws a case: a filled cache (random checkpoint states, random ring contents, any ring_start
+and pnat per slot; for all-states T states per slot and an index), fresh random inputs of one verify
+step and NaN-poisoned outputs, everything drawn in float64 and then cast. `Case.check` derives what the
+step must produce without the step's code: the true state of each row is the sequential recurrence run
+over the row's history from its checkpoint, and the outputs are the sequential recurrence over the new
+tokens from that state; it compares a finished step with that, element by element, including the
+tensors the step must not touch.
 
-Used by the reference tests; kernel tests can drive the same cases through a Triton op.
+The reference tests run cases as they are (float64 by default). `make_step` puts the same draw on an
+SSMCache in the dtypes the ops take, for the op tests (tests/helpers/compare.py runs an op and the
+float64 reference on copies of it); `to_device` copies cache and inputs to a GPU.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specssm.cache import SSMCache
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state, encode_state, is_quantized
 
@@ -35,7 +40,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def softplus_dt(dt_raw, dt_bias):
-    """dt as DESIGN §3 defines it, computed here on its own: softplus(v) = v for v > 20."""
+    """dt as docs/design.md defines it, computed here on its own: softplus(v) = v for v > 20."""
     v = dt_raw.double() + dt_bias.double()
     return torch.where(v > 20.0, v, torch.log1p(torch.exp(torch.clamp(v, max=20.0))))
 
@@ -71,11 +76,11 @@ class Case:
     rows: list                 # slot per row, PAD for padding rows
     lengths: list              # tokens per row
     varlen: bool
-    state: torch.Tensor
+    state: torch.Tensor        # (slots, H, P, N); all-states: (slots, T, H, P, N)
     state_scale: torch.Tensor | None
-    x_cache: torch.Tensor
-    B_cache: torch.Tensor
-    dt_cache: torch.Tensor
+    x_cache: torch.Tensor | None           # rings: None for all-states
+    B_cache: torch.Tensor | None
+    dt_cache: torch.Tensor | None
     ring_start: torch.Tensor
     pnat: torch.Tensor
     A: torch.Tensor            # tied views as the mamba convention passes them
@@ -90,9 +95,13 @@ class Case:
     sbi: torch.Tensor
     cu_seqlens: torch.Tensor | None
     before: dict = field(default_factory=dict)
+    strategy: str = "checkpointing"
+    state_index: torch.Tensor | None = None    # all-states: the accepted state of each slot
 
     # ---- the call ---------------------------------------------------------------------------
     def cache_tensors(self) -> dict:
+        if self.strategy == "all_states":
+            return dict(states=self.state, state_index=self.state_index)
         d = dict(state=self.state, x_cache=self.x_cache, B_cache=self.B_cache, dt_cache=self.dt_cache,
                  ring_start=self.ring_start, prev_num_accepted_tokens=self.pnat)
         if self.state_scale is not None:
@@ -101,12 +110,38 @@ class Case:
 
     def kwargs(self) -> dict:
         kw = self.cache_tensors()
-        kw.update(x=self.x, dt=self.dt, A=self.A, B=self.B, C=self.C, out=self.out, D=self.D, z=self.z,
-                  dt_bias=self.dt_bias, dt_softplus=True, state_batch_indices=self.sbi, pad_slot_id=PAD,
-                  window=self.W)
+        kw.update(self.inputs())
+        if self.strategy != "all_states":
+            kw["window"] = self.W
+        return kw
+
+    def inputs(self) -> dict:
+        """The step's inputs, without the cache tensors."""
+        kw = dict(x=self.x, dt=self.dt, A=self.A, B=self.B, C=self.C, out=self.out, D=self.D, z=self.z,
+                  dt_bias=self.dt_bias, dt_softplus=True, state_batch_indices=self.sbi, pad_slot_id=PAD)
         if self.varlen:
             kw.update(cu_seqlens=self.cu_seqlens, max_seqlen=self.T)
         return kw
+
+    def on_cache(self):
+        """This case on a one-layer SSMCache of its strategy (copies of its cache tensors): (cache, the
+        step's inputs). The cache's pad_slot_id is PAD."""
+        dt = self.dt_cache.dtype if self.dt_cache is not None else self.x.dtype
+        cache = SSMCache(1, self.state.shape[0], self.H, self.P, self.N, self.G, self.T, self.W,
+                         state_dtype=self.state.dtype, act_dtype=self.x.dtype, strategy=self.strategy,
+                         pad_slot_id=PAD)
+        lc = cache.layers[0]
+        lc.state.copy_(self.state)
+        if self.strategy == "all_states":
+            cache.state_index.copy_(self.state_index)
+            return cache, self.inputs()
+        assert cache.L == self.L and cache.dt_dtype == dt, "on_cache: the cache's ring differs from the case's"
+        for name in ("state_scale", "x_cache", "B_cache", "dt_cache"):
+            if getattr(self, name) is not None:
+                getattr(lc, name).copy_(getattr(self, name))
+        cache.ring_start.copy_(self.ring_start)
+        cache.pnat.copy_(self.pnat)
+        return cache, self.inputs()
 
     def snapshot(self) -> dict:
         """Copies of every tensor a step may write (caches and outputs)."""
@@ -131,7 +166,7 @@ class Case:
         return [(b, s) for b, s in enumerate(self.rows) if s != PAD]
 
     def writes(self, b) -> bool:
-        """DESIGN §3: a row writes when pnat + its length > W."""
+        """docs/design.md, "The closed form": a row writes when pnat + its length > W."""
         s = self.rows[b]
         return int(self.before["prev_num_accepted_tokens"][s]) + self.lengths[b] > self.W
 
@@ -168,8 +203,10 @@ class Case:
 
     # ---- the check --------------------------------------------------------------------------
     def check(self, out_tol=1e-12, state_tol=1e-12, rounding="rn"):
-        """Assert the finished step did exactly what DESIGN §3-§4 say, and nothing else.
+        """Assert the finished step did exactly what docs/design.md ("The closed form", "The cache
+        contract") says, and nothing else.
         rounding "sr": a written state may be off by a whole rounding step instead of half of one."""
+        assert self.strategy != "all_states", "check: covers the ring strategies (checkpointing, always-write)"
         bf, L = self.before, self.L
         touched = set()
         for b, s in self.live_rows():
@@ -227,19 +264,27 @@ class Case:
         assert same_bits(self.pnat, bf["prev_num_accepted_tokens"]), "the step changed pnat"
 
 
-def make_case(*, H=4, P=8, N=8, G=2, T=4, W=16, num_slots=6, rows=None, pnat=None, ring_start=None,
-              lengths=None, varlen=False, state_dtype=torch.float64, act_dtype=torch.float64, use_z=True,
-              seed=0, L=None) -> Case:
-    """A filled cache and one step's inputs.
+def make_case(*, H=4, P=8, N=8, G=2, T=4, W=16, num_slots=6, rows=None, batch=None, pad_rows=(), pnat=None,
+              ring_start=None, lengths=None, varlen=False, state_dtype=torch.float64, act_dtype=torch.float64,
+              dt_dtype=None, param_dtype=torch.float64, use_z=True, strategy="checkpointing", seed=0,
+              L=None) -> Case:
+    """A filled cache and one step's inputs: the one random-step generator of the tests.
 
-    rows: slot per row (PAD for padding), default every slot once in a random order.
+    rows: slot per row (PAD for padding), default `batch` (default all) slots in a random order with
+    the rows `pad_rows` turned into padding.
     pnat / ring_start: per slot lists, default random within the contract (pnat <= max(W, T)).
     lengths: per-row token counts (varlen), default T for every row.
+    dt_dtype: of the raw dt input (default act_dtype); param_dtype: of A, D, dt_bias.
+    strategy: "checkpointing", "always_write" (W = 0) or "all_states" (T states per slot, no rings).
     """
     gen = torch.Generator().manual_seed(seed)
+    if strategy == "always_write":
+        W = 0
     L = max(W, T) + T if L is None else L
     if rows is None:
-        rows = torch.randperm(num_slots, generator=gen).tolist()
+        rows = torch.randperm(num_slots, generator=gen)[:batch].tolist()
+        for r in pad_rows:
+            rows[r] = PAD
     batch = len(rows)
     lengths = [T] * batch if lengths is None else list(lengths)
     if pnat is None:
@@ -254,13 +299,18 @@ def make_case(*, H=4, P=8, N=8, G=2, T=4, W=16, num_slots=6, rows=None, pnat=Non
     def uniform(lo, hi, *shape):
         return torch.empty(*shape, dtype=torch.float64).uniform_(lo, hi, generator=gen)
 
-    h0 = randn(num_slots, H, P, N)
-    state, state_scale = encode_state(h0, state_dtype)
-    state = state.clone()
-    dt_dtype = torch.float64 if act == torch.float64 else torch.float32
-    A = -torch.exp(uniform(-1.0, 1.0, H))
-    D = randn(H)
-    dt_bias = uniform(-4.0, -1.0, H)
+    rings = strategy != "all_states"
+    if rings:
+        h0 = randn(num_slots, H, P, N)
+        state, state_scale = encode_state(h0, state_dtype)
+        state, state_index = state.clone(), None
+    else:
+        state, state_scale = randn(num_slots, T, H, P, N).to(state_dtype), None
+        state_index = torch.randint(0, T, (num_slots,), generator=gen, dtype=torch.int32)
+    ring_dt = torch.float64 if act == torch.float64 else torch.float32      # as SSMCache keeps dt
+    A = -torch.exp(uniform(-1.0, 1.0, H)).to(param_dtype)
+    D = randn(H).to(param_dtype)
+    dt_bias = uniform(-4.0, -1.0, H).to(param_dtype)
     if varlen:
         cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
         lead = (int(cu[-1]),)
@@ -271,15 +321,16 @@ def make_case(*, H=4, P=8, N=8, G=2, T=4, W=16, num_slots=6, rows=None, pnat=Non
     case = Case(
         H=H, P=P, N=N, G=G, T=T, W=W, L=L, rows=list(rows), lengths=lengths, varlen=varlen,
         state=state, state_scale=state_scale,
-        x_cache=randn(num_slots, H, L, P).to(act), B_cache=randn(num_slots, G, L, N).to(act),
-        dt_cache=uniform(0.01, 0.5, num_slots, H, L).to(dt_dtype),
+        x_cache=randn(num_slots, H, L, P).to(act) if rings else None,
+        B_cache=randn(num_slots, G, L, N).to(act) if rings else None,
+        dt_cache=uniform(0.01, 0.5, num_slots, H, L).to(ring_dt) if rings else None,
         ring_start=torch.tensor(ring_start, dtype=torch.int32), pnat=torch.tensor(pnat, dtype=torch.int32),
         A=A[:, None, None].expand(H, P, N), D=D[:, None].expand(H, P), dt_bias=dt_bias[:, None].expand(H, P),
-        x=randn(*lead, H, P).to(act), dt=dt_raw.to(act)[..., None].expand(*lead, H, P),
+        x=randn(*lead, H, P).to(act), dt=dt_raw.to(dt_dtype or act)[..., None].expand(*lead, H, P),
         B=randn(*lead, G, N).to(act), C=randn(*lead, G, N).to(act),
         z=randn(*lead, H, P).to(act) if use_z else None,
         out=torch.full((*lead, H, P), float("nan"), dtype=act),
-        sbi=torch.tensor(rows, dtype=torch.int32), cu_seqlens=cu)
+        sbi=torch.tensor(rows, dtype=torch.int32), cu_seqlens=cu, strategy=strategy, state_index=state_index)
     case.before = case.snapshot()
     return case
 
@@ -288,3 +339,43 @@ def run_case(case: Case, op, **extra):
     """Snapshot, run `op` on the case, return its result (the check is separate)."""
     case.before = case.snapshot()
     return op(**dict(case.kwargs(), **extra))
+
+
+# ---- on an SSMCache, for the ops -------------------------------------------------------------
+def make_step(*, batch=3, H=4, P=16, N=16, G=2, T=4, W=16, slots=None, act=torch.bfloat16,
+              state_dtype=torch.float32, pnat=None, pad_rows=(), strategy="checkpointing", seed=0,
+              use_z=True, varlen_lens=None):
+    """make_case's draw on a one-layer SSMCache, in the dtypes the ops take (fp32 raw dt and per-head
+    parameters): `batch` rows on random slots of `slots` (default batch + 2), rows `pad_rows` padding,
+    varlen rows of `varlen_lens` tokens. pnat: None (random in [0, max(W, T)]) or one value per row
+    (padding rows skipped). Returns (cache, the step's inputs without the cache tensors)."""
+    case = make_case(H=H, P=P, N=N, G=G, T=T, W=W, num_slots=slots or batch + 2, batch=batch, pad_rows=pad_rows,
+                     lengths=varlen_lens, varlen=varlen_lens is not None, state_dtype=state_dtype, act_dtype=act,
+                     dt_dtype=torch.float32, param_dtype=torch.float32, use_z=use_z, strategy=strategy, seed=seed)
+    for r, k in enumerate(pnat or ()):
+        if case.rows[r] != PAD:
+            case.pnat[case.rows[r]] = k
+    return case.on_cache()
+
+
+def to_device(cache, inputs, device):
+    import copy
+    c = copy.deepcopy(cache)
+    for name in ("_ring_start", "_pnat", "_seeds", "_state_index"):
+        setattr(c, name, getattr(c, name).to(device))
+    S = c.num_slots
+    c.ring_start, c.pnat, c.seeds, c.state_index = c._ring_start[:S], c._pnat[:S], c._seeds[:S], c._state_index[:S]
+    c.faults = c.faults.to(device)
+    for lc in c.layers:
+        for f in ("state", "state_scale", "x_cache", "B_cache", "dt_cache"):
+            t = getattr(lc, f)
+            if t is not None:
+                setattr(lc, f, t.to(device))
+    c.device = torch.device(device)
+    ins = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    ins["dt"] = inputs["dt"][..., 0].to(device)[..., None].expand(inputs["dt"].shape)
+    for k in ("A", "D", "dt_bias"):
+        v = inputs[k]
+        idx = (slice(None),) + (0,) * (v.dim() - 1)
+        ins[k] = v[idx].to(device).reshape((-1,) + (1,) * (v.dim() - 1)).expand(v.shape)
+    return c, ins

@@ -11,9 +11,9 @@ import math
 
 import pytest
 
+from specssm.bench import drift
+from specssm.bench.drift import Config
 from specssm.cli import main as cli_main
-from specssm.quant import drift
-from specssm.quant.drift import Config
 
 
 def _by_name(res):
@@ -32,7 +32,7 @@ def test_fp32_stays_near_1e6_and_bf16_drifts_more():
         assert 0 < m[name]["flush_err_rms"] < 1e-7, (name, m[name])
     assert m["bf16-rn-W16"]["state_rms"] > 1000 * m["fp32-rn-W16"]["state_rms"]
     assert m["bf16-rn-W16"]["out_rms"] > 1000 * m["fp32-rn-W16"]["out_rms"]
-    # the run flushed at the rate of the DESIGN §6 histogram (~0.31 at W = 16, T = 6); always-write: 1
+    # the run flushed at the rate of the benchmarks' histogram (~0.31 at W = 16, T = 6); always-write: 1
     assert 0.25 < m["fp32-rn-W16"]["write_fraction"] < 0.37
     assert m["fp32-rn-always"]["write_fraction"] == 1.0
     assert len(res["configs"][0]["series"]["state"]) == 300

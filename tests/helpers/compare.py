@@ -6,7 +6,7 @@ import copy
 import torch
 
 from specssm.reference.storage import decode_state, is_quantized
-from tests.ops.helpers import to_device
+from tests.helpers.steps import to_device
 
 
 def state_bits(t):
@@ -20,6 +20,17 @@ OUT_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3}
 STATE_TOL = {torch.float32: 1e-5, torch.bfloat16: 6e-3, torch.float16: 1e-3, torch.int8: 2e-2,
              torch.float8_e4m3fn: 6e-2}
 FAST_TOL = 2e-3      # tf32 dots
+
+
+def cache_bits(cache) -> dict:
+    """Every tensor of an SSMCache that a step or a commit may write, as comparable copies."""
+    d = {"ring_start": cache.ring_start.clone(), "pnat": cache.pnat.clone(), "seeds": cache.seeds.clone()}
+    for i, lc in enumerate(cache.layers):
+        for nm in ("state", "state_scale", "x_cache", "B_cache", "dt_cache"):
+            t = getattr(lc, nm)
+            if t is not None:
+                d[f"{nm}[{i}]"] = state_bits(t).clone()
+    return d
 
 
 def rel_rms(a, b):
@@ -36,7 +47,10 @@ def run_and_compare(op, ref, cache, inputs, device="cpu", precision="exact", **o
     ref(**in_ref, **c_ref.op_kwargs(0))
     c_op, in_op = to_device(cache, inputs, device)
     before = copy.deepcopy(c_op.layers[0])
-    op(**in_op, **c_op.op_kwargs(0), precision=precision, **op_kw) if precision else op(**in_op, **c_op.op_kwargs(0), **op_kw)
+    if precision:
+        op(**in_op, **c_op.op_kwargs(0), precision=precision, **op_kw)
+    else:
+        op(**in_op, **c_op.op_kwargs(0), **op_kw)
     out, out_ref = in_op["out"].cpu(), in_ref["out"]
     act = inputs["x"].dtype
     fast = precision == "fast" and cache.state_dtype == torch.float32
@@ -59,7 +73,8 @@ def run_and_compare(op, ref, cache, inputs, device="cpu", precision="exact", **o
     changed_ref = (state_bits(lr.state) != state_bits(cache.layers[0].state)).flatten(1).any(1)
     # no-write slots (and all untouched slots): state (and scales) bit-identical to before the call
     same = ~changed_ref
-    assert torch.equal(state_bits(state)[same], state_bits(l0.state.cpu())[same]), "a no-write or untouched slot's state changed"
+    assert torch.equal(state_bits(state)[same], state_bits(l0.state.cpu())[same]), \
+        "a no-write or untouched slot's state changed"
     if is_quantized(state.dtype):
         scale = lc.state_scale.cpu()
         assert torch.equal(scale[same], l0.state_scale.cpu()[same]), "a no-write slot's scales changed"
