@@ -17,8 +17,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from scripts.step_sweep import Case, load_peer  # noqa: E402
-from specssm.step import tuning  # noqa: E402
+from scripts.step_sweep import Case, load_peer
+from specssm.step import tuning
 
 
 def main():

@@ -4,7 +4,7 @@ usage: python scripts/step_sweep.py --peer .peers --states fp32,bf16,int8 --batc
            --variants '[{}, {"no_write": {"stages": 3}}]' [--check] [--out DIR]
 
 Each variant is a tuning override (specssm/step/tuning.py) of our split family ("launch": "dynamic"
-in a variant runs the fused single launch instead). Method (DESIGN §6): Super TP8, T=6, W=16, bf16
+in a variant runs the fused single launch instead). Method (benchmarks/README.md): Super TP8, T=6, W=16, bf16
 activations, stationary mixed pnat, a CUDA graph of steps on rotating slot sets (state cold), CUPTI
 spans between marker kernels; plans and the seed's work items are built outside the spans, and only
 the seed's kernels named *precompute* / *persistent* count (its wrapper's ring gathers do not).
@@ -21,11 +21,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from specssm.bench.timing import StepMarkers, capture_graph, profile_device_events, split_steps  # noqa: E402
-from specssm.ops import checkpointing_ssu  # noqa: E402
-from specssm.step import tuning  # noqa: E402
-from specssm.tune.gpu import Env  # noqa: E402
-from specssm.tune.space import Target  # noqa: E402
+from specssm.bench.timing import StepMarkers, capture_graph, profile_device_events, split_steps
+from specssm.ops import checkpointing_ssu
+from specssm.step import tuning
+from specssm.tune.gpu import Env
+from specssm.tune.space import Target
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
           "fp8": torch.float8_e4m3fn}
@@ -115,8 +115,8 @@ def time_steps(steps, kernel_filter=None, replays=20):
 def check(state, variant):
     """Outputs and caches of the variant against the float64 reference at batch 48 (with padding)."""
     from specssm.reference import checkpointing_ssu_ref
-    from tests.ops.checks import run_and_compare
-    from tests.ops.helpers import make_step
+    from tests.helpers.compare import run_and_compare
+    from tests.helpers.steps import make_step
     cache, ins = make_step(batch=48, slots=52, T=6, pad_rows=(3,), act=torch.bfloat16, state_dtype=DTYPES[state],
                            seed=7, H=16, P=64, N=128, G=1)
     launch = variant.get("launch", "split")
@@ -173,7 +173,7 @@ def main():
                     print(f"v{i} {state} b{batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             tuning.OVERRIDE.clear()
             rows.append(line)
-            cells = " ".join(f"{k} {line[k]:8.2f}" for k in line if k == "seed" or k[0] == "v" and k[1:].isdigit())
+            cells = " ".join(f"{k} {line[k]:8.2f}" for k in line if k == "seed" or (k[0] == "v" and k[1:].isdigit()))
             print(f"{state:5s} b{batch:5d} w{case.writes:6.1f} {cells}", flush=True)
             del case
             torch.cuda.empty_cache()

@@ -1,5 +1,5 @@
 """`specssm bench --materialize`: time `materialize` (the ring fold of source slots into fresh checkpoints
-of other slots) on a GPU, by default for 1,024 pairs, against its byte floor (DESIGN §6's method).
+of other slots) on a GPU, by default for 1,024 pairs, against its byte floor (benchmarks/README.md's method).
 
 The sources' pnat are drawn from the stationary distribution of the commit chain (scenario "mixed"),
 their ring positions at random. Each graph step materializes one slot set; the sets rotate so that the

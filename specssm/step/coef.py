@@ -8,7 +8,7 @@ histories and the new dt, B, C once, and writes per (row, head):
     vec   (VEC,)       fp32: [0, TM) exp(c_t) (the checkpoint's decay to token t); [KH, 2 KH) the fold
                        weights exp(Λ - c_k)·dt_k of the history keys; [2 KH] exp(Λ)
 
-and appends the new dt (and, once per group, B) to the rings. Keys (DESIGN §3): history key k sits at
+and appends the new dt (and, once per group, B) to the rings. Keys (docs/design.md): history key k sits at
 position k; the new tokens start at position K (no-write rows: one window of K + T <= W <= 16 keys, the
 rectangle) or KH = 16 (write rows: history and new tokens apart, so the fold reads the history keys
 alone). c is the running sum of A·dt, over the history and then on over the new tokens; token t's query
@@ -56,9 +56,9 @@ def coef_kernel(
 ):
     """Program (row, head block): history keys k < K and new tokens s < n_tok as two blocks of KH keys
     each, queries t < TO (T <= TO). The blocks are stored at their key positions: history at k, new
-    tokens at KH + s (write rows) or K + s (no-write rows). Programs run over the StepPlan's entries: the write and no-write groups; the
-    padding group between them (padding rows, rows with a faulted slot / pnat / ring_start) does no
-    work."""
+    tokens at KH + s (write rows) or K + s (no-write rows). Programs run over the StepPlan's entries:
+    the write and no-write groups; the padding group between them (padding rows, rows with a faulted
+    slot / pnat / ring_start) does no work."""
     entry = tl.program_id(0)
     h0 = tl.program_id(1) * HB
     if LAUNCH_DEPS:

@@ -1,4 +1,4 @@
-"""The fold of a slot's ring history into its checkpoint (DESIGN §3), one device function shared by the
+"""The fold of a slot's ring history into its checkpoint (docs/design.md), one device function shared by the
 write main (specssm/step/mains.py) and materialize (specssm/step/materialize.py), so a flushed step and a
 materialized slot compute the checkpoint the same way.
 """

@@ -1,4 +1,4 @@
-"""The single-launch step (DESIGN §5): one program per (row, head, tile of BLOCK_P state rows) that
+"""The single-launch step (docs/design.md, "Kernels"): one program per (row, head, tile of BLOCK_P state rows) that
 computes its own coefficients. Used where launch latency dominates (small batches, launch="dynamic")
 and for the replay no-write form; from the tuning table's split_min_batch on, the split family
 (coefficient kernel + write / no-write mains) takes over.
@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from specssm.step.store import codes_to_half, decode_state_tile, store_state_tile
 from specssm.step.device import dot16, row_tokens, silu, softplus, tile_masks, wrap
+from specssm.step.store import codes_to_half, decode_state_tile, store_state_tile
 
 DYNAMIC, WRITE, NO_WRITE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 

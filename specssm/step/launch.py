@@ -17,11 +17,12 @@ from specssm._checks import MAX_WINDOW, check_kernel_layout, check_ssu_args, che
 from specssm._runtime import interpreting, pdl_supported
 from specssm.cache.faults import new_record as new_fault_record
 from specssm.cache.plan import StepPlan
-from specssm.step.store import STATE_KIND
 from specssm.step import tuning
-from specssm.step.coef import CHUNK_N as COEF_CHUNK_N, TM, coef_kernel
+from specssm.step.coef import CHUNK_N as COEF_CHUNK_N
+from specssm.step.coef import TM, coef_kernel
 from specssm.step.fused import DYNAMIC, NO_WRITE, WRITE, fused_kernel
 from specssm.step.mains import main_kernel
+from specssm.step.store import STATE_KIND
 
 LAUNCHES = ("auto", "dynamic", "split")
 MAX_TILE = 8192      # state elements per tile (64 x 128)

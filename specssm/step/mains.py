@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from specssm.step.store import codes_to_f32, codes_to_half, encode_state_tile, store_state_tile
 from specssm.step.coef import KH, NK
 from specssm.step.device import dot16, row_tokens, silu, tile_masks, wrap
 from specssm.step.fold import fold_history
+from specssm.step.store import codes_to_f32, codes_to_half, encode_state_tile, store_state_tile
 
 
 @triton.jit

@@ -24,7 +24,7 @@ Lookup (`lookup`), for one call (state dtype, rounding, T, W, H, P, N, G, batch)
    shape (|log2| distances of P and N first, then of H and G), then the same rounding, then the nearest
    T, then the nearest W; ties go to the entry with the smallest (H, P, N, G, rounding, T, W). An
    argument given as None matches every entry on that criterion, except rounding, T and W, which then
-   stand for the reference step (DESIGN §6: "rn", T=6, W=16).
+   stand for the reference step (benchmarks/README.md, "What is measured": "rn", T=6, W=16).
 2. bucket, per launch (fused, coef, write, no_write): of the entry's buckets that configure the launch,
    the nearest batch in log2 (ties to the smaller bucket); batch None takes the largest.
 3. nothing found (no table for the card, no entry of the state dtype): `tuning.DEFAULT`.
@@ -43,7 +43,7 @@ KEY_FIELDS = ("state", "rounding", "T", "W", "H", "P", "N", "G")
 LAUNCHES = ("fused", "coef", "write", "no_write")
 STATES = ("float32", "bfloat16", "float16", "int8", "float8_e4m3fn", "int16")
 ROUNDINGS = ("rn", "sr")
-# what a missing rounding / T / W stands for in a lookup: the reference step of DESIGN §6
+# what a missing rounding / T / W stands for in a lookup: the reference step (benchmarks/README.md)
 REFERENCE = {"rounding": "rn", "T": 6, "W": 16}
 # fields the fused kernel's own split launches (the replay no-write form) may override
 FUSED_SUB_FIELDS = ("num_warps", "maxnreg", "tma", "TN_MIN")

@@ -80,7 +80,7 @@ def read_table(path, card: str | None = None) -> dict:
         raise tables.TableError(f"{path}: {e}") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _table(card: str) -> dict:
     path = table_path(card)
     return read_table(path, card) if path.exists() else {}

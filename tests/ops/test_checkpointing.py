@@ -170,7 +170,7 @@ def test_gpu_baselines(batch):
 def test_gpu_graph_capture_without_a_plan(strategy):
     """A step given no plan (always-write never takes one) builds its own inside a CUDA-graph capture,
     split scratch included; one replay equals the float64 reference."""
-    from tests.ops.helpers import to_device
+    from tests.helpers.steps import to_device
     op, ref = {"checkpointing": (checkpointing_ssu, checkpointing_ssu_ref),
                "always_write": (always_write_ssu, always_write_ssu_ref)}[strategy]
     cache, ins = make_step(batch=128, slots=130, T=6, strategy=strategy, seed=4, **SHAPES["super_tp8"])
@@ -187,7 +187,6 @@ def test_gpu_graph_capture_without_a_plan(strategy):
     run_and_compare(graphed, ref, cache, ins, device="cuda", precision="fast")
 
 
-@cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 def test_gpu_deterministic_5_launches(launch):
