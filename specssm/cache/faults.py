@@ -22,9 +22,11 @@ FIELDS = {1: ("state_batch_indices", "a slot id in [0, num_slots) or pad_slot_id
           # materialize: the row is the pair's index
           5: ("src_slots", "a slot id in [0, num_slots)"),
           6: ("dst_slots", "a slot id in [0, num_slots) or pad_slot_id, no other pair's source or destination"),
-          7: ("k", "k in [0, pnat of the source slot]")}
+          7: ("k", "k in [0, pnat of the source slot]"),
+          8: ("state_batch_indices", "each slot id on one row of a step (the value is the slot)")}
 SLOT, PNAT, RING_START, ACCEPTED = 1, 2, 3, 4
 SRC, DST, K = 5, 6, 7
+DUPLICATE_SLOT = 8
 
 
 def new_record(device) -> torch.Tensor:

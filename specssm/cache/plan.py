@@ -124,7 +124,8 @@ class StepPlan:
         Rows whose slot id lies outside the pool are put with the padding rows (no launch visits them).
         With `ring_start` `(slots,)` int32, `ring_len` (L), `max_pnat` (max(window, T)) and a fault
         record `faults` (specssm/cache/faults.py), so are rows whose pnat or ring_start breaks the
-        contract, and every such row is recorded.
+        contract and rows whose slot another live row also has (all of them), and every such row is
+        recorded.
         """
         per_row = isinstance(num_tokens, torch.Tensor)
         library.call("plan_build", pnat=pnat, state_batch_indices=state_batch_indices, window=window,
@@ -201,10 +202,14 @@ def _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
         pn, rs = pnat[slot], ring_start[slot]
         pnat_ok = (pn >= 0) & (pn <= max_pnat)
         rs_ok = (rs >= 0) & (rs < ring_len)
+        rows_on_slot = torch.zeros(pnat.shape[0], dtype=torch.int64, device=sbi.device)
+        rows_on_slot.index_add_(0, slot[slot_ok], torch.ones_like(slot[slot_ok]))
+        dup = slot_ok & (rows_on_slot[slot] > 1)
         for bad, field, value in ((live & ~slot_ok, flt.SLOT, sbi), (slot_ok & ~pnat_ok, flt.PNAT, pn),
-                                  (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs)):
+                                  (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs),
+                                  (dup & pnat_ok & rs_ok, flt.DUPLICATE_SLOT, sbi)):
             flt.record(faults, bad, field, value)
-        live = slot_ok & pnat_ok & rs_ok
+        live = slot_ok & pnat_ok & rs_ok & ~dup
     else:
         live = slot_ok      # a slot id outside the pool is never handed to a launch, record or not
     write = live & (pnat[slot] + num_tokens > window)

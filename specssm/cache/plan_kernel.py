@@ -37,14 +37,31 @@ def _plan_kernel(pnat_ptr, pnat_stride, num_slots, sbi_ptr, sbi_stride, lens_ptr
     else:
         length = num_tokens
     if CHECK_RING:
-        # a live row whose slot, pnat or ring_start breaks the contract does no work (it joins the
-        # padding group, which no launch visits) and leaves a fault in the record (the smallest key)
+        # a live row whose slot, pnat or ring_start breaks the contract, or whose slot another live row
+        # also has, does no work (it joins the padding group, which no launch visits) and leaves a fault
+        # in the record (the smallest key)
         rs = tl.load(rs_ptr + slot * rs_stride, mask=slot_ok, other=0)
         pnat_ok = (pnat >= 0) & (pnat <= max_pnat)
         rs_ok = (rs >= 0) & (rs < ring_len)
         field = tl.where(~slot_ok, 1, tl.where(~pnat_ok, 2, 3)).to(tl.int64)
-        value = tl.where(~slot_ok, slot, tl.where(~pnat_ok, pnat, rs)).to(tl.int64) & 0xFFFFFFFF
-        bad = live & ~(slot_ok & pnat_ok & rs_ok)
+        value = tl.where(~slot_ok | (pnat_ok & rs_ok), slot, tl.where(~pnat_ok, pnat, rs)).to(tl.int64) & 0xFFFFFFFF
+        # a slot on two live rows (their steps would race on it): every such row is set aside. Sorting
+        # (slot, row) pairs puts them next to each other; the flags go back to row order through
+        # write_flag, which is overwritten at the end
+        sort_slot = tl.where(slot_ok, slot, num_slots + rows).to(tl.int64)
+        pairs = tl.sort((sort_slot << 32) | rows.to(tl.int64))
+        pos = tl.arange(0, BLOCK)
+        s_sorted = pairs >> 32
+        prev = tl.gather(s_sorted, tl.maximum(pos - 1, 0), 0)
+        nxt = tl.gather(s_sorted, tl.minimum(pos + 1, BLOCK - 1), 0)
+        dup_sorted = ((pos > 0) & (s_sorted == prev)) | ((pos < BLOCK - 1) & (s_sorted == nxt))
+        row_sorted = (pairs & 0xFFFFFFFF).to(tl.int32)
+        tl.store(write_flag_ptr + row_sorted, dup_sorted.to(tl.int32), mask=row_sorted < batch)
+        tl.debug_barrier()
+        dup = slot_ok & (tl.load(write_flag_ptr + rows, mask=in_batch, other=0) != 0)
+        tl.debug_barrier()
+        field = tl.where(dup & pnat_ok & rs_ok, 8, field).to(tl.int64)
+        bad = live & (~(slot_ok & pnat_ok & rs_ok) | dup)
         key = tl.where(bad, (rows.to(tl.int64) << 36) | (field << 32) | value, NO_FAULT)
         tl.atomic_min(faults_ptr, tl.min(key, axis=0))
         live = live & ~bad

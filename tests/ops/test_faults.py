@@ -132,6 +132,54 @@ def test_plan_kernel_and_torch_reference_agree_on_faults():
     assert flt.decode(got[0][3]) == (0, flt.SLOT, -7)
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
+def test_rows_sharing_a_slot_do_nothing_and_are_recorded(state_dtype):
+    """Two live rows on one slot (their steps would race on it) through the plan (split launch): both
+    are set aside as padding, the record names the first and the slot; the other rows are unchanged."""
+    cache, ins = _case(state_dtype)
+    dirty = copy.deepcopy(cache)
+    d_ins = dict(ins, state_batch_indices=ins["state_batch_indices"].clone(), out=ins["out"].clone())
+    d_ins["state_batch_indices"][3] = d_ins["state_batch_indices"][1]
+    shared = int(d_ins["state_batch_indices"][1])
+    clean = copy.deepcopy(cache)
+    c_ins = dict(d_ins, state_batch_indices=d_ins["state_batch_indices"].clone(), out=ins["out"].clone())
+    c_ins["state_batch_indices"][[1, 3]] = clean.pad_slot_id
+    checkpointing_ssu(**c_ins, **clean.op_kwargs(0), launch="split", validate=False)
+    checkpointing_ssu(**d_ins, **dirty.op_kwargs(0), launch="split", validate=False)
+    assert bool(d_ins["out"][[1, 3]].isnan().all()) and not d_ins["out"][[0, 2]].isnan().any()
+    assert torch.equal(torch.nan_to_num(d_ins["out"]), torch.nan_to_num(c_ins["out"]))
+    _caches_equal(dirty, clean)
+    with pytest.raises(ValueError, match=rf"^state_batch_indices: row 1 .* had {shared}\b"):
+        dirty.raise_if_faulted()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_kernel_and_torch_reference_agree_on_shared_slots(seed):
+    """Random batches drawn from few slots (many shared), padding and pad ids among them: the kernel's
+    order, slots, counts and record equal the torch reference's; no shared slot reaches a launch."""
+    g = torch.Generator().manual_seed(seed)
+    batch, num_slots = 37, 24
+    sbi = torch.randint(0, num_slots, (batch,), generator=g, dtype=torch.int32)
+    sbi[torch.randint(0, batch, (5,), generator=g)] = -1
+    pnat = torch.randint(0, 17, (num_slots,), generator=g, dtype=torch.int32)
+    ring_start = torch.randint(0, 20, (num_slots,), generator=g, dtype=torch.int32)
+    got = []
+    for build in ("build", "build_reference"):
+        plan, rec = StepPlan(batch), flt.new_record("cpu")
+        getattr(plan, build)(pnat, sbi, 16, 4, -1, validate=False, ring_start=ring_start, ring_len=20,
+                             max_pnat=16, faults=rec)
+        got.append((plan.order.clone(), plan.slots.clone(), plan.counts.clone(), int(rec)))
+    assert all(torch.equal(a, b) for a, b in zip(got[0][:3], got[1][:3])) and got[0][3] == got[1][3]
+    live = sbi[sbi >= 0]
+    shared = {int(s) for s in live if int((live == s).sum()) > 1}
+    n_live = int(got[0][2][1])
+    launched = torch.cat([got[0][1][:int(got[0][2][0])], got[0][1][batch - (n_live - int(got[0][2][0])):]])
+    assert n_live == len(live) - sum(int((live == s).sum()) for s in shared)
+    assert not {int(s) for s in launched} & shared and len(set(launched.tolist())) == n_live
+    first = min(i for i in range(batch) if int(sbi[i]) in shared)
+    assert flt.decode(got[0][3]) == (first, flt.DUPLICATE_SLOT, int(sbi[first]))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
