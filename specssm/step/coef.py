@@ -148,7 +148,8 @@ def coef_kernel(
             tl.store(cf + KH, hi)
             tl.store(cf + TM * NK + KH, lo)
         else:
-            shift = tl.broadcast_to(tl.maximum(kk - K, 0)[None, None, :], (HB, TO, KH))
+            # clamped: a plan built without checks may hand a corrupt (negative) pnat
+            shift = tl.broadcast_to(tl.minimum(tl.maximum(kk - K, 0), KH - 1)[None, None, :], (HB, TO, KH))
             coef_w = tl.where((kk < K)[None, None, :], coef_h, tl.gather(coef_n, shift, 2))
             hi, lo = split_hi_lo(coef_w, coef_ptr.dtype.element_ty)
             tl.store(cf, hi)
