@@ -10,7 +10,8 @@ import torch
 
 from specssm.cache import SSMCache
 from specssm.sim import random_params
-from tests.helpers.slots import assert_same_bits, bits, cache_bits, cache_to, random_cache
+from tests.helpers.slots import assert_same_bits, bits, cache_bits, random_cache
+from tests.helpers.steps import cache_to
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float8_e4m3fn]
 PER_SLOT = ("state", "state_scale", "x_cache", "B_cache", "dt_cache")

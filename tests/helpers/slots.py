@@ -75,22 +75,3 @@ def grid_step(v: torch.Tensor, dtype, scale=None) -> torch.Tensor:
     s = 1.0 if scale is None else scale
     e = torch.floor(torch.log2((v.abs() / s).clamp_min(2.0 ** -149))).clamp_min(emin)
     return torch.exp2(e - mant) * s
-
-
-def cache_to(cache, device):
-    """A copy of the cache on `device` (its per-slot views rebuilt over the moved arrays)."""
-    import copy
-    c = copy.deepcopy(cache)
-    if torch.device(device) == cache.device:
-        return c
-    for name in ("_ring_start", "_pnat", "_seeds", "_state_index"):
-        setattr(c, name, getattr(c, name).to(device))
-    S = c.num_slots
-    c.ring_start, c.pnat, c.seeds, c.state_index = c._ring_start[:S], c._pnat[:S], c._seeds[:S], c._state_index[:S]
-    c.faults = c.faults.to(device)
-    for lc in c.layers:
-        for f in ("state", "state_scale", "x_cache", "B_cache", "dt_cache"):
-            if getattr(lc, f) is not None:
-                setattr(lc, f, getattr(lc, f).to(device))
-    c.device = torch.device(device)
-    return c

@@ -358,9 +358,12 @@ def make_step(*, batch=3, H=4, P=16, N=16, G=2, T=4, W=16, slots=None, act=torch
     return case.on_cache()
 
 
-def to_device(cache, inputs, device):
+def cache_to(cache, device):
+    """A copy of the cache on `device` (its per-slot views rebuilt over the moved arrays)."""
     import copy
     c = copy.deepcopy(cache)
+    if torch.device(device) == cache.device:
+        return c
     for name in ("_ring_start", "_pnat", "_seeds", "_state_index"):
         setattr(c, name, getattr(c, name).to(device))
     S = c.num_slots
@@ -368,10 +371,14 @@ def to_device(cache, inputs, device):
     c.faults = c.faults.to(device)
     for lc in c.layers:
         for f in ("state", "state_scale", "x_cache", "B_cache", "dt_cache"):
-            t = getattr(lc, f)
-            if t is not None:
-                setattr(lc, f, t.to(device))
+            if getattr(lc, f) is not None:
+                setattr(lc, f, getattr(lc, f).to(device))
     c.device = torch.device(device)
+    return c
+
+
+def to_device(cache, inputs, device):
+    c = cache_to(cache, device)
     ins = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     ins["dt"] = inputs["dt"][..., 0].to(device)[..., None].expand(inputs["dt"].shape)
     for k in ("A", "D", "dt_bias"):

@@ -14,7 +14,8 @@ from specssm.reference import fold_slot, materialize_ref
 from specssm.reference import recurrence as rec
 from specssm.reference.storage import decode_state
 from specssm.step.materialize import materialize
-from tests.helpers.slots import assert_same_bits, bits, cache_bits, cache_to, grid_step, poison_slots, random_cache
+from tests.helpers.slots import assert_same_bits, bits, cache_bits, grid_step, poison_slots, random_cache
+from tests.helpers.steps import cache_to
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float8_e4m3fn]
 GPU = pytest.param("cuda", marks=pytest.mark.gpu)
