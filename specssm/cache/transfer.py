@@ -91,6 +91,17 @@ def check_k(k, n: int, device):
     return k
 
 
+def check_materialize_args(cache, src_slots, dst_slots, A, k, rounding) -> tuple:
+    """The checks of a materialize call that need no sync (the kernel's launcher and the float64
+    reference run the same ones); returns (pairs n, per-layer A, k)."""
+    check_ring_cache("cache", cache, "materialize")
+    if rounding not in ("rn", "sr"):
+        raise ValueError(f"rounding: expected 'rn' or 'sr', got {rounding!r}")
+    n = check_pair_tensors(src_slots, dst_slots, cache.device)
+    A_layers = per_layer_A(A, cache.num_layers, cache.H, cache.P, cache.N, cache.device)
+    return n, A_layers, check_k(k, n, cache.device)
+
+
 def check_fold_values_host(cache, src_slots, k, pairs) -> None:
     """Host checks of the live pairs' ring position: the source's pnat in [0, max(W, T)], ring_start in
     [0, L), and k in [0, pnat]."""

@@ -25,12 +25,7 @@ def materialize_ref(cache, src_slots, dst_slots, A, k=None, rounding="rn", valid
     destination's seed) as the destination's checkpoint; then pnat[dst] = 0, ring_start[dst] =
     (ring_start[src] + k) % L, seeds[dst] + 1. Always checks on the host (`validate` is accepted and
     unused). Returns {dst slot: (num_layers, H, P, N) float64 unrounded state} of the live pairs."""
-    transfer.check_ring_cache("cache", cache, "materialize")
-    if rounding not in ("rn", "sr"):
-        raise ValueError(f"rounding: expected 'rn' or 'sr', got {rounding!r}")
-    n = transfer.check_pair_tensors(src_slots, dst_slots, cache.device)
-    A_layers = transfer.per_layer_A(A, cache.num_layers, cache.H, cache.P, cache.N, cache.device)
-    k = transfer.check_k(k, n, cache.device)
+    n, A_layers, k = transfer.check_materialize_args(cache, src_slots, dst_slots, A, k, rounding)
     pairs = transfer.check_pairs_host(src_slots, dst_slots, cache.num_slots, cache.pad_slot_id)
     transfer.check_fold_values_host(cache, src_slots, k, pairs)
     folded = {}

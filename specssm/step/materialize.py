@@ -115,12 +115,7 @@ def _launch_layer(lc, A_h, pairs, seeds, L, sizes, rounding, philox_rounds):
 def _materialize(cache, src_slots, dst_slots, A, k=None, rounding="rn", validate=True, philox_rounds=10):
     """The launcher: checks every argument before anything is written, resolves the pairs on the
     device, launches once per layer, then sets the destinations' ring position and seeds."""
-    transfer.check_ring_cache("cache", cache, "materialize")
-    if rounding not in ("rn", "sr"):
-        raise ValueError(f"rounding: expected 'rn' or 'sr', got {rounding!r}")
-    n = transfer.check_pair_tensors(src_slots, dst_slots, cache.device)
-    A_layers = transfer.per_layer_A(A, cache.num_layers, cache.H, cache.P, cache.N, cache.device)
-    k = transfer.check_k(k, n, cache.device)
+    n, A_layers, k = transfer.check_materialize_args(cache, src_slots, dst_slots, A, k, rounding)
     if cache.dt_dtype != torch.float32:
         raise TypeError(f"cache: expected float32 dt_cache for the Triton kernel, got {cache.dt_dtype} "
                         f"(specssm.reference.materialize_ref folds float64 caches)")
