@@ -24,7 +24,7 @@ RESERVED_SHARED = 1024          # the system's shared memory per resident block 
 PTR_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "float8_e4m3fn": "fp8e4nv",
              "int16": "i16"}
 KIND = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3, "float8_e4m3fn": 4, "int16": 5}
-TM, KH, VEC = 16, 16, 48        # specssm/step/coef.py
+TM, KH, VEC, CHUNK_N = 16, 16, 48, 32        # specssm/step/coef.py
 
 
 def _ints(t: Target, n_progs: int) -> dict:
@@ -63,7 +63,7 @@ def job_for(t: Target, launch: str, knobs: dict, fused_base: dict | None = None)
     if launch == "coef":
         kernel, names = "coef", _COEF_ARGS
         cx = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, WAIT=False, LAUNCH_DEPS=True,
-                  UPCAST=False, HB=knobs["HB"], BLOCK_N=block_n, CHUNK_N=min(32, block_n), TO=to)
+                  UPCAST=False, HB=knobs["HB"], BLOCK_N=block_n, CHUNK_N=min(CHUNK_N, block_n), TO=to)
         n_progs = 1
     elif launch in ("write", "no_write"):
         kernel, names = "main", _MAIN_ARGS

@@ -81,3 +81,10 @@ def test_job_argument_names_are_the_kernels():
         params = inspect.signature(kernel.fn).parameters.values()
         runtime = tuple(p.name for p in params if "constexpr" not in str(p.annotation))
         assert names == runtime, f"{kernel.fn.__name__}: {set(names) ^ set(runtime)}"
+
+
+def test_mirrored_constants_match_the_coefficient_kernel():
+    # offline.py keeps copies so building a job imports no kernel; they must be the kernel module's
+    from specssm.step import coef
+    assert (offline.TM, offline.KH, offline.VEC, offline.CHUNK_N) == (int(coef.TM), int(coef.KH), coef.VEC,
+                                                                      coef.CHUNK_N)
