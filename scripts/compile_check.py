@@ -119,7 +119,7 @@ SSU_BASE = dict(RECT=True, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
                 KH=16, TN=8, NK=32, DOT_PREC="tf32", NATIVE_CS=False, PDL=False, UPCAST=False)
 # the coefficient kernel's and the mains' (Super TP8, T = 6: 8 query rows)
 COEF_BASE = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, WAIT=False,
-                 LAUNCH_DEPS=True, UPCAST=False, HB=8, BLOCK_N=128, CHUNK_N=32, TO=8)
+                 LAUNCH_DEPS=True, UPCAST=False, HB=8, EVEN_N=True, BLOCK_N=128, CHUNK_N=32, TO=8)
 MAIN_BASE = dict(H=16, P=64, N=128, HPG=16, WRITE=False, HAS_Z=True, VARLEN=False, KIND=0, CS16=False, SR=False,
                  SR_ROWS=True, PHILOX_ROUNDS=10, TMA=True, PDL=True, LAUNCH_DEPS=False, UPCAST=False,
                  DOT_PREC="tf32", BLOCK_P=64, BLOCK_N=128, TM=16, TO=8, STAGES=2)

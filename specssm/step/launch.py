@@ -129,7 +129,8 @@ def _launch_split(a, cfg, plan, own_plan=False):
         s_B_g=s["s_B_g"], s_Bc_s=s["s_Bc_s"], s_Bc_g=s["s_Bc_g"], s_Bc_l=s["s_Bc_l"], s_dtc_s=s["s_dtc_s"],
         s_dtc_h=s["s_dtc_h"], s_cf_b=coef.stride(0), s_cf_h=coef.stride(1), s_v_b=vec.stride(0), s_v_h=vec.stride(1),
         HAS_D=f["HAS_D"], HAS_BIAS=f["HAS_BIAS"], SOFTPLUS=f["SOFTPLUS"], VARLEN=f["VARLEN"], WAIT=f["PDL"],
-        LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, BLOCK_N=block_n, CHUNK_N=min(COEF_CHUNK_N, block_n), TO=to,
+        LAUNCH_DEPS=chain, UPCAST=f["UPCAST"], HB=hb, EVEN_N=N == block_n, BLOCK_N=block_n,
+        CHUNK_N=min(COEF_CHUNK_N, block_n), TO=to,
         num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}),
         **({"maxnreg": cfg["coef"]["maxnreg"]} if cfg["coef"].get("maxnreg") and a["cuda"] else {}))
     for write in (True, False):

@@ -63,7 +63,8 @@ def job_for(t: Target, launch: str, knobs: dict, fused_base: dict | None = None)
     if launch == "coef":
         kernel, names = "coef", _COEF_ARGS
         cx = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, WAIT=False, LAUNCH_DEPS=True,
-                  UPCAST=False, HB=knobs["HB"], BLOCK_N=block_n, CHUNK_N=min(CHUNK_N, block_n), TO=to)
+                  UPCAST=False, HB=knobs["HB"], EVEN_N=t.N == block_n, BLOCK_N=block_n,
+                  CHUNK_N=min(CHUNK_N, block_n), TO=to)
         n_progs = 1
     elif launch in ("write", "no_write"):
         kernel, names = "main", _MAIN_ARGS
