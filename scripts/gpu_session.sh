@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything a device session runs, in one call (the device tool runs it from the repo root; $OUT comes back).
-#   bash scripts/gpu_session.sh tests      # the GPU suite (~10 min on a fresh H200: near a call's limit)
+#   bash scripts/gpu_session.sh tests      # the GPU suite (over 10 min on a fresh H200 in one process; with
+#                                          # .gpu_deps, 12 pytest-xdist workers: `pip download --no-deps -d w
+#                                          # pytest-xdist execnet` and unzip the wheels into .gpu_deps)
 #   bash scripts/gpu_session.sh tests ops  # its tests/ops half; `tests rest` the other half (one call each)
 #   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min);
 #                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
@@ -11,6 +13,10 @@
 #   bash scripts/gpu_session.sh materialize  # materialize's GPU tests, then its timing at 1,024 slots (not run yet)
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# pytest-xdist unpacked into .gpu_deps (ignored; carry it) spreads the suite's compiles over the machine's cores
+[ -d .gpu_deps/xdist ] && PYTHONPATH=$PWD:$PWD/.gpu_deps
+workers=()
+[ -d .gpu_deps/xdist ] && workers=(-n "${GPU_WORKERS:-12}")
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 case "${1:-tests}" in
@@ -23,8 +29,10 @@ case "${1:-tests}" in
     esac
     # the machine's torch / triton against pyproject.toml's range (logged; the suite runs either way)
     python3 scripts/check_versions.py > "$OUT/gpu_tests.log" 2>&1
-    python3 -m pytest -q -m gpu "${sel[@]}" -p no:cacheprovider --durations=5 >> "$OUT/gpu_tests.log" 2>&1
-    grep -E "^versions|^unsupported|^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -20 ;;
+    # SIGINT at TESTS_LIMIT seconds: pytest stops and still reports what ran (a call's limit is 600 s)
+    timeout -s INT "${TESTS_LIMIT:-540}" python3 -m pytest -q -m gpu "${sel[@]}" ${workers[@]+"${workers[@]}"} -v \
+      -p no:cacheprovider --tb=short -rfE --durations=5 >> "$OUT/gpu_tests.log" 2>&1
+    grep -E "^versions|^unsupported|^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | sort -u | tail -40 ;;
   bench)
     # the committed benchmarks/results/<card>.md (~2.5 min on an H200 or H100); --batches 1,2,4,...,1024 for the
     # full matrix (use --time-budget and --resume). With .peers/trtllm_replay (benchmarks/README.md) the seed
