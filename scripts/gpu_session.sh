@@ -7,6 +7,7 @@
 #   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min);
 #                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
+#   bash scripts/gpu_session.sh compiled   # the tiny LM's decode step, eager vs torch.compile (~3 min: not run yet)
 #   bash scripts/gpu_session.sh sweep      # split-family variants beside the seed and the fused launch, 5 dtypes (~5 min)
 #   bash scripts/gpu_session.sh ncu        # Nsight Compute on one step of ours and of the seed (NCU_STATE, NCU_BATCH)
 #   bash scripts/gpu_session.sh tune       # an ~8 min slice of `specssm tune` (resumes out/tune: carry it along)
@@ -86,4 +87,14 @@ case "${1:-tests}" in
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/materialize_tests.log" | tail -10
     python3 -m specssm bench --materialize --dtypes fp32,bf16,fp16,int8,fp8 --rounding rn,sr --out "$OUT/materialize" \
       2> "$OUT/materialize_bench.log" ;;
+  compiled)
+    # one decode step of TinyMamba2LM 'large' (specssm/bench/compiled.py): eager, eager in a CUDA graph,
+    # torch.compile(inductor) and mode="reduce-overhead", fp32 and bf16 states, batch 1, 8, 64; the page on
+    # stdout and in $OUT/compiled.md, the rows in $OUT/compiled/compiled.json, compiler noise in the log
+    python3 -m specssm bench --compiled --size large --batches 1,8,64 --dtypes fp32,bf16 --out "$OUT/compiled" \
+      --results-md "$OUT/compiled.md" 2> "$OUT/compiled.log"
+    rc=$?
+    grep "^specssm bench" "$OUT/compiled.log" | tail -8
+    [ $rc -eq 0 ] || tail -25 "$OUT/compiled.log"          # a traceback
+    exit $rc ;;
 esac

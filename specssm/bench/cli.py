@@ -15,6 +15,14 @@ profiler; no seed), --sweep runs each checkpointing variant under each of a list
     specssm bench --timer events --strategies checkpointing --launch dynamic,split --dtypes fp32 \\
         --batches 1,8,64,256,1024 --no-conv --no-plots --sweep '[{}, {"fused": {"num_warps": 8}}]' --kernels
 
+--compiled times one decode step of the tiny Mamba2 LM (specssm.model) eager, eager in a CUDA graph,
+torch.compile(inductor) and torch.compile(mode="reduce-overhead") side by side (specssm/bench/compiled.py);
+it reads --batches (default 1,8,64), --dtypes (state dtypes, default fp32,bf16), --T, --W, --act-dtype,
+--precision, --histogram, --seed, --out, --results-md, --strict and --dry-run, and adds --size, --repeats,
+--compile-backend and --device (cpu: a smoke mode in the Triton interpreter, for tests):
+
+    specssm bench --compiled --size large --results-md out/compiled.md
+
 Long runs (--all) can be split: --time-budget stops cleanly, --resume continues from --out/results.json.
 --dry-run lists the cases and --render re-renders a results.json; both work without a GPU.
 """
@@ -29,6 +37,7 @@ from pathlib import Path
 from specssm.bench import cases as cs
 from specssm.bench import mix, report
 from specssm.bench import peer as pr
+from specssm.model.config import SIZES
 
 EXIT_INCOMPLETE = 3
 TIMERS = ("cupti", "events")
@@ -63,15 +72,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtypes", type=_list(), help=f"state dtypes from {cs.STATE_DTYPES} (default all)")
     g.add_argument("--rounding", type=_list(), help="rn, sr or rn,sr (default rn)")
     g.add_argument("--scenarios", type=_list(), help=f"from {mix.SCENARIOS} (default mixed)")
-    g.add_argument("--batches", type=_list(int), help="batch sizes (default 1,2,4,...,1024)")
+    g.add_argument("--batches", "--batch", type=_list(int), help="batch sizes (default 1,2,4,...,1024)")
     g.add_argument("--materialize", action="store_true", help="time specssm.step.materialize instead of the step: "
                    "fold the rings of --batches source slots (default 1024; pnat drawn as in the mixed scenario) "
                    "into fresh checkpoints of other slots, per --shapes, --dtypes and --rounding; writes "
                    "materialize.json to --out (specssm/bench/materialize.py)")
+    c = ap.add_argument_group("--compiled: the model's decode step, eager against torch.compile "
+                              "(specssm/bench/compiled.py)")
+    c.add_argument("--compiled", action="store_true", help="time one decode step of TinyMamba2LM (validate=False, "
+                   "no commit) eager, eager in a CUDA graph, torch.compile(inductor) and torch.compile(mode="
+                   "'reduce-overhead'), per --dtypes (default fp32,bf16) and --batches (default 1,8,64); checks "
+                   "each against eager over committed steps; a markdown table (variant x batch, µs per step, "
+                   "x eager) on stdout and in --results-md, the rows in --out/compiled.json")
+    c.add_argument("--size", choices=sorted(SIZES), help="model size (specssm/model/config.py; "
+                   "default large, tiny with --device cpu)")
+    c.add_argument("--repeats", type=int, help="steps timed per variant and case, the median reported "
+                   "(default 50; 2 with --device cpu)")
+    c.add_argument("--compile-backend", choices=("inductor", "aot_eager"), help="torch.compile backend of the "
+                   "compiled variant (default inductor; aot_eager with --device cpu); reduce-overhead is inductor's")
+    c.add_argument("--device", choices=("cuda", "cpu"), help="cuda (default) or cpu: the smoke mode, the Triton "
+                   "interpreter (TRITON_INTERPRET=1), tiny model, eager and torch.compile only, 2 steps checked "
+                   "and 2 timed (seconds; for tests, not a measurement)")
     g.add_argument("--peer", metavar="trtllm=PATH", help="also time TensorRT-LLM's checkpointing kernel "
                    f"(the seed), imported from PATH: a folder holding {pr.PACKAGE}/ or that folder itself; on "
                    "the checkpointing caches, every scenario and rounding; adds × seed to our rows")
-    g.add_argument("--T", type=int, default=6, help="tokens per verify step (default 6)")
+    g.add_argument("-T", "--T", type=int, default=6, help="tokens per verify step (default 6)")
     g.add_argument("--W", type=int, default=16, help="history window of checkpointing (default 16)")
     g.add_argument("--act-dtype", default="bf16", choices=["bf16", "fp16"], help="activation dtype (default bf16)")
     g.add_argument("--z", action="store_true", help="pass the z gate to the step (counted in the floor)")
@@ -177,9 +202,20 @@ def render(rows, meta, out_dir: Path, results_md=None, plots=True) -> list[dict]
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    compiled_only = [f"--{k.replace('_', '-')}" for k in ("size", "repeats", "compile_backend", "device")
+                     if getattr(args, k) is not None]
+    if args.compiled and (args.materialize or args.render):
+        print("specssm bench: --compiled: not with --materialize or --render", file=sys.stderr)
+        return 2
+    if compiled_only and not args.compiled:
+        print(f"specssm bench: {', '.join(compiled_only)}: only with --compiled", file=sys.stderr)
+        return 2
+    if args.compiled:
+        from specssm.bench import compiled
+        return compiled.run(args)
     args.materialize_batches = args.batches or [1024]      # materialize: 1,024 pairs unless --batches
     args = resolve(args)
-    args.argv = argv
     if args.materialize:
         from specssm.bench import materialize
         try:

@@ -321,6 +321,54 @@ SEED_NOTE = f"""- **{SEED} µs / × seed**: TensorRT-LLM's Triton checkpointing 
 """
 
 
+# ---- specssm bench --compiled (specssm/bench/compiled.py) -------------------------------------------
+def _compiled_check(rs) -> str:
+    """The `vs eager` cell of one variant over its batches."""
+    if any(r["status"] != "ok" for r in rs):
+        return "error"
+    if rs[0]["variant"] == "eager":
+        return "(reference)"
+    text = "bitwise" if all(r["bitwise"] for r in rs) else (
+        f"logits ≤ {max(r['logits_rel_err'] for r in rs):.0e}, cache ≤ {max(r['cache_rel_err'] for r in rs):.0e}"
+        + ("" if all(r["ints_equal"] for r in rs) else ", integer tensors DIFFER"))
+    if all("bitwise_vs_compiled" in r for r in rs):
+        text += "; = compiled bitwise" if all(r["bitwise_vs_compiled"] for r in rs) else "; ≠ compiled"
+    return text
+
+
+def compiled_markdown(rows: list[dict], meta: dict) -> str:
+    """The `--compiled` page: the run's card, versions and method, then per state dtype a variant x batch
+    table of µs per step and × eager."""
+    m, c = meta, meta["model"]
+    timer = ("CUDA events around one step, the stream idle before it and synchronized after it (launch time "
+             "included)" if m["device"] == "cuda" else "wall clock around one step")
+    out = [f"# specssm bench --compiled — {m['card']}\n\n",
+           f"- card: **{m['card']}**; torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, "
+           f"Python {m['python']}, date {m['date']}\n",
+           f"- model: TinyMamba2LM '{m['size']}' (d_model {c['d_model']}, {c['n_layers']} layers, H {c['nheads']}, "
+           f"P {c['head_dim']}, N {c['d_state']}, G {c['ngroups']}, vocab {c['vocab_size']}), activations "
+           f"{m['act']}, precision {m['precision']}; checkpointing cache, T = {m['T']}, W = {m['W']}\n",
+           f"- step: `TinyMamba2LM.step_unchecked` (validate=False, no commit), after {m['warm']} eager step(s) with "
+           f"commits; each variant first ran {m['check']} committed steps beside eager (`vs eager`)\n",
+           f"- µs per step: median of {m['repeats']} steps, {timer}; × eager = eager µs / variant µs\n",
+           f"- command: `{m['command']}`\n"]
+    for state in m["dtypes"]:
+        rs = [r for r in rows if r["state_dtype"] == state]
+        body = []
+        for v in m["variants"]:
+            vr = [r for r in rs if r["variant"] == v]
+            cells = [f"{r['median_us']:.1f} ({fmt_x(r.get('x_eager')).replace('x', '×')})" if "median_us" in r
+                     else "-" for r in vr]
+            body.append([m["labels"][v], vr[0]["timer"], *cells, _compiled_check(vr)])
+        head = ["variant", "timer", *[f"batch {b}: µs (× eager)" for b in m["batches"]], "vs eager"]
+        out.append(f"\n## state {state}\n\n" + markdown_table(head, body))
+        out.append("\nRows writing their checkpoint in the timed step: " + ", ".join(
+            f"batch {r['batch']}: {r['writes']}/{r['batch']}" for r in rs if r["variant"] == "eager") + ".\n")
+        out += [f"- {r['label']}, batch {r['batch']}: {r.get('error') or r.get('note')}\n" for r in rs
+                if r.get("error") or r.get("note")]
+    return "".join(out)
+
+
 def kernels_table(kernels: list[dict]) -> str:
     """`specssm bench --kernels`: one line per compiled variant of a step kernel (runner.compiled_kernels)."""
     if not kernels:

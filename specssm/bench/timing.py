@@ -228,21 +228,39 @@ def time_graph_events(graph, steps_per_replay: int, min_samples: int = 200, min_
     `steps_per_replay` steps, no profiler and no markers. Each sample is one replay's time / its steps,
     so the spread is that of replays, not of single steps; kernels_per_step and busy_us are unknown
     (0 and nan). Includes everything in the graph (a peer's wrapper ops too)."""
-    import torch
     if steps_per_replay < 1:
         raise ValueError(f"steps_per_replay: expected >= 1, got {steps_per_replay}")
-    for _ in range(warmup_replays):
-        graph.replay()
-    torch.cuda.synchronize()
     replays = max(min_replays, -(-min_samples // steps_per_replay))
+    return time_events(graph.replay, steps_per_replay, replays, warmup_replays)
+
+
+def time_events(fn, steps_per_call: int = 1, calls: int = 20, warmup: int = 1, host_us=None) -> StepStats:
+    """CUDA events around each of `calls` calls of fn() (after `warmup` untimed ones), the stream
+    synchronized after each, so a sample is what the call costs from its first launch to the end of its
+    last kernel, host launch time included: a graph replay (`time_graph_events`) or a step launched op by
+    op from Python. Each sample is one call's time / `steps_per_call`; kernels_per_step and busy_us are
+    unknown (0 and nan). `host_us`: a list that gets each call's host time (to its return), in µs."""
+    import time
+
+    import torch
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call: expected >= 1, got {steps_per_call}")
+    if calls < 1:
+        raise ValueError(f"calls: expected >= 1, got {calls}")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
     per_step = []
-    for _ in range(replays):
+    for _ in range(calls):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
-        graph.replay()
+        fn()
         end.record()
+        if host_us is not None:
+            host_us.append((time.perf_counter() - t0) * 1e6)
         end.synchronize()
-        per_step.append(start.elapsed_time(end) * 1e3 / steps_per_replay)
+        per_step.append(start.elapsed_time(end) * 1e3 / steps_per_call)
     t = np.array(per_step, dtype=np.float64)
     return StepStats(float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90)),
                      float(t.mean()), float("nan"), int(t.size), 0)

@@ -133,6 +133,14 @@ class TinyMamba2LM(torch.nn.Module):
                              f"got {tokens.shape[1]}")
         if self.validate:
             self._check_slots(cache, slots, tokens.shape[0], tokens.shape[1])
+        return self.step_unchecked(tokens, cache, slots)
+
+    @torch.no_grad()
+    def step_unchecked(self, tokens: torch.Tensor, cache: ModelCache, slots: torch.Tensor) -> torch.Tensor:
+        """`step` without its host checks of the tokens and slots, so without a host sync: for a serving
+        loop that trusts its inputs, and what `specssm bench --compiled` times. Prepares the plan buffers
+        (and, for CUDA graphs, marks the static inputs), then runs `decode_step` (compiled after
+        `compile_step`). The ops still run their own checks when the model was built with `validate`."""
         plan = self._step_plan(cache, slots.shape[0], tokens.shape[1])
         if self._graphs:
             # a CUDA-graph replay reads and writes these tensors where the capture found them
