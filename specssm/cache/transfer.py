@@ -167,7 +167,8 @@ def finish_fold(cache, idx, new_rs) -> None:
     folded tokens) and its seed advances, so its next rounding draws new bits. Dropped pairs land on the
     scratch entry."""
     cache._ring_start[idx] = new_rs
-    cache._pnat[idx] = 0
+    # index_fill_, not `[idx] = 0`: the Python scalar would be a host tensor, copied inside a capture
+    cache._pnat.index_fill_(0, idx, 0)
     cache._seeds[idx] = cache._seeds[idx] + 1
 
 
