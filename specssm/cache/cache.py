@@ -181,10 +181,10 @@ class SSMCache:
         self._ring_start[idx] = 0
 
     def tensors(self) -> list:
-        """Every tensor the cache keeps (per-slot arrays with their views, every layer's state, scales and
-        rings): what a CUDA-graph capture must find at fixed addresses."""
+        """Every tensor the cache keeps (per-slot arrays with their views, the fault record, every layer's
+        state, scales and rings): what a CUDA-graph capture must find at fixed addresses."""
         out = [self._ring_start, self._pnat, self._seeds, self._state_index,
-               self.ring_start, self.pnat, self.seeds, self.state_index]
+               self.ring_start, self.pnat, self.seeds, self.state_index, self.faults]
         for lc in self.layers:
             out += [t for t in (lc.state, lc.state_scale, lc.x_cache, lc.B_cache, lc.dt_cache) if t is not None]
         return out

@@ -74,3 +74,37 @@ def test_gpu_tp2_nccl_generates_the_tokens_of_tp1():
 def test_gpu_demo_large():
     from specssm.model.demo import main
     assert main(["--device", "cuda", "--size", "large", "--tokens", "128"]) == 0
+
+
+@pytest.mark.parametrize("batch", [8, 64])
+def test_gpu_eager_step_in_a_cuda_graph_equals_eager(batch):
+    """The step (validate=False) captured once in a CUDA graph and replayed over steps with a changing
+    write mix (commits eager, between replays) gives eager's logits and cache contents: nothing the
+    step reads is frozen at capture (batch 64 takes the split launches and their plan)."""
+    from specssm.bench.timing import capture_graph
+    torch.manual_seed(0)
+    model = TinyMamba2LM(SIZES["small"], seed=3, dtype=torch.bfloat16, device="cuda", validate=False)
+    T, W, steps = 6, 16, 6
+    caches = [model.new_cache(batch, T, W, torch.bfloat16) for _ in range(2)]
+    slots = [c.allocate(batch).cuda() for c in caches]
+    tokens = [torch.randint(0, model.cfg.vocab_size, (batch, T), device="cuda") for _ in range(steps)]
+    accepted = [torch.randint(1, T + 1, (batch,), device="cuda", dtype=torch.int32) for _ in range(steps)]
+    tok, out = tokens[0].clone(), {}
+    saved = [t.clone() for t in caches[1].tensors()]
+    graph = capture_graph(lambda: out.update(logits=model.step_unchecked(tok, caches[1], slots[1])))
+    for t, s in zip(caches[1].tensors(), saved):      # undo the capture's warm-up step
+        t.copy_(s)
+    for i in range(steps):
+        want = model.step_unchecked(tokens[i], caches[0], slots[0]).clone()
+        tok.copy_(tokens[i])
+        graph.replay()
+        torch.testing.assert_close(out["logits"], want, rtol=1e-5, atol=1e-5, msg=f"logits of step {i}")
+        for c, s in zip(caches, slots):
+            c.commit(s, accepted[i], T, validate=False)
+        # integers (pnat, ring_start, offsets) exactly; data within an ulp of bf16 (cuBLAS may pick another
+        # algorithm under capture), far below what a frozen input would change
+        for j, (a, b) in enumerate(zip(caches[1].tensors(), caches[0].tensors())):
+            if a.dtype.is_floating_point:
+                torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2, msg=f"tensor {j}, step {i}")
+            else:
+                assert torch.equal(a, b), f"tensor {j}, step {i}"
