@@ -30,10 +30,10 @@ case "${1:-tests}" in
     esac
     # the machine's torch / triton against pyproject.toml's range (logged; the suite runs either way)
     python3 scripts/check_versions.py > "$OUT/gpu_tests.log" 2>&1
-    # SIGINT at TESTS_LIMIT seconds: pytest stops and still reports what ran (a call's limit is 600 s)
-    timeout -s INT "${TESTS_LIMIT:-540}" python3 -m pytest -q -m gpu "${sel[@]}" ${workers[@]+"${workers[@]}"} -v \
+    # -v names each result as it comes (under xdist a SIGINT at TESTS_LIMIT seconds loses the summary)
+    timeout -s INT "${TESTS_LIMIT:-540}" python3 -m pytest -m gpu "${sel[@]}" ${workers[@]+"${workers[@]}"} -v \
       -p no:cacheprovider --tb=short -rfE --durations=5 >> "$OUT/gpu_tests.log" 2>&1
-    grep -E "^versions|^unsupported|^FAILED|^ERROR|passed|failed" "$OUT/gpu_tests.log" | sort -u | tail -40 ;;
+    grep -E "^versions|^unsupported|FAILED|ERROR |passed|failed" "$OUT/gpu_tests.log" | sort -u | tail -40 ;;
   bench)
     # the committed benchmarks/results/<card>.md (~2.5 min on an H200 or H100); --batches 1,2,4,...,1024 for the
     # full matrix (use --time-budget and --resume). With .peers/trtllm_replay (benchmarks/README.md) the seed
