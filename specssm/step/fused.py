@@ -61,6 +61,18 @@ def _record_fault(faults_ptr, row, field, value):
 
 
 @triton.jit
+def _shares_slot(sbi_ptr, row, slot, batch, BLOCK: tl.constexpr):
+    """Whether another row of the step names `slot` (a valid id, so never a padding row's): their steps
+    would race on it. One vector load per BLOCK rows; the fused launch serves small batches."""
+    hits = 0
+    for r0 in range(0, batch, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        ids = tl.load(sbi_ptr + r, mask=r < batch, other=-1).to(tl.int64)
+        hits += tl.sum(((ids == slot) & (r != row) & (r < batch)).to(tl.int32))
+    return hits > 0
+
+
+@triton.jit
 def fused_kernel(
     state_ptr, scale_ptr, xc_ptr, Bc_ptr, dtc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, out_ptr, D_ptr, z_ptr, dt_bias_ptr,
@@ -128,6 +140,12 @@ def fused_kernel(
             ok = pnat_ok & (rs >= 0) & (rs < L)
             if not ok:
                 _record_fault(faults_ptr, row, tl.where(pnat_ok, 3, 2), tl.where(pnat_ok, rs, K))
+            if (BRANCH == DYNAMIC) and HAS_SBI:
+                # rows sharing a slot do nothing (a plan sets them aside as padding; this launch has none)
+                shared = _shares_slot(sbi_ptr, row, slot, batch, 64)
+                if shared & ok:
+                    _record_fault(faults_ptr, row, 8, slot)
+                ok = ok & ~shared
             tok0, n_tok, row_off = row_tokens(cu_ptr, row, T, VARLEN)
             if BRANCH == DYNAMIC:
                 do_write = (K + n_tok > W) & ok

@@ -102,6 +102,25 @@ def test_commit_skips_and_records_a_bad_accepted(accepted):
         cache.raise_if_faulted()
 
 
+def test_commit_skips_and_records_rows_sharing_a_slot():
+    """Two live rows naming one slot: neither commits (the slot keeps its ring position), the record
+    names the first; the other rows commit as without them."""
+    cache, ins = _case(torch.float32)
+    sbi = ins["state_batch_indices"].clone()
+    sbi[3] = sbi[1]
+    acc = torch.tensor([2, 3, 4, 1], dtype=torch.int32)
+    clean = copy.deepcopy(cache)
+    c_sbi = sbi.clone()
+    c_sbi[[1, 3]] = clean.pad_slot_id
+    clean.commit(c_sbi, acc, validate=False)
+    cache.commit(sbi, acc, validate=False)
+    _caches_equal(cache, clean)
+    with pytest.raises(ValueError, match=rf"^state_batch_indices: row 1 .* had {int(sbi[1])}\b"):
+        cache.raise_if_faulted()
+    with pytest.raises(ValueError, match=r"^slots: .*"):         # the host check rejects them first
+        cache.commit(sbi, acc, validate=True)
+
+
 def test_commit_skips_and_records_a_slot_outside_the_pool():
     cache, ins = _case(torch.float32)
     sbi = ins["state_batch_indices"].clone()
@@ -132,10 +151,12 @@ def test_plan_kernel_and_torch_reference_agree_on_faults():
     assert flt.decode(got[0][3]) == (0, flt.SLOT, -7)
 
 
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.int8])
-def test_rows_sharing_a_slot_do_nothing_and_are_recorded(state_dtype):
-    """Two live rows on one slot (their steps would race on it) through the plan (split launch): both
-    are set aside as padding, the record names the first and the slot; the other rows are unchanged."""
+@pytest.mark.parametrize("launch,state_dtype", [("split", torch.float32), ("split", torch.int8),
+                                                ("dynamic", torch.float32), ("dynamic", torch.int8)])
+def test_rows_sharing_a_slot_do_nothing_and_are_recorded(launch, state_dtype):
+    """Two live rows on one slot (their steps would race on it), through the plan (split launch) or the
+    fused launch's own scan of the slot ids: both do nothing, as padding rows, the record names the
+    first and the slot; the other rows are unchanged."""
     cache, ins = _case(state_dtype)
     dirty = copy.deepcopy(cache)
     d_ins = dict(ins, state_batch_indices=ins["state_batch_indices"].clone(), out=ins["out"].clone())
@@ -144,8 +165,8 @@ def test_rows_sharing_a_slot_do_nothing_and_are_recorded(state_dtype):
     clean = copy.deepcopy(cache)
     c_ins = dict(d_ins, state_batch_indices=d_ins["state_batch_indices"].clone(), out=ins["out"].clone())
     c_ins["state_batch_indices"][[1, 3]] = clean.pad_slot_id
-    checkpointing_ssu(**c_ins, **clean.op_kwargs(0), launch="split", validate=False)
-    checkpointing_ssu(**d_ins, **dirty.op_kwargs(0), launch="split", validate=False)
+    checkpointing_ssu(**c_ins, **clean.op_kwargs(0), launch=launch, validate=False)
+    checkpointing_ssu(**d_ins, **dirty.op_kwargs(0), launch=launch, validate=False)
     assert bool(d_ins["out"][[1, 3]].isnan().all()) and not d_ins["out"][[0, 2]].isnan().any()
     assert torch.equal(torch.nan_to_num(d_ins["out"]), torch.nan_to_num(c_ins["out"]))
     _caches_equal(dirty, clean)
