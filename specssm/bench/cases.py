@@ -77,15 +77,19 @@ def cache_strategy(strategy: str) -> str:
     return sts.PEER_CACHES if strategy in PEERS else strategy
 
 
+SHAPE_SYNTAX = "[name:]HxPxNxG"      # one custom shape on a command line (lists of them are comma-separated)
+
+
 def parse_shape(spec: str) -> Shape:
-    """A named shape (super_tp8, tp1) or `name:H,P,N,G` / `H,P,N,G`."""
+    """A named shape (super_tp8, tp1) or `[name:]HxPxNxG`, e.g. `nano:64x64x128x8` (the `specssm bench`
+    and `specssm tune` syntax)."""
     if spec in SHAPES:
         return Shape(spec, *SHAPES[spec])
     name, _, dims = spec.rpartition(":")
     try:
-        H, P, N, G = (int(v) for v in dims.split(","))
+        H, P, N, G = (int(v) for v in dims.split("x"))
     except ValueError:
-        raise ValueError(f"--shapes: expected one of {sorted(SHAPES)} or 'name:H,P,N,G', got {spec!r}") from None
+        raise ValueError(f"--shapes: expected one of {sorted(SHAPES)} or {SHAPE_SYNTAX}, got {spec!r}") from None
     if min(H, P, N, G) < 1 or H % G:
         raise ValueError(f"--shapes: expected positive sizes with G dividing H, got {spec!r}")
     return Shape(name or f"H{H}P{P}N{N}G{G}", H, P, N, G)

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--all", action="store_true", help="every shape, launch mode, no-write form, scenario, "
                    "rounding, state dtype and batch 1..1024")
     g.add_argument("--quick", action="store_true", help="a small subset (super_tp8, batch 1,16,256, fp32/bf16/int8)")
-    g.add_argument("--shapes", type=_list(), help=f"named {sorted(cs.SHAPES)} or name:H,P,N,G (default super_tp8)")
+    g.add_argument("--shapes", type=_list(), help=f"named {sorted(cs.SHAPES)} or {cs.SHAPE_SYNTAX}, e.g. "
+                   "nano:64x64x128x8 (default super_tp8)")
     g.add_argument("--strategies", type=_list(), help=f"from {cs.STRATEGIES} (default all)")
     g.add_argument("--launch", type=_list(), help=f"checkpointing launch modes from {cs.LAUNCHES} (default auto)")
     g.add_argument("--no-write-form", type=_list(), help=f"from {cs.NO_WRITE_FORMS} (default rectangle)")

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from specssm.bench.cases import SHAPES
+from specssm.bench.cases import SHAPE_SYNTAX, SHAPES
+from specssm.bench.cases import parse_shape as bench_parse_shape
 from specssm.tune import space
 from specssm.tune.log import RunLog
 from specssm.tune.search import Case, LogMismatch, Oracle, Pruner, Search, Settings, estimate_candidates, run_cases
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("what to tune (comma-separated lists)")
     g.add_argument("--shapes", type=_list(), default=["super_tp8"],
-                   help=f"named {sorted(SHAPES)} or HxPxNxG, e.g. 64x80x128x8 (default super_tp8)")
+                   help=f"named {sorted(SHAPES)} or {SHAPE_SYNTAX}, e.g. 64x80x128x8 (default super_tp8)")
     g.add_argument("--states", type=_list(), default=["bf16"],
                    help=f"state dtypes from {sorted(STATES)} (default bf16)")
     g.add_argument("--rounding", type=_list(), default=["rn"], help="rn, sr or rn,sr (default rn; sr is skipped "
@@ -103,15 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_shape(spec: str) -> tuple:
-    if spec in SHAPES:
-        return SHAPES[spec]
-    try:
-        H, P, N, G = (int(v) for v in spec.split("x"))
-    except ValueError:
-        raise ValueError(f"--shapes: expected one of {sorted(SHAPES)} or HxPxNxG, got {spec!r}") from None
-    if min(H, P, N, G) < 1 or H % G:
-        raise ValueError(f"--shapes: expected positive sizes with G dividing H, got {spec!r}")
-    return H, P, N, G
+    """(H, P, N, G) of a shape as `specssm bench` takes it (bench.cases.parse_shape: the same syntax)."""
+    s = bench_parse_shape(spec)
+    return s.H, s.P, s.N, s.G
 
 
 def plan_cases(args, num_sms: int) -> list[Case]:

@@ -89,11 +89,16 @@ def test_bad_arguments_exit_2(bad, capsys):
 
 
 def test_custom_shape():
-    s = parse_shape("nano:64,64,128,8")
+    s = parse_shape("nano:64x64x128x8")
     assert (s.name, s.H, s.P, s.N, s.G) == ("nano", 64, 64, 128, 8)
-    assert parse_shape("80,80,128,1").name == "H80P80N128G1"
+    assert parse_shape("80x80x128x1").name == "H80P80N128G1"
     with pytest.raises(ValueError, match="G dividing H"):
-        parse_shape("x:6,64,128,4")
+        parse_shape("x:6x64x128x4")
+    with pytest.raises(ValueError, match=r"or \[name:\]HxPxNxG, got '64,64,128,8'"):
+        parse_shape("64,64,128,8")
+    # in a comma-separated list on the command line
+    args = cli.build_parser().parse_args(["--shapes", "super_tp8,nano:64x64x128x8"])
+    assert [parse_shape(s).name for s in args.shapes] == ["super_tp8", "nano"]
 
 
 def test_histogram_file(tmp_path, capsys):

@@ -129,7 +129,7 @@ def test_tuned_table_loads_in_config_for_and_installs(tmp_path, monkeypatch):
     (["--families", "all"], "--families: expected values from"),
     (["--T", "17"], "--T / --W: expected 1 <= T <= 16"),
     (["--shapes", "16x64x128x3"], "--shapes: expected positive sizes with G dividing H"),
-    (["--shapes", "16,64,128,1"], "--shapes: expected one of ['super_tp8', 'tp1'] or HxPxNxG, got '16'"),
+    (["--shapes", "16,64,128,1"], "--shapes: expected one of ['super_tp8', 'tp1'] or [name:]HxPxNxG, got '16'"),
 ])
 def test_bad_selections_are_named(argv, what, capsys):
     assert cli.main(["--dry-run"] + argv) == 2
