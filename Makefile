@@ -13,8 +13,9 @@ $(STAMP): pyproject.toml .ci/requirements.txt
 
 setup: $(STAMP)
 
+# -n auto: one pytest-xdist worker per core (the interpreter is CPU-bound; half the time on 2 cores)
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -x -m "not gpu" tests
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -x -n auto -m "not gpu" tests
 
 # ruff over the whole repository (rules: pyproject.toml [tool.ruff]); lint only, no `ruff format`
 lint: $(STAMP)
