@@ -178,7 +178,7 @@ def _window_keys(dt_rows, B_rows, C_rows, Bc_rows, dtc_rows, cf, v, K, n_tok, ri
 def coef_kernel(
     pnat_ptr, ring_start_ptr, order_ptr, slots_ptr, counts_ptr, cu_ptr, dt_ptr, dt_bias_ptr, A_ptr, D_ptr,
     B_ptr, C_ptr, Bc_ptr, dtc_ptr, coef_ptr, vec_ptr,
-    batch, T, W, L, N, HPG,
+    batch, T, L, N, HPG,
     s_dt_b, s_dt_t, s_dt_h, s_B_b, s_B_t, s_B_g, s_Bc_s, s_Bc_g, s_Bc_l, s_dtc_s, s_dtc_h,
     s_cf_b, s_cf_h, s_v_b, s_v_h,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, VARLEN: tl.constexpr,
@@ -229,7 +229,7 @@ def coef_kernel(
         Bc_rows = Bc_ptr + slot * s_Bc_s + g * s_Bc_g
         cf = coef_ptr + row * s_cf_b + heads[:, None, None] * s_cf_h + q[None, :, None] * NK + kk[None, None, :]
         v = vec_ptr + row * s_v_b + heads * s_v_h
-        if K + n_tok > W:
+        if entry < n_write:     # the plan's write group: the layout the write main reads
             new_row = wrap(rs + K + kk, L)
             new_ok = (kk < n_tok) & (new_row >= 0) & (new_row < L)
             _apart_keys(dt_rows, B_rows, C_rows, Bc_rows, dtc_rows, cf, v, K, n_tok, ring_row, hist, new_row, new_ok,

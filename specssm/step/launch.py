@@ -124,7 +124,7 @@ def _launch_split(a, cfg, plan, own_plan=False):
         pnat_ptr=a["pnat"], ring_start_ptr=a["ring_start"], order_ptr=plan.order, slots_ptr=plan.slots,
         counts_ptr=plan.counts, cu_ptr=a["cu"], dt_ptr=a["dt"], dt_bias_ptr=a["dt_bias"], A_ptr=a["A"], D_ptr=a["D"],
         B_ptr=a["B"], C_ptr=a["C"], Bc_ptr=a["B_cache"], dtc_ptr=a["dt_cache"], coef_ptr=coef, vec_ptr=vec,
-        batch=a["batch"], T=a["T"], W=a["W"], L=a["L"], N=N, HPG=a["HPG"],
+        batch=a["batch"], T=a["T"], L=a["L"], N=N, HPG=a["HPG"],
         s_dt_b=s["s_dt_b"], s_dt_t=s["s_dt_t"], s_dt_h=s["s_dt_h"], s_B_b=s["s_B_b"], s_B_t=s["s_B_t"],
         s_B_g=s["s_B_g"], s_Bc_s=s["s_Bc_s"], s_Bc_g=s["s_Bc_g"], s_Bc_l=s["s_Bc_l"], s_dtc_s=s["s_dtc_s"],
         s_dtc_h=s["s_dtc_h"], s_cf_b=coef.stride(0), s_cf_h=coef.stride(1), s_v_b=vec.stride(0), s_v_h=vec.stride(1),

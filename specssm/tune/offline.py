@@ -102,7 +102,7 @@ def job_key(job: dict) -> str:
 
 # argument names of the kernels (kept here so building a job imports no Triton kernel)
 _COEF_ARGS = ("pnat_ptr", "ring_start_ptr", "order_ptr", "slots_ptr", "counts_ptr", "cu_ptr", "dt_ptr", "dt_bias_ptr",
-              "A_ptr", "D_ptr", "B_ptr", "C_ptr", "Bc_ptr", "dtc_ptr", "coef_ptr", "vec_ptr", "batch", "T", "W", "L",
+              "A_ptr", "D_ptr", "B_ptr", "C_ptr", "Bc_ptr", "dtc_ptr", "coef_ptr", "vec_ptr", "batch", "T", "L",
               "N", "HPG", "s_dt_b", "s_dt_t", "s_dt_h", "s_B_b", "s_B_t", "s_B_g", "s_Bc_s", "s_Bc_g", "s_Bc_l",
               "s_dtc_s", "s_dtc_h", "s_cf_b", "s_cf_h", "s_v_b", "s_v_h")
 _MAIN_ARGS = ("state_ptr", "st_desc", "scale_ptr", "xc_ptr", "Bc_ptr", "ring_start_ptr", "pnat_ptr", "x_ptr", "C_ptr",
