@@ -82,7 +82,7 @@ MAIN_KNOBS = (
     Knob("BLOCK_P", (16, 32, 64), "state rows per tile"),
     _WARPS,
     Knob("stages", (1, 2, 3, 4), "software pipelining of the persistent loop over tiles"),
-    Knob("ctas_per_sm", (1, 2, 4, 8), "programs per SM in the persistent grid"),
+    Knob("ctas_per_sm", (1, 2, 3, 4, 5, 6, 8), "programs per SM in the persistent grid"),
     _TMA,
     _MAXNREG,
 )

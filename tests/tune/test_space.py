@@ -91,9 +91,9 @@ def test_block_neighbors_change_only_their_block():
         assert p["coef"] == start["coef"] and p["no_write"] == start["no_write"]
         assert {k for k in p["write"] if p["write"][k] != start["write"][k]} <= {"ctas_per_sm", "maxnreg"}
         assert space.point_reason(fam, p, t) is None
-    # 4 x 4 pairs minus the start, minus (4, 168) (86016 registers at 4 warps) and every 8 (eight fp32
-    # 32 KiB TMA tiles exceed 228 KiB)
-    assert len(pts) == 16 - 1 - 1 - 4
+    # 7 x 4 pairs minus the start, minus those over 65536 registers at 4 warps (168 from 4 programs on:
+    # 4; 128 from 5: 3; 96 from 6: 2) and 8 programs uncapped (eight fp32 32 KiB TMA tiles exceed 228 KiB)
+    assert len(pts) == 28 - 1 - (4 + 3 + 2) - 1
 
 
 def test_default_point_runs_as_default_and_configs_round_trip():
