@@ -24,6 +24,8 @@ def _shape(t) -> tuple:
 
 def same_device(a, b) -> bool:
     """'cuda' and 'cuda:0' name the same device when the current device is 0."""
+    if a == b:          # the common case (tensors on one device), without building device objects
+        return True
     a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False
