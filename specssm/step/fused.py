@@ -65,7 +65,8 @@ def _shares_slot(sbi_ptr, row, slot, batch, BLOCK: tl.constexpr):
     """Whether another row of the step names `slot` (a valid id, so never a padding row's): their steps
     would race on it. One vector load per BLOCK rows; the fused launch serves small batches."""
     hits = 0
-    for r0 in range(0, batch, BLOCK):
+    n_scan = tl.where(batch > 1, batch, 0)      # a single row shares with nobody: no load
+    for r0 in range(0, n_scan, BLOCK):
         r = r0 + tl.arange(0, BLOCK)
         ids = tl.load(sbi_ptr + r, mask=r < batch, other=-1).to(tl.int64)
         hits += tl.sum(((ids == slot) & (r != row) & (r < batch)).to(tl.int32))
