@@ -137,10 +137,13 @@ def _launch_split(a, cfg, plan, own_plan=False):
         mcfg = cfg["write" if write else "no_write"]
         block_p = _block_p(mcfg, P, N)
         tma = bool(mcfg["tma"]) and tma_ready(state)
+        # column halves: write tiles of the unscaled kinds only (a scaled row needs its whole amax)
+        col_split = mcfg.get("col_split", 1) if write and f["KIND"] < 3 and block_n >= 32 else 1
         n_tiles = a["batch"] * triton.cdiv(P, block_p) * H
         n_progs = max(1, min(n_tiles, mcfg["ctas_per_sm"] * _num_sms(dev)))
         main_kernel[(n_progs,)](
-            state_ptr=state, st_desc=_state_desc(state, block_p, block_n) if tma else state, scale_ptr=a["scale"],
+            state_ptr=state, st_desc=_state_desc(state, block_p, block_n // col_split) if tma else state,
+            scale_ptr=a["scale"],
             xc_ptr=a["x_cache"], Bc_ptr=a["B_cache"], ring_start_ptr=a["ring_start"], pnat_ptr=a["pnat"],
             x_ptr=a["x"], C_ptr=a["C"], out_ptr=a["out"], z_ptr=a["z"], coef_ptr=coef, vec_ptr=vec,
             order_ptr=plan.order, slots_ptr=plan.slots, counts_ptr=plan.counts, cu_ptr=a["cu"], seed_ptr=a["seed"],
@@ -154,7 +157,8 @@ def _launch_split(a, cfg, plan, own_plan=False):
             WRITE=write, HAS_Z=f["HAS_Z"], VARLEN=f["VARLEN"], KIND=f["KIND"], CS16=f["CS16"], SR=f["SR"],
             SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=f["PHILOX_ROUNDS"], TMA=tma, PDL=chain,
             LAUNCH_DEPS=chain and write, UPCAST=f["UPCAST"], DOT_PREC=f["DOT_PREC"], BLOCK_P=block_p,
-            BLOCK_N=block_n, TM=MAX_TOKENS, TO=to, STAGES=mcfg["stages"], num_warps=mcfg["num_warps"],
+            BLOCK_N=block_n, TM=MAX_TOKENS, TO=to, STAGES=mcfg["stages"], COL_SPLIT=col_split,
+            num_warps=mcfg["num_warps"],
             **({"launch_pdl": True} if chain else {}),
             **({"maxnreg": mcfg["maxnreg"]} if mcfg.get("maxnreg") and a["cuda"] else {}))
 

@@ -66,6 +66,39 @@ def _coef_x(coef_base, X, acc, n_tok, KEY0: tl.constexpr, UPCAST: tl.constexpr, 
 
 
 @triton.jit
+def _write_halves(state_ptr, st_desc, seed_ptr, slot, h, pt, st_pool, st_row, p_ok, Bh_rows, hist, C_rows, t_ok, Xh,
+                  w_fold, decay_fold, N, KIND: tl.constexpr, CS16: tl.constexpr, SR: tl.constexpr,
+                  SR_ROWS: tl.constexpr, PHILOX_ROUNDS: tl.constexpr, TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+                  UPCAST: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr,
+                  TO: tl.constexpr):
+    """A write tile of an unscaled state (no row amax) in two column halves: per half, the state, B_hist
+    and C columns, C·Sᵀ accumulated, the fold, rounded and stored (SR bits keyed by the same element
+    offsets as a whole tile's). Returns the tile's C·Sᵀ (TO, BLOCK_P)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    cs = tl.zeros((TM, BLOCK_P), tl.float32)
+    for c in tl.static_range(2):
+        offs_c = c * HALF + tl.arange(0, HALF)
+        c_ok = offs_c < N
+        mask = p_ok[:, None] & c_ok[None, :]
+        off = st_row[:, None] + offs_c[None, :]
+        if TMA:
+            S = tl.reshape(st_desc.load([slot.to(tl.int32), h, pt * BLOCK_P, c * HALF]), (BLOCK_P, HALF))
+        else:
+            S = tl.load(state_ptr + st_pool + off, mask=mask, other=0.0)
+        C = tl.load(C_rows[:, None] + offs_c[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+        cs += _cs_product(C, S, KIND, CS16, DOT_PREC, UPCAST)
+        Bh = tl.load(Bh_rows[:, None] + offs_c[None, :], mask=hist[:, None] & c_ok[None, :], other=0.0)
+        hK = fold_history(S, 1.0, Xh, Bh, w_fold, decay_fold, KIND, UPCAST)
+        q, _ = encode_state_tile(hK, mask, seed_ptr, slot, st_pool + st_row + c * HALF, st_pool + off,
+                                 state_ptr.dtype.element_ty, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
+        if TMA:
+            st_desc.store([slot.to(tl.int32), h, pt * BLOCK_P, c * HALF], tl.reshape(q, (1, 1, BLOCK_P, HALF)))
+        else:
+            tl.store(state_ptr + st_pool + off, q, mask=mask)
+    return _top_rows(cs, TO)
+
+
+@triton.jit
 def main_kernel(
     state_ptr, st_desc, scale_ptr, xc_ptr, Bc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, C_ptr, out_ptr, z_ptr, coef_ptr, vec_ptr, order_ptr, slots_ptr, counts_ptr, cu_ptr, seed_ptr,
@@ -79,12 +112,17 @@ def main_kernel(
     PHILOX_ROUNDS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr, TO: tl.constexpr, STAGES: tl.constexpr,
+    COL_SPLIT: tl.constexpr = 1,
 ):
     """Persistent: program pid takes tiles pid, pid + n_progs, ... of this launch's rows, which come
     from the StepPlan: write rows from the front of `order`, no-write rows from its end (padding rows
     sit between them and are never visited). Tokens are the products' M side (TM = 16 rows); the
-    epilogue (decays, gate, stores) runs on the first TO rows (T <= TO)."""
+    epilogue (decays, gate, stores) runs on the first TO rows (T <= TO). COL_SPLIT = 2 (write tiles of
+    the unscaled kinds, which need no whole-row amax): the state columns in two halves, each loaded,
+    multiplied with C, folded, rounded and stored before the next (half the fold's live registers)."""
     NPT: tl.constexpr = (P + BLOCK_P - 1) // BLOCK_P
+    SPLIT: tl.constexpr = WRITE and COL_SPLIT > 1
+    tl.static_assert(not SPLIT or (COL_SPLIT == 2 and KIND < 3), "main_kernel: COL_SPLIT 2, unscaled kinds")
     EVEN_TILE: tl.constexpr = (P % BLOCK_P == 0) and (N == BLOCK_N)
     pid = tl.program_id(0)
     if LAUNCH_DEPS:
@@ -115,10 +153,11 @@ def main_kernel(
         st_row = offs_p * s_st_p
         st_off = st_row[:, None] + offs_n[None, :]
         st_mask = p_ok[:, None] & n_ok[None, :]
-        if TMA:
-            S = tl.reshape(st_desc.load([slot.to(tl.int32), h, pt * BLOCK_P, 0]), (BLOCK_P, BLOCK_N))
-        else:
-            S = tl.load(state_ptr + st_pool + st_off, mask=st_mask, other=0.0)
+        if not SPLIT:
+            if TMA:
+                S = tl.reshape(st_desc.load([slot.to(tl.int32), h, pt * BLOCK_P, 0]), (BLOCK_P, BLOCK_N))
+            else:
+                S = tl.load(state_ptr + st_pool + st_off, mask=st_mask, other=0.0)
         sc_base = scale_ptr + slot * s_sc_s + h * s_sc_h
         if KIND >= 3:
             S_scale = tl.load(sc_base + offs_p, mask=p_ok, other=0.0)
@@ -133,8 +172,9 @@ def main_kernel(
         if WRITE:
             Xh = tl.load(xc_base + ring_row[:, None] * s_xc_l + offs_p[None, :],
                          mask=hist[:, None] & p_ok[None, :], other=0.0)                        # (KH, BLOCK_P)
-            Bh = tl.load(Bc_ptr + slot * s_Bc_s + g * s_Bc_g + ring_row[:, None] * s_Bc_l + offs_n[None, :],
-                         mask=hist[:, None] & n_ok[None, :], other=0.0)                       # (KH, BLOCK_N)
+            Bh_rows = Bc_ptr + slot * s_Bc_s + g * s_Bc_g + ring_row * s_Bc_l
+            if not SPLIT:
+                Bh = tl.load(Bh_rows[:, None] + offs_n[None, :], mask=hist[:, None] & n_ok[None, :], other=0.0)
         else:
             # one window: history keys k < K, then the new tokens at K + s
             s_new = kk - K
@@ -143,27 +183,35 @@ def main_kernel(
                          + offs_p[None, :], mask=(hist | new)[:, None] & p_ok[None, :], other=0.0)
         if PDL:
             gdc_wait()      # the coefficient kernel's outputs (and conv1d's, before it)
-        C = tl.load(C_ptr + row_off * s_C_b + (tok0 + t)[:, None] * s_C_t + g * s_C_g + offs_n[None, :],
-                    mask=t_ok[:, None] & n_ok[None, :], other=0.0)                           # (TM, BLOCK_N)
+        C_rows = C_ptr + row_off * s_C_b + (tok0 + t) * s_C_t + g * s_C_g
+        if not SPLIT:
+            C = tl.load(C_rows[:, None] + offs_n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+            cs = _top_rows(_cs_product(C, S, KIND, CS16, DOT_PREC, UPCAST), TO)
         v_base = vec_ptr + row * s_v_b + h * s_v_h
         cf_base = coef_ptr + row * s_cf_b + h * s_cf_h
-        cs = _top_rows(_cs_product(C, S, KIND, CS16, DOT_PREC, UPCAST), TO)
         y = _coef_x(cf_base, Xh, tl.zeros((TM, BLOCK_P), tl.float32), n_tok, 0, UPCAST, TM)
         if WRITE:
             Xn = tl.load(x_base + (tok0 + kk)[:, None] * s_x_t + offs_p[None, :],
                          mask=(kk < n_tok)[:, None] & p_ok[None, :], other=0.0)                # (KH, BLOCK_P)
             y = _coef_x(cf_base, Xn, y, n_tok, KH, UPCAST, TM)
             # fold: h_K = exp(Λ)·S + (X_hist·w)ᵀ @ B_hist (weights and exp(Λ) from the coefficient kernel)
-            hK = fold_history(S, S_scale, Xh, Bh, tl.load(v_base + KH + kk), tl.load(v_base + 2 * KH), KIND, UPCAST)
-            if TMA:
-                q, scale = encode_state_tile(hK, st_mask, seed_ptr, slot, st_pool + st_row, st_pool + st_off,
-                                             state_ptr.dtype.element_ty, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
-                st_desc.store([slot.to(tl.int32), h, pt * BLOCK_P, 0], tl.reshape(q, (1, 1, BLOCK_P, BLOCK_N)))
-                if KIND >= 3:
-                    tl.store(sc_base + offs_p, scale, mask=p_ok)
+            w_fold = tl.load(v_base + KH + kk)
+            decay_fold = tl.load(v_base + 2 * KH)
+            if SPLIT:
+                cs = _write_halves(state_ptr, st_desc, seed_ptr, slot, h, pt, st_pool, st_row, p_ok, Bh_rows, hist,
+                                   C_rows, t_ok, Xh, w_fold, decay_fold, N, KIND, CS16, SR, SR_ROWS, PHILOX_ROUNDS,
+                                   TMA, DOT_PREC, UPCAST, BLOCK_P, BLOCK_N, TM, TO)
             else:
-                store_state_tile(hK, state_ptr + st_pool, sc_base, st_off, st_row, st_mask, offs_p, p_ok, seed_ptr,
-                                 slot, st_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
+                hK = fold_history(S, S_scale, Xh, Bh, w_fold, decay_fold, KIND, UPCAST)
+                if TMA:
+                    q, scale = encode_state_tile(hK, st_mask, seed_ptr, slot, st_pool + st_row, st_pool + st_off,
+                                                 state_ptr.dtype.element_ty, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
+                    st_desc.store([slot.to(tl.int32), h, pt * BLOCK_P, 0], tl.reshape(q, (1, 1, BLOCK_P, BLOCK_N)))
+                    if KIND >= 3:
+                        tl.store(sc_base + offs_p, scale, mask=p_ok)
+                else:
+                    store_state_tile(hK, state_ptr + st_pool, sc_base, st_off, st_row, st_mask, offs_p, p_ok,
+                                     seed_ptr, slot, st_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
             new_row = wrap(rs + K + kk, L)
             new_ok = (kk < n_tok) & (new_row >= 0) & (new_row < L)
             tl.store(xc_base + new_row[:, None] * s_xc_l + offs_p[None, :], Xn, mask=new_ok[:, None] & p_ok[None, :])

@@ -71,6 +71,7 @@ FIELD_CHECKS = {
     "maxnreg": (lambda v: v is None or _int_in(16, 255)(v), "null or an int in [16, 255]"),
     "HB": (lambda v: _pow2(v) and v <= 64, "a power of two in [1, 64]"),
     "TN_MIN": (lambda v: v in (8, 16) and not isinstance(v, bool), "8 or 16"),
+    "col_split": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 or 2"),
 }
 
 

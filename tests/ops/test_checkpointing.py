@@ -360,3 +360,36 @@ def test_split_reads_only_the_scratch_it_wrote(state_dtype, T, varlen):
     lens = T if varlen is None else torch.tensor(varlen, dtype=torch.int32)
     plan.build(cache.pnat, ins["state_batch_indices"], cache.W, lens)
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch="split", plan=plan)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rounding", ["rn", "sr"])
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_write_tiles_in_column_halves(state_dtype, rounding, tma, device, monkeypatch):
+    """col_split 2 (the write main folds a tile's columns in two halves): the written states are the same
+    bits as the whole tile's (SR bits keyed by the same offsets), outputs agree with the float64
+    reference (RN), and a split launch with both branches runs it."""
+    import copy
+
+    from specssm.step import tuning
+    from tests.helpers.steps import to_device
+    cache, ins = make_step(batch=4, T=4, pnat=[14, 3, 13, 12], act=torch.bfloat16, state_dtype=state_dtype,
+                           seed=41, H=4, P=32, N=64, G=2)
+    cache.seeds.copy_(torch.arange(cache.num_slots) * 7919 + 3)
+    kw = dict(launch="split", rounding=rounding, precision="exact")
+    states, outs = [], []
+    for col_split in (1, 2):
+        monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"col_split": col_split, "tma": tma}})
+        c, i = to_device(copy.deepcopy(cache), dict(ins, out=torch.full_like(ins["out"], float("nan"))), device)
+        checkpointing_ssu(**i, **c.op_kwargs(0), rand_seed=c.seeds, **kw)
+        states.append(c.layers[0].state.cpu().view(torch.uint8))
+        outs.append(i["out"].cpu())
+    assert torch.equal(states[0], states[1]), "the halves wrote other bits than the whole tile"
+    assert not torch.equal(states[1], cache.layers[0].state.view(torch.uint8)), "no row wrote its state"
+    assert not outs[1].isnan().any()
+    # C·Sᵀ over two halves of N sums in another order: outputs agree to rounding
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=1e-2, atol=1e-2)
+    if rounding == "rn":
+        monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"col_split": 2, "tma": tma}})
+        run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device=device, launch="split")

@@ -107,7 +107,7 @@ def test_tuned_table_loads_in_config_for_and_installs(tmp_path, monkeypatch):
                                 rounding="rn", H=16, G=1)
     finally:
         tuning.reload()
-    assert cfg["split_min_batch"] == 64 and cfg["write"] == synthetic.PREFERRED["write"]
+    assert cfg["split_min_batch"] == 64 and cfg["write"] == {**tuning.DEFAULT["write"], **synthetic.PREFERRED["write"]}
     assert cfg["fused"] == {**tuning.DEFAULT["fused"], **synthetic.PREFERRED["fused"]}
     # --install merges into <TABLE_DIR>/<card>.json, keeping entries of other keys
     shipped = tmp_path / "configs"
