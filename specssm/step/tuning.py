@@ -97,8 +97,8 @@ def _lookup(card, state, rounding, T, W, H, P, N, G, batch) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _config(card, state, rounding, T, W, H, P, N, G, batch, override_json) -> str:
-    # the merged config per call shape and OVERRIDE (JSON): a step asks once per call, and two deep
-    # copies per ask were a third of its host time
+    # the merged config per call shape and OVERRIDE, as JSON (no caller can mutate it): a step asks on
+    # every call, and merging deep-copies DEFAULT twice
     return json.dumps(merge(merge(DEFAULT, json.loads(_lookup(card, state, rounding, T, W, H, P, N, G, batch))),
                             json.loads(override_json)))
 
