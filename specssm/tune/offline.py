@@ -72,7 +72,7 @@ def job_for(t: Target, launch: str, knobs: dict, fused_base: dict | None = None)
         cx = dict(H=t.H, P=t.P, N=t.N, HPG=t.hpg, WRITE=launch == "write", HAS_Z=True, VARLEN=False, KIND=kind,
                   CS16=cs16, SR=sr, SR_ROWS=block_n % 4 == 0, PHILOX_ROUNDS=10, TMA=knobs["tma"], PDL=True,
                   LAUNCH_DEPS=launch == "write", UPCAST=False, DOT_PREC="tf32", BLOCK_P=bp, BLOCK_N=block_n,
-                  TM=TM, TO=to, STAGES=knobs["stages"])
+                  TM=TM, TO=to, STAGES=knobs["stages"], COL_SPLIT=knobs.get("col_split", 1))
         n_tiles = t.batch * -(-t.P // bp) * t.H
         n_progs = max(1, min(n_tiles, knobs["ctas_per_sm"] * t.num_sms))
     else:
@@ -91,7 +91,7 @@ def job_for(t: Target, launch: str, knobs: dict, fused_base: dict | None = None)
     ints = {k: v for k, v in _ints(t, n_progs).items() if k in names and k not in cx}
     ptr = _pointers(t, names)
     if cx.get("TMA"):
-        ptr["st_desc"] = f"tensordesc<{PTR_TYPES[t.state]}[1,1,{cx['BLOCK_P']},{block_n}]>"
+        ptr["st_desc"] = f"tensordesc<{PTR_TYPES[t.state]}[1,1,{cx['BLOCK_P']},{block_n // cx.get('COL_SPLIT', 1)}]>"
     return {"kernel": kernel, "pointers": ptr, "constexprs": cx, "ints": ints, "num_warps": knobs["num_warps"],
             "maxnreg": knobs.get("maxnreg")}
 

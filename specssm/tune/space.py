@@ -34,6 +34,8 @@ SM_WARPS = 64
 MAX_TILE = 8192                 # state elements per tile (specssm/step/launch.py)
 TMA_BOX = 256
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8_e4m3fn": 1, "int16": 2}
+STATE_SCALED = {"float32": False, "bfloat16": False, "float16": False, "int8": True, "float8_e4m3fn": True,
+                "int16": True}
 DEFAULT_SMS = 132               # H200 / H100 SXM; the GPU run reads the card's
 
 
@@ -88,7 +90,7 @@ MAIN_KNOBS = (
 )
 KNOBS = {
     "coef": (Knob("HB", (1, 2, 4, 8, 16), "heads per program, within one group"), _WARPS, _MAXNREG),
-    "write": MAIN_KNOBS,
+    "write": MAIN_KNOBS + (Knob("col_split", (1, 2), "the fold in column halves (unscaled states)"),),
     "no_write": MAIN_KNOBS,
     "fused": (Knob("BLOCK_P", (16, 32, 64), "state rows per program"), _WARPS, _MAXNREG, _TN, _TMA),
     # the fused kernel's own write / no-write launches (the replay no-write form), over its BLOCK_P
@@ -109,8 +111,9 @@ class Family:
 
 
 def _main_blocks(launch):
-    return ((launch, ("BLOCK_P", "num_warps")), (launch, ("stages",)), (launch, ("ctas_per_sm", "maxnreg")),
-            (launch, ("tma",)))
+    # the write main's column halves take registers off: searched with the programs per SM they make room for
+    occupancy = ("ctas_per_sm", "maxnreg", "col_split") if launch == "write" else ("ctas_per_sm", "maxnreg")
+    return ((launch, ("BLOCK_P", "num_warps")), (launch, ("stages",)), (launch, occupancy), (launch, ("tma",)))
 
 
 FAMILIES = {
@@ -180,6 +183,8 @@ def effective(launch: str, knobs: dict, t: Target) -> dict:
         eff["TN_MIN"] = 8           # the token tile is 16 either way; 8 names it
     if eff.get("tma") and not _tma_ok(t):
         eff["tma"] = False
+    if eff.get("col_split", 1) > 1 and (STATE_SCALED[t.state] or next_pow2(t.N) < 32):
+        eff["col_split"] = 1        # a scaled state's row needs its whole amax; halves of >= 16 columns
     if "ctas_per_sm" in eff:
         # programs per SM beyond what the tiles fill give the same grid as the smallest value that fills it
         n_tiles = tiles(t, eff["BLOCK_P"])
@@ -210,7 +215,7 @@ def launch_reason(launch: str, knobs: dict, t: Target) -> str | None:
         if knobs["maxnreg"] and ctas * warps * 32 * knobs["maxnreg"] > SM_REGISTERS:
             return (f"{launch}: {ctas} programs x {warps} warps x 32 x {knobs['maxnreg']} registers exceed "
                     f"{SM_REGISTERS} per SM")
-        tile = bp * next_pow2(t.N) * STATE_BYTES[t.state]
+        tile = bp * next_pow2(t.N) * STATE_BYTES[t.state] // knobs.get("col_split", 1)
         if knobs["tma"] and ctas * tile > SM_SHARED:
             return f"{launch}: {ctas} programs x a {tile}-byte TMA tile exceed {SM_SHARED} bytes of shared memory"
     return None
@@ -277,7 +282,7 @@ def random_point(family: Family, t: Target, rng: random.Random) -> dict:
 
 
 _SHORT = {"BLOCK_P": "P", "num_warps": "w", "stages": "s", "ctas_per_sm": "c", "maxnreg": "r", "HB": "HB",
-          "TN_MIN": "tn"}
+          "TN_MIN": "tn", "col_split": "h"}
 
 
 def describe(point: dict) -> str:
