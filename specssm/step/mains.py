@@ -112,7 +112,7 @@ def main_kernel(
     PHILOX_ROUNDS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr, TO: tl.constexpr, STAGES: tl.constexpr,
-    COL_SPLIT: tl.constexpr = 1,
+    COL_SPLIT: tl.constexpr,
 ):
     """Persistent: program pid takes tiles pid, pid + n_progs, ... of this launch's rows, which come
     from the StepPlan: write rows from the front of `order`, no-write rows from its end (padding rows
