@@ -276,10 +276,7 @@ def commit_slots(slots, accepted, num_tokens, max_tokens, window, ring_len, num_
     n = torch.as_tensor(lens, device=device).expand_as(accepted)
     acc_ok = (accepted >= 1) & (accepted <= n) & (n <= max_tokens)
     # live rows naming one slot (the step set them aside, or their results raced): none commits
-    on_slot = torch.where(live & slot_ok, slots.long(), num_slots)
-    rows_on_slot = torch.zeros(num_slots + 1, dtype=torch.int32, device=device)
-    rows_on_slot.index_add_(0, on_slot, torch.ones_like(on_slot, dtype=torch.int32))
-    shared = live & slot_ok & (rows_on_slot[on_slot] > 1)
+    shared = flt.rows_sharing_a_slot(slots, live & slot_ok, num_slots)
     if faults is not None:
         flt.record(faults, live & ~slot_ok, flt.SLOT, slots)
         flt.record(faults, live & slot_ok & ~acc_ok, flt.ACCEPTED, accepted)

@@ -38,6 +38,15 @@ def fault_keys(rows: torch.Tensor, field: int, values: torch.Tensor) -> torch.Te
     return (rows.long() << 36) | (field << 32) | (values.long() & 0xFFFFFFFF)
 
 
+def rows_sharing_a_slot(slots: torch.Tensor, ok: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """(batch,) bool: the rows in `ok` whose slot id (in [0, num_slots) where ok) another row in `ok`
+    names too. Device ops only (no host sync): rows outside `ok` count on a scratch entry."""
+    idx = torch.where(ok, slots.long(), num_slots)
+    rows_on_slot = torch.zeros(num_slots + 1, dtype=torch.int32, device=slots.device)
+    rows_on_slot.index_add_(0, idx, torch.ones_like(idx, dtype=torch.int32))
+    return ok & (rows_on_slot[idx] > 1)
+
+
 def record(faults: torch.Tensor, bad: torch.Tensor, field: int, values: torch.Tensor) -> None:
     """Fold the faults of the rows flagged in `bad` into the record with device ops only."""
     if bad.numel() == 0:

@@ -202,9 +202,7 @@ def _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
         pn, rs = pnat[slot], ring_start[slot]
         pnat_ok = (pn >= 0) & (pn <= max_pnat)
         rs_ok = (rs >= 0) & (rs < ring_len)
-        rows_on_slot = torch.zeros(pnat.shape[0], dtype=torch.int64, device=sbi.device)
-        rows_on_slot.index_add_(0, slot[slot_ok], torch.ones_like(slot[slot_ok]))
-        dup = slot_ok & (rows_on_slot[slot] > 1)
+        dup = flt.rows_sharing_a_slot(sbi, slot_ok, pnat.shape[0])
         for bad, field, value in ((live & ~slot_ok, flt.SLOT, sbi), (slot_ok & ~pnat_ok, flt.PNAT, pn),
                                   (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs),
                                   (dup & pnat_ok & rs_ok, flt.DUPLICATE_SLOT, sbi)):
