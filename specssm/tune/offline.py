@@ -17,13 +17,12 @@ import os
 import subprocess
 import sys
 
-from specssm.tune.space import SM_REGISTERS, SM_SHARED, SM_WARPS, Target, effective, next_pow2
+from specssm.tune.space import KIND, SM_REGISTERS, SM_SHARED, SM_WARPS, Target, effective, next_pow2
 
 BLOCK_SHARED = 227 * 1024       # one block's limit on sm_90
 RESERVED_SHARED = 1024          # the system's shared memory per resident block on sm_90
 PTR_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "float8_e4m3fn": "fp8e4nv",
              "int16": "i16"}
-KIND = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3, "float8_e4m3fn": 4, "int16": 5}
 TM, KH, VEC, CHUNK_N = 16, 16, 48, 32        # specssm/step/coef.py
 
 

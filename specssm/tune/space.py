@@ -34,8 +34,8 @@ SM_WARPS = 64
 MAX_TILE = 8192                 # state elements per tile (specssm/step/launch.py)
 TMA_BOX = 256
 STATE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "float8_e4m3fn": 1, "int16": 2}
-STATE_SCALED = {"float32": False, "bfloat16": False, "float16": False, "int8": True, "float8_e4m3fn": True,
-                "int16": True}
+# specssm/step/store.py's STATE_KIND by dtype name (no Triton import here); codes >= 3 keep row scales
+KIND = {"float32": 0, "bfloat16": 1, "float16": 2, "int8": 3, "float8_e4m3fn": 4, "int16": 5}
 DEFAULT_SMS = 132               # H200 / H100 SXM; the GPU run reads the card's
 
 
@@ -183,7 +183,7 @@ def effective(launch: str, knobs: dict, t: Target) -> dict:
         eff["TN_MIN"] = 8           # the token tile is 16 either way; 8 names it
     if eff.get("tma") and not _tma_ok(t):
         eff["tma"] = False
-    if eff.get("col_split", 1) > 1 and (STATE_SCALED[t.state] or next_pow2(t.N) < 32):
+    if eff.get("col_split", 1) > 1 and (KIND[t.state] >= 3 or next_pow2(t.N) < 32):
         eff["col_split"] = 1        # a scaled state's row needs its whole amax; halves of >= 16 columns
     if "ctas_per_sm" in eff:
         # programs per SM beyond what the tiles fill give the same grid as the smallest value that fills it

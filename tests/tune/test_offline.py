@@ -88,3 +88,9 @@ def test_mirrored_constants_match_the_coefficient_kernel():
     from specssm.step import coef
     assert (offline.TM, offline.KH, offline.VEC, offline.CHUNK_N) == (int(coef.TM), int(coef.KH), coef.VEC,
                                                                       coef.CHUNK_N)
+
+
+def test_mirrored_state_codes_match_the_store():
+    from specssm.step.store import STATE_KIND
+    from specssm.tune.space import KIND
+    assert KIND == {str(dtype).replace("torch.", ""): code for dtype, code in STATE_KIND.items()}
