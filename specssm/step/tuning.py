@@ -89,24 +89,16 @@ def _table(card: str) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(card, state, rounding, T, W, H, P, N, G, batch) -> str:
-    # cached per call shape (the launcher asks once per step); JSON so no caller can mutate the cache
-    partial, _ = tables.lookup(_table(card), state, rounding, T, W, H, P, N, G, batch)
-    return json.dumps(partial)
-
-
-@functools.lru_cache(maxsize=4096)
 def _config(card, state, rounding, T, W, H, P, N, G, batch, override_json) -> str:
     # the merged config per call shape and OVERRIDE, as JSON (no caller can mutate it): a step asks on
     # every call, and merging deep-copies DEFAULT twice
-    return json.dumps(merge(merge(DEFAULT, json.loads(_lookup(card, state, rounding, T, W, H, P, N, G, batch))),
-                            json.loads(override_json)))
+    partial, _ = tables.lookup(_table(card), state, rounding, T, W, H, P, N, G, batch)
+    return json.dumps(merge(merge(DEFAULT, partial), json.loads(override_json)))
 
 
 def reload() -> None:
     """Forget loaded tables and lookups (after a table file or SPECSSM_TUNING_DIR changed)."""
     _table.cache_clear()
-    _lookup.cache_clear()
     _config.cache_clear()
 
 
