@@ -44,6 +44,14 @@ def _first_cols(v, TO: tl.constexpr):
 
 
 @triton.jit
+def _store_hi_lo(cf, v):
+    """The fp32 coefficients v as the (hi, lo) pair the mains read: hi at cf, lo one part (TM x NK) on."""
+    hi, lo = split_hi_lo(v, cf.dtype.element_ty)
+    tl.store(cf, hi)
+    tl.store(cf + TM * NK, lo)
+
+
+@triton.jit
 def _cols_ok(offs_c, N, EVEN_N: tl.constexpr):
     """Columns of B / C inside N; EVEN_N (N a power of two): constant true, no predicate per element."""
     if EVEN_N:
@@ -112,12 +120,8 @@ def _apart_keys(dt_rows, B_rows, C_rows, Bc_rows, dtc_rows, cf, v, K, n_tok, rin
     coef_n = tl.where((kk[None, :] <= q[:, None])[None, :, :], coef_n, 0.0)
     if HAS_D:
         coef_n += tl.where((kk[None, :] == q[:, None])[None, :, :], Dh[:, None, None], 0.0)
-    hi, lo = split_hi_lo(coef_h, cf.dtype.element_ty)
-    tl.store(cf, hi)
-    tl.store(cf + TM * NK, lo)
-    hi, lo = split_hi_lo(coef_n, cf.dtype.element_ty)
-    tl.store(cf + KH, hi)
-    tl.store(cf + TM * NK + KH, lo)
+    _store_hi_lo(cf, coef_h)
+    _store_hi_lo(cf + KH, coef_n)
     tl.store(v[:, None] + q[None, :], exp2(cq))
     tl.store(v[:, None] + KH + kk[None, :], tl.where(hist[None, :], tl.exp(lam[:, None] - c_hist) * dt_hist, 0.0))
     tl.store(v + 2 * KH, tl.exp(lam))
@@ -167,9 +171,7 @@ def _window_keys(dt_rows, B_rows, C_rows, Bc_rows, dtc_rows, cf, v, K, n_tok, ri
                     0.0)                                                                       # (HB, TO, KH)
     if HAS_D:
         coef += tl.where((kk[None, :] == (K + q)[:, None])[None, :, :], Dh[:, None, None], 0.0)
-    hi, lo = split_hi_lo(coef, cf.dtype.element_ty)
-    tl.store(cf, hi)
-    tl.store(cf + TM * NK, lo)
+    _store_hi_lo(cf, coef)
     tl.store(v[:, None] + q[None, :], exp2(cq))
     tl.store(dtc_rows + ring_row[None, :], dt_w, mask=append[None, :])
 
