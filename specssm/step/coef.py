@@ -196,7 +196,7 @@ def coef_kernel(
     entry = tl.program_id(0)
     h0 = tl.program_id(1) * HB
     if LAUNCH_DEPS:
-        # the mains may start now: they load their state tiles while this grid finishes
+        # the mains may launch now (their programs start while this grid finishes, then wait for it)
         gdc_launch_dependents()
     # the counts, the row and its slot in one round of loads (every entry < batch holds valid ids)
     n_write = tl.load(counts_ptr)

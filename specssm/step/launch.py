@@ -3,7 +3,7 @@ the launches and their configs from the tuning table, launches with keyword argu
 
 launch="split" (default from the table's split_min_batch on): the coefficient kernel over (row, head
 block), then the write main over the plan's write rows and the no-write main over the others, chained
-by Programmatic Dependent Launch on sm_90 (each main loads its state tiles before it waits).
+by Programmatic Dependent Launch on sm_90 (each main launches early and waits before its loop).
 launch="dynamic": the fused single launch (specssm/step/fused.py), which also serves the replay form.
 """
 from __future__ import annotations

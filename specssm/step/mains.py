@@ -126,7 +126,7 @@ def main_kernel(
     EVEN_TILE: tl.constexpr = (P % BLOCK_P == 0) and (N == BLOCK_N)
     pid = tl.program_id(0)
     if LAUNCH_DEPS:
-        gdc_launch_dependents()     # the next main may start loading its tiles
+        gdc_launch_dependents()     # the next main may launch (it waits for this grid)
     if WRITE:
         n_rows = tl.load(counts_ptr)
     else:
@@ -136,6 +136,10 @@ def main_kernel(
     kk = tl.arange(0, KH)
     t = tl.arange(0, TM)
     to = tl.arange(0, TO)
+    if PDL:
+        # before the loop, not inside it: the software pipeline issues the first tiles' loads (C, the
+        # coefficients) in its prologue, ahead of any wait in the loop body
+        gdc_wait()      # the coefficient kernel's outputs (and conv1d's, before it)
     for tile in tl.range(pid, n_tiles, n_progs, num_stages=STAGES):
         h = tile % H
         rest = tile // H
@@ -181,8 +185,6 @@ def main_kernel(
             new = (s_new >= 0) & (s_new < n_tok)
             Xh = tl.load(tl.where(hist, xc_base + ring_row * s_xc_l, x_base + (tok0 + s_new) * s_x_t)[:, None]
                          + offs_p[None, :], mask=(hist | new)[:, None] & p_ok[None, :], other=0.0)
-        if PDL:
-            gdc_wait()      # the coefficient kernel's outputs (and conv1d's, before it)
         C_rows = C_ptr + row_off * s_C_b + (tok0 + t) * s_C_t + g * s_C_g
         if not SPLIT:
             C = tl.load(C_rows[:, None] + offs_n[None, :], mask=t_ok[:, None] & n_ok[None, :], other=0.0)
@@ -230,7 +232,3 @@ def main_kernel(
             y = y * silu(zt)
         tl.store(out_ptr + row_off * s_o_b + (tok0 + to)[:, None] * s_o_t + h * s_o_h + offs_p[None, :],
                  y.to(out_ptr.dtype.element_ty), mask=io_mask)
-    if PDL:
-        # every program waits once, even one without tiles: the next launch's wait on this grid then
-        # also covers the coefficient kernel this one depends on
-        gdc_wait()

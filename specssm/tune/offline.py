@@ -144,7 +144,7 @@ def report_reason(report: dict, launch: str, knobs: dict, max_spill: int = 0) ->
 
 def compile_jobs(jobs: list[dict], workers: int | None = None, timeout: float = 600) -> list[dict]:
     """Reports of the jobs, compiled in a child process over `workers` processes: {"ok", "shared",
-    "regs", "spill", "error"}."""
+    "regs", "spill", "error", "loads_before_wait"}."""
     if not jobs:
         return []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -187,6 +187,17 @@ def _usage(cubin: bytes) -> dict:
     return fields
 
 
+def loads_before_wait(ptx: str) -> int | None:
+    """Global loads (ld.global, cp.async, TMA) a kernel issues before its first griddepcontrol.wait
+    (None: it never waits). With PDL, anything the previous kernel writes must be read after the wait;
+    the software pipeline hoists a loop's first loads into its prologue, ahead of a wait in the body."""
+    head, sep, _ = ptx.partition("griddepcontrol.wait")
+    if not sep:
+        return None
+    copies = ("cp.async.ca", "cp.async.cg", "cp.async.bulk.tensor")
+    return sum(1 for line in head.splitlines() if "ld.global" in line or any(c in line for c in copies))
+
+
 def compile_one(job: dict) -> dict:
     """One job compiled for sm_90 (in a worker; needs a Triton that is not interpreting)."""
     import triton
@@ -214,9 +225,11 @@ def compile_one(job: dict) -> dict:
                            options=options)
         use = _usage(k.asm["cubin"])
         return {"ok": True, "shared": int(k.metadata.shared) + use.get("SHARED", 0), "regs": use.get("REG", 0),
-                "spill": use.get("LOCAL", 0) + use.get("STACK", 0), "error": ""}
+                "spill": use.get("LOCAL", 0) + use.get("STACK", 0), "error": "",
+                "loads_before_wait": loads_before_wait(k.asm["ptx"])}
     except Exception as e:  # noqa: BLE001 - a point that does not compile is pruned, not fatal
-        return {"ok": False, "shared": 0, "regs": 0, "spill": 0, "error": f"{type(e).__name__}: {e}"[:400]}
+        return {"ok": False, "shared": 0, "regs": 0, "spill": 0, "error": f"{type(e).__name__}: {e}"[:400],
+                "loads_before_wait": None}
 
 
 def main(argv=None) -> int:

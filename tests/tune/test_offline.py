@@ -94,3 +94,25 @@ def test_mirrored_state_codes_match_the_store():
     from specssm.step.store import STATE_KIND
     from specssm.tune.space import KIND
     assert KIND == {str(dtype).replace("torch.", ""): code for dtype, code in STATE_KIND.items()}
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16", "int8"])
+def test_mains_read_nothing_of_the_coefficient_kernel_before_waiting(state):
+    """Launched as PDL dependents of the coefficient kernel, the mains may issue no load before
+    griddepcontrol.wait except the plan's counts (written before the coefficient kernel started): a
+    wait inside the persistent loop let the software pipeline load the first tiles' coefficients and C
+    ahead of it (stale coefficients once launches follow each other without a host gap, as in a CUDA
+    graph)."""
+    jobs = [offline.job_for(tgt(state), launch, dict(MAIN, stages=2)) for launch in ("write", "no_write")]
+    for launch, rep in zip(("write", "no_write"), offline.compile_jobs(jobs, workers=2)):
+        assert rep["ok"], rep["error"]
+        assert rep["loads_before_wait"] is not None and rep["loads_before_wait"] <= 2, (launch, rep)
+
+
+def test_loads_before_wait_counts_global_loads_and_copies():
+    ptx = "\n".join(["ld.global.b32 {%r1}, [%rd1];", "cp.async.cg.shared.global [%r2], [%rd2], 0x10;",
+                     "cp.async.commit_group;", "cp.async.wait_group 0;",
+                     "cp.async.bulk.tensor.4d.shared::cluster.global [%r3], [%rd3];", "griddepcontrol.wait;",
+                     "ld.global.b32 {%r4}, [%rd4];"])
+    assert offline.loads_before_wait(ptx) == 3
+    assert offline.loads_before_wait("ld.global.b32 {%r1}, [%rd1];") is None
