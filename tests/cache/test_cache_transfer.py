@@ -11,7 +11,7 @@ import torch
 from specssm.cache import SSMCache
 from specssm.sim import random_params
 from tests.helpers.slots import assert_same_bits, bits, cache_bits, random_cache
-from tests.helpers.steps import cache_to
+from tests.helpers.steps import cache_to, inputs_to
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float8_e4m3fn]
 PER_SLOT = ("state", "state_scale", "x_cache", "B_cache", "dt_cache")
@@ -42,16 +42,17 @@ def test_fork_copies_every_per_slot_tensor_and_gives_fresh_seeds(state_dtype):
         assert seeds[s] == int(before.seeds[s])
 
 
-def _step_inputs(cache, batch, T, seed):
+def _step_inputs(cache, batch, T, seed, device):
     gen = torch.Generator().manual_seed(seed)
     H, P, N, G, act = cache.H, cache.P, cache.N, cache.G, cache.act_dtype
     A, D, dt_bias = random_params(H, P, N, G, gen, torch.float32)
     x = torch.randn(batch, T, H, P, generator=gen).to(act)
-    return dict(x=x, dt=torch.randn(batch, T, H, 1, generator=gen).expand(batch, T, H, P), A=A,
-                B=torch.randn(batch, T, G, N, generator=gen).to(act),
-                C=torch.randn(batch, T, G, N, generator=gen).to(act),
-                out=torch.full_like(x, float("nan")), D=D, z=torch.randn(batch, T, H, P, generator=gen).to(act),
-                dt_bias=dt_bias, dt_softplus=True)
+    return inputs_to(dict(x=x, dt=torch.randn(batch, T, H, 1, generator=gen).expand(batch, T, H, P), A=A,
+                          B=torch.randn(batch, T, G, N, generator=gen).to(act),
+                          C=torch.randn(batch, T, G, N, generator=gen).to(act),
+                          out=torch.full_like(x, float("nan")), D=D,
+                          z=torch.randn(batch, T, H, P, generator=gen).to(act), dt_bias=dt_bias, dt_softplus=True),
+                     device)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
@@ -68,7 +69,7 @@ def test_fork_then_step_equals_step_on_the_original(state_dtype, launch, device)
     dst = torch.tensor([5, 6, 7], dtype=torch.int32, device=device)
     forked = copy.deepcopy(cache)
     forked.fork(src, dst)
-    ins = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in _step_inputs(cache, 3, 4, 3).items()}
+    ins = _step_inputs(cache, 3, 4, 3, device)
     runs = []
     for c, sbi in ((cache, src), (forked, dst)):
         i = dict(ins, out=ins["out"].clone())

@@ -377,12 +377,17 @@ def cache_to(cache, device):
     return c
 
 
-def to_device(cache, inputs, device):
-    c = cache_to(cache, device)
+def inputs_to(inputs, device):
+    """Step inputs on `device`, the tied ones (dt over head_dim; A, D, dt_bias over all but the head)
+    tied again there: `.to` materializes a stride-0 view, which the op rejects."""
     ins = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     ins["dt"] = inputs["dt"][..., 0].to(device)[..., None].expand(inputs["dt"].shape)
     for k in ("A", "D", "dt_bias"):
         v = inputs[k]
         idx = (slice(None),) + (0,) * (v.dim() - 1)
         ins[k] = v[idx].to(device).reshape((-1,) + (1,) * (v.dim() - 1)).expand(v.shape)
-    return c, ins
+    return ins
+
+
+def to_device(cache, inputs, device):
+    return cache_to(cache, device), inputs_to(inputs, device)
