@@ -3,7 +3,8 @@
 #   bash scripts/gpu_session.sh tests      # the GPU suite (over 10 min on a fresh H200 in one process; with
 #                                          # .gpu_deps, 12 pytest-xdist workers: `pip download --no-deps -d w
 #                                          # pytest-xdist execnet` and unzip the wheels into .gpu_deps)
-#   bash scripts/gpu_session.sh tests ops  # its tests/ops half; `tests rest` the other half (one call each)
+#   bash scripts/gpu_session.sh tests ops  # its tests/ops half; `tests rest` the other half (one call each);
+#                                          # `tests FILE`: the test ids listed in FILE, one per line
 #   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min);
 #                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
 #   bash scripts/gpu_session.sh pdl        # conv1d -> step with and without PDL (~1 min)
@@ -26,13 +27,15 @@ case "${1:-tests}" in
       all) sel=(tests) ;;
       ops) sel=(tests/ops) ;;
       rest) sel=(tests --ignore=tests/ops) ;;
-      *) echo "tests: expected all, ops or rest, got ${2}" >&2; exit 2 ;;
+      *) [ -f "$2" ] || { echo "tests: expected all, ops, rest or a file of test ids, got ${2}" >&2; exit 2; }
+         mapfile -t sel < "$2" ;;
     esac
     # the machine's torch / triton against pyproject.toml's range (logged; the suite runs either way)
     python3 scripts/check_versions.py > "$OUT/gpu_tests.log" 2>&1
     # -v names each result as it comes (under xdist a SIGINT at TESTS_LIMIT seconds loses the summary)
+    [ ${#workers[@]} -gt 0 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}   # 15 workers x 16 threads oversubscribe
     timeout -s INT "${TESTS_LIMIT:-540}" python3 -m pytest -m gpu "${sel[@]}" ${workers[@]+"${workers[@]}"} -v \
-      -p no:cacheprovider --tb=short -rfE --durations=5 >> "$OUT/gpu_tests.log" 2>&1
+      -p no:cacheprovider --tb=short -rfE --durations=25 >> "$OUT/gpu_tests.log" 2>&1
     grep -E "^versions|^unsupported|FAILED|ERROR |passed|failed" "$OUT/gpu_tests.log" | sort -u | tail -40 ;;
   bench)
     # the committed benchmarks/results/<card>.md (~2.5 min on an H200 or H100); --batches 1,2,4,...,1024 for the
