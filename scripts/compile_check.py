@@ -186,7 +186,7 @@ def main():
     for state, rows in (("bf16", True), ("bf16", False), ("int8", True), ("int8", False), ("fp8", True)):
         compile_main(state, WRITE=True, SR=True, SR_ROWS=rows,
                      label=f"main {state} write sr{'' if rows else ' by element'}")
-    from specssm.ops.baselines import _all_states_kernel
+    from specssm.step.baselines import _all_states_kernel
     ptr2 = {n: "*fp32" for n in _all_states_kernel.arg_names if n.endswith("_ptr")}
     ptr2.update({"x_ptr": "*bf16", "B_ptr": "*bf16", "C_ptr": "*bf16", "out_ptr": "*bf16", "z_ptr": "*bf16",
                  "index_ptr": "*i32", "sbi_ptr": "*i32"})

@@ -3,7 +3,7 @@
 #   bash scripts/gpu_session.sh tests      # the GPU suite (over 10 min on a fresh H200 in one process; with
 #                                          # .gpu_deps, 12 pytest-xdist workers: `pip download --no-deps -d w
 #                                          # pytest-xdist execnet` and unzip the wheels into .gpu_deps)
-#   bash scripts/gpu_session.sh tests ops  # its tests/ops half; `tests rest` the other half (one call each);
+#   bash scripts/gpu_session.sh tests step # its tests/step half; `tests rest` the other half (one call each);
 #                                          # `tests FILE`: the test ids listed in FILE, one per line
 #   bash scripts/gpu_session.sh bench      # Super TP8 + TP1 default-variant benchmark, 5 state dtypes (~2.5 min);
 #                                          # + the seed (--peer trtllm=.peers) when .peers/trtllm_replay exists
@@ -25,9 +25,9 @@ case "${1:-tests}" in
   tests)
     case "${2:-all}" in
       all) sel=(tests) ;;
-      ops) sel=(tests/ops) ;;
-      rest) sel=(tests --ignore=tests/ops) ;;
-      *) [ -f "$2" ] || { echo "tests: expected all, ops, rest or a file of test ids, got ${2}" >&2; exit 2; }
+      step) sel=(tests/step) ;;
+      rest) sel=(tests --ignore=tests/step) ;;
+      *) [ -f "$2" ] || { echo "tests: expected all, step, rest or a file of test ids, got ${2}" >&2; exit 2; }
          mapfile -t sel < "$2" ;;
     esac
     # the machine's torch / triton against pyproject.toml's range (logged; the suite runs either way)
@@ -85,7 +85,7 @@ case "${1:-tests}" in
   materialize)
     # the fold of slot rings into fresh checkpoints (specssm/step/materialize.py): its -m gpu tests, then 1,024
     # source -> destination pairs at Super TP8, every state dtype, RN and SR (specssm/bench/materialize.py)
-    python3 -m pytest -q -m gpu tests/ops/test_materialize.py tests/cache/test_cache_transfer.py \
+    python3 -m pytest -q -m gpu tests/step/test_materialize.py tests/cache/test_cache_transfer.py \
       tests/bench/test_materialize_bench.py -p no:cacheprovider > "$OUT/materialize_tests.log" 2>&1
     grep -E "^FAILED|^ERROR|passed|failed" "$OUT/materialize_tests.log" | tail -10
     python3 -m specssm bench --materialize --dtypes fp32,bf16,fp16,int8,fp8 --rounding rn,sr --out "$OUT/materialize" \

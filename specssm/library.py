@@ -159,7 +159,7 @@ def _all_states_ssu(
         dt_softplus: bool = False, state_batch_indices: Optional[Tensor] = None, pad_slot_id: int = -1,
         validate: bool = True) -> None:
     """`specssm.all_states_ssu`: reads states[s, state_index[s]], writes all T states of the slot."""
-    from specssm.ops.baselines import _all_states
+    from specssm.step.baselines import _all_states
     _all_states(states, state_index, x, dt, A, B, C, out, D, z, dt_bias, dt_softplus, state_batch_indices,
                 pad_slot_id, validate)
 

@@ -50,8 +50,8 @@ import torch
 from specssm.bench.mix import DEFAULT_ACCEPTANCE, acceptance_probs
 from specssm.cache import SSMCache
 from specssm.reference import recurrence as rec
-from specssm.reference.step import always_write_ssu_ref, checkpointing_ssu_ref
 from specssm.reference.storage import decode_state
+from specssm.step.reference import always_write_ssu_ref, checkpointing_ssu_ref
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8,
           "fp8": torch.float8_e4m3fn}

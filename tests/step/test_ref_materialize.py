@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from specssm.reference import materialize_ref
-from specssm.reference.step import sr_bits
 from specssm.reference.storage import encode_state
+from specssm.step.reference import sr_bits
 from tests.helpers.slots import bits, random_cache
 
 
