@@ -158,6 +158,18 @@ def compile_materialize(state="fp32", sr=False, num_warps=4, label=None):
                        label=label or f"materialize {state}{' sr' if sr else ''}")
 
 
+def compile_pairs():
+    """materialize's pair launches: the checks and clash test over 1,024 pairs, then the metadata."""
+    from specssm.step.materialize import PAIR_BLOCK, PAIR_CHUNK, finish_kernel, pairs_kernel
+    ptr = {"src_ptr": "*i32", "dst_ptr": "*i32", "k_ptr": "*i32", "pnat_ptr": "*i32", "rs_ptr": "*i32",
+           "faults_ptr": "*i64", "out_ptr": "*i32"}
+    ints = dict(n=1024, num_slots=2048, pad_slot_id=-1, max_pnat=16, L=22, k_value=0)
+    compile_one(pairs_kernel, ptr, dict(K_MODE=0, BLOCK=PAIR_BLOCK, BLOCK_J=PAIR_CHUNK), ints=ints,
+                label="materialize pairs")
+    compile_one(finish_kernel, {"pairs_ptr": "*i32", "pnat_ptr": "*i32", "rs_ptr": "*i32", "seed_ptr": "*i64"},
+                dict(BLOCK=PAIR_BLOCK), ints=dict(n=1024), label="materialize finish")
+
+
 def main():
     compile_plan()
     compile_conv()
@@ -165,6 +177,7 @@ def main():
         compile_materialize(state)
     for state in ("bf16", "int8", "fp8"):
         compile_materialize(state, sr=True)
+    compile_pairs()
     from specssm.step.fused import fused_kernel
     ptr, base, ints = ssu_pointers(fused_kernel), SSU_BASE, ints_of(fused_kernel)
     for branch, use_order, rect in ((0, False, True), (2, True, False)):

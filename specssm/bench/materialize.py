@@ -4,11 +4,11 @@ of other slots) on a GPU, by default for 1,024 pairs, against its byte floor (be
 The sources' pnat are drawn from the stationary distribution of the commit chain (scenario "mixed"),
 their ring positions at random. Each graph step materializes one slot set; the sets rotate so that the
 states touched between two visits of a set exceed --cold-factor x L2 (state cold). Two figures per case,
-medians of the CUPTI spans: `call_us`, the whole call (the pairs' device-side checks and bookkeeping,
-a few small torch kernels, and one launch per layer), and `kernel_us`, the fold kernels alone. The
-floor is the bytes that must move (sources' states and ring rows read, destinations' states written,
-row scales) over the measured device-to-device copy bandwidth. The pure parts (bytes, case list) run
-on a CPU; nothing here has been run on a GPU yet.
+medians of the CUPTI spans: `call_us`, the whole call (the pairs launch, one fold launch per layer,
+the finish launch), and `kernel_us`, the fold kernels alone. The floor is the bytes that must move
+(sources' states and ring rows read, destinations' states written, row scales) over the measured
+device-to-device copy bandwidth. The pure parts (bytes, case list) run on a CPU; the results page of a
+GPU run: benchmarks/results/<card>.md ("Materialize").
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Moving slot states around: the checks and the per-slot bookkeeping of `materialize` (the fold is a
-kernel, specssm/step/materialize.py), and `SSMCache.fork`, `export_states`, `import_states`.
+"""Moving slot states around: the host-side checks of `materialize` (its pair resolution and folds are
+kernels, specssm/step/materialize.py), and `SSMCache.fork`, `export_states`, `import_states`.
 
 A *pair* i takes source slot `src_slots[i]` to destination slot `dst_slots[i]`; a pair whose destination
 is `pad_slot_id` is padding (its source is ignored). Destinations of live pairs are distinct and none is
@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from specssm._checks import FLOAT_ACT_DTYPES, check_tensor, tied_per_head
-from specssm.cache import faults as flt
 from specssm.reference.storage import is_quantized
 
 RING_STRATEGIES = ("checkpointing", "always_write")
@@ -123,53 +122,6 @@ def check_fold_values_host(cache, src_slots, k, pairs) -> None:
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"k: expected values in [0, pnat of the source slot] (ring tokens to fold), got {int(kv[i])} "
                          f"at pair {int(pairs[i])} (slot {int(src[i])} has pnat {int(pn[i])})")
-
-
-def fold_pairs(cache, src_slots, dst_slots, k):
-    """Device-side view of the pairs (no host sync, CUDA-graph safe): pairs that break the contract
-    (what the host checks reject) are dropped and recorded in `cache.faults`. Returns (src, dst, k,
-    ring_start), (n,) int32, with -1 in dst for the dropped and padding pairs, and (idx, new_rs) for
-    `finish_fold`."""
-    S, L, pad, dev = cache.num_slots, cache.L, cache.pad_slot_id, cache.device
-    n = src_slots.shape[0]
-    src, dst = src_slots.long(), dst_slots.long()
-    live = dst != pad
-    src_ok = (src >= 0) & (src < S)
-    dst_ok = (dst >= 0) & (dst < S)
-    # entry S of the per-slot arrays is the commit's scratch: any value, masked below
-    s_idx = torch.where(live & src_ok, src, S)
-    pn, rs = cache._pnat[s_idx].long(), cache._ring_start[s_idx].long()
-    kk = pn if k is None else (torch.full_like(pn, k) if isinstance(k, int) else k.long())
-    meta_ok = (pn >= 0) & (pn <= max(cache.W, cache.T)) & (rs >= 0) & (rs < L)
-    k_ok = (kk >= 0) & (kk <= pn)
-    # a destination that is another live pair's destination or source: ids made unique where not live
-    row = torch.arange(n, device=dev)
-    d = torch.where(live & dst_ok, dst, -1 - row)
-    s = torch.where(live & src_ok, src, -1 - n - row)
-    clash = ((d[:, None] == d[None, :]) | (d[:, None] == s[None, :])) & (row[:, None] != row[None, :])
-    alias = clash.any(dim=1)
-    ok = live & src_ok & dst_ok & meta_ok & k_ok & ~alias
-    f = cache.faults
-    flt.record(f, live & ~dst_ok, flt.DST, dst)
-    flt.record(f, live & dst_ok & ~src_ok, flt.SRC, src)
-    flt.record(f, live & dst_ok & src_ok & ~((pn >= 0) & (pn <= max(cache.W, cache.T))), flt.PNAT, pn)
-    flt.record(f, live & dst_ok & src_ok & ~((rs >= 0) & (rs < L)), flt.RING_START, rs)
-    flt.record(f, live & dst_ok & src_ok & meta_ok & ~k_ok, flt.K, kk)
-    flt.record(f, live & dst_ok & src_ok & meta_ok & k_ok & alias, flt.DST, dst)
-    i32 = torch.int32
-    new_rs = torch.remainder(rs + kk, L).to(i32)
-    return (torch.where(ok, src, -1).to(i32), torch.where(ok, dst, -1).to(i32), torch.where(ok, kk, 0).to(i32),
-            torch.where(ok, rs, 0).to(i32)), (torch.where(ok, dst, S), new_rs)
-
-
-def finish_fold(cache, idx, new_rs) -> None:
-    """After the fold of every layer: each destination is a fresh checkpoint (pnat 0, ring_start past the
-    folded tokens) and its seed advances, so its next rounding draws new bits. Dropped pairs land on the
-    scratch entry."""
-    cache._ring_start[idx] = new_rs
-    # index_fill_, not `[idx] = 0`: the Python scalar would be a host tensor, copied inside a capture
-    cache._pnat.index_fill_(0, idx, 0)
-    cache._seeds[idx] = cache._seeds[idx] + 1
 
 
 # ---- fork, export, import (host-driven: between steps, not in CUDA graphs) ------------------------------

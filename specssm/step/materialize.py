@@ -9,10 +9,11 @@ and stores with its storage functions (specssm/step/store.py):
 
     c_k = Σ_{j<=k} A·dt_j,  Λ = c_{K-1},  w_k = exp(Λ - c_k)·dt_k,  h = exp(Λ)·S + (X_hist·w)ᵀ @ B_hist
 
-The pairs' slot ids, k and ring_start are resolved before the launches (specssm/cache/transfer.py) and
-the destinations' pnat / ring_start / seeds set after the last one, so every layer reads the sources'
-ring position as it was, whatever the pairs' order, and src == dst is safe: a program reads its tile
-before it writes it, and no other program touches that tile.
+Around the folds, two small launches: `pairs_kernel` resolves the pairs before them (slot ids, k and
+ring_start checked against the contract, faults recorded, each pair's source ring position read once)
+and `finish_kernel` sets the destinations' pnat / ring_start / seeds after the last one. So every layer
+reads the sources' ring position as it was, whatever the pairs' order, and src == dst is safe: a
+program reads its tile before it writes it, and no other program touches that tile.
 """
 from __future__ import annotations
 
@@ -22,12 +23,17 @@ import triton.language as tl
 
 from specssm._checks import MAX_WINDOW, check_triton_device
 from specssm._runtime import interpreting
-from specssm.cache import transfer
+from specssm.cache import faults, transfer
 from specssm.step.device import tile_masks, wrap
 from specssm.step.fold import fold_history
 from specssm.step.store import STATE_KIND, store_state_tile
 
 MAX_TILE = 8192      # state elements per program (64 x 128), as the step's tiles
+PAIR_BLOCK = 128     # pairs per program of the pair launches
+PAIR_CHUNK = 32      # pairs compared at a time with a program's pairs (the clash test)
+NO_FAULT = tl.constexpr(faults.NO_FAULT)
+# rows of the pairs_kernel's output: what the fold reads (src, dst, k, ring_start), then the finish
+SRC, DST, K, RS, NEW_RS = (tl.constexpr(i) for i in range(5))
 
 
 @triton.jit
@@ -87,9 +93,88 @@ def materialize_kernel(
                          offs_p, p_ok, seed_ptr, dst, dst_pool, KIND, SR, SR_ROWS, PHILOX_ROUNDS)
 
 
+@triton.jit
+def _pair_ids(src_ptr, dst_ptr, rows, in_n, n, num_slots, pad_slot_id):
+    """Slot ids of pairs `rows` and their state: live (a destination that is not padding), and ids made
+    unique where not live or out of range (dst -1 - row, src -1 - n - row) for the clash test."""
+    src = tl.load(src_ptr + rows, mask=in_n, other=0).to(tl.int64)
+    dst = tl.load(dst_ptr + rows, mask=in_n, other=pad_slot_id).to(tl.int64)
+    live = in_n & (dst != pad_slot_id)
+    src_ok = (src >= 0) & (src < num_slots)
+    dst_ok = (dst >= 0) & (dst < num_slots)
+    # int32 ids (slots and -1 - n - row fit): the clash test compares BLOCK x BLOCK_J of them
+    d = tl.where(live & dst_ok, dst, -1 - rows).to(tl.int32)
+    s = tl.where(live & src_ok, src, -1 - n - rows).to(tl.int32)
+    return src, dst, live, src_ok, dst_ok, d, s
+
+
+@triton.jit
+def pairs_kernel(src_ptr, dst_ptr, k_ptr, pnat_ptr, rs_ptr, faults_ptr, out_ptr, n, num_slots, pad_slot_id,
+                 max_pnat, L, k_value, K_MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Program over BLOCK pairs. A live pair breaking the contract (a slot id outside the pool, the
+    source's pnat or ring_start outside [0, max_pnat] / [0, L), k outside [0, pnat], or a destination
+    that is another pair's destination or source) is dropped (dst -1) and recorded: the fault key of its
+    first failed check, the smallest over the block folded into the record by one atomic min. K_MODE:
+    0 k = the source's pnat, 1 k = k_value, 2 k from k_ptr. Writes out (5, n) int32: src, dst, k,
+    ring_start (what the folds read; dst -1 for dropped and padding pairs) and the destinations' next
+    ring_start."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_n = rows < n
+    src, dst, live, src_ok, dst_ok, d, s = _pair_ids(src_ptr, dst_ptr, rows, in_n, n, num_slots, pad_slot_id)
+    # entry num_slots of the per-slot arrays is the commit's scratch: any value, masked below
+    s_idx = tl.where(live & src_ok, src, num_slots)
+    pn = tl.load(pnat_ptr + s_idx).to(tl.int64)
+    rs = tl.load(rs_ptr + s_idx).to(tl.int64)
+    if K_MODE == 0:
+        kk = pn
+    elif K_MODE == 1:
+        kk = tl.zeros_like(pn) + k_value
+    else:
+        kk = tl.load(k_ptr + rows, mask=in_n, other=0).to(tl.int64)
+    pnat_ok = (pn >= 0) & (pn <= max_pnat)
+    rs_ok = (rs >= 0) & (rs < L)
+    k_ok = (kk >= 0) & (kk <= pn)
+    # a destination equal to another pair's destination or source (ids unique where not live)
+    clash = tl.zeros((BLOCK,), tl.int32)
+    for j0 in range(0, n, BLOCK_J):
+        cols = j0 + tl.arange(0, BLOCK_J)
+        _, _, _, _, _, dj, sj = _pair_ids(src_ptr, dst_ptr, cols, cols < n, n, num_slots, pad_slot_id)
+        hit = ((d[:, None] == dj[None, :]) | (d[:, None] == sj[None, :])) & (rows[:, None] != cols[None, :])
+        hit = hit & (cols < n)[None, :]
+        clash = clash | tl.max(hit.to(tl.int32), axis=1)
+    alias = clash != 0
+    # the first check a live pair fails, in the order the host checks run
+    field = tl.where(~dst_ok, 6, tl.where(~src_ok, 5, tl.where(~pnat_ok, 2, tl.where(~rs_ok, 3, tl.where(~k_ok, 7,
+                                                                                                      6)))))
+    value = tl.where(~dst_ok, dst, tl.where(~src_ok, src, tl.where(~pnat_ok, pn, tl.where(~rs_ok, rs, tl.where(
+        ~k_ok, kk, dst)))))
+    ok = live & dst_ok & src_ok & pnat_ok & rs_ok & k_ok & ~alias
+    bad = live & ~ok
+    key = tl.where(bad, (rows.to(tl.int64) << 36) | (field.to(tl.int64) << 32) | (value & 0xFFFFFFFF), NO_FAULT)
+    tl.atomic_min(faults_ptr, tl.min(key, axis=0))
+    tl.store(out_ptr + SRC * n + rows, tl.where(ok, src, -1).to(tl.int32), mask=in_n)
+    tl.store(out_ptr + DST * n + rows, tl.where(ok, dst, -1).to(tl.int32), mask=in_n)
+    tl.store(out_ptr + K * n + rows, tl.where(ok, kk, 0).to(tl.int32), mask=in_n)
+    tl.store(out_ptr + RS * n + rows, tl.where(ok, rs, 0).to(tl.int32), mask=in_n)
+    tl.store(out_ptr + NEW_RS * n + rows, tl.where(ok, (rs + kk) % L, 0).to(tl.int32), mask=in_n)
+
+
+@triton.jit
+def finish_kernel(pairs_ptr, pnat_ptr, rs_ptr, seed_ptr, n, BLOCK: tl.constexpr):
+    """After the folds: each kept destination is a fresh checkpoint (pnat 0, ring_start past the folded
+    tokens) and its seed advances, so its next rounding draws new bits. Kept destinations are distinct."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_n = rows < n
+    dst = tl.load(pairs_ptr + DST * n + rows, mask=in_n, other=-1).to(tl.int64)
+    keep = in_n & (dst >= 0)
+    tl.store(rs_ptr + dst, tl.load(pairs_ptr + NEW_RS * n + rows, mask=keep, other=0), mask=keep)
+    tl.store(pnat_ptr + dst, tl.zeros((BLOCK,), tl.int32), mask=keep)
+    tl.store(seed_ptr + dst, tl.load(seed_ptr + dst, mask=keep, other=0) + 1, mask=keep)
+
+
 def _launch_layer(lc, A_h, pairs, seeds, L, sizes, rounding, philox_rounds):
-    """One layer's launch over the pairs (src, dst, k, ring_start as (n,) int32 device tensors)."""
-    src, dst, k, rs = pairs
+    """One layer's launch over the pairs (pairs_kernel's output: rows src, dst, k, ring_start)."""
+    src, dst, k, rs = pairs[:4]
     H, P, N, G = sizes
     state, scale = lc.state, lc.state_scale
     block_n = max(16, triton.next_power_of_2(N))
@@ -114,7 +199,8 @@ def _launch_layer(lc, A_h, pairs, seeds, L, sizes, rounding, philox_rounds):
 
 def _materialize(cache, src_slots, dst_slots, A, k=None, rounding="rn", validate=True, philox_rounds=10):
     """The launcher: checks every argument before anything is written, resolves the pairs on the
-    device, launches once per layer, then sets the destinations' ring position and seeds."""
+    device (pairs_kernel), folds once per layer, then sets the destinations' ring position and seeds
+    (finish_kernel)."""
     n, A_layers, k = transfer.check_materialize_args(cache, src_slots, dst_slots, A, k, rounding)
     if cache.dt_dtype != torch.float32:
         raise TypeError(f"cache: expected float32 dt_cache for the Triton kernel, got {cache.dt_dtype} "
@@ -127,11 +213,19 @@ def _materialize(cache, src_slots, dst_slots, A, k=None, rounding="rn", validate
         transfer.check_fold_values_host(cache, src_slots, k, pairs)
     if n == 0:
         return
-    pairs, (idx, new_rs) = transfer.fold_pairs(cache, src_slots, dst_slots, k)
+    pairs = torch.empty(5, n, dtype=torch.int32, device=cache.device)
+    grid = (triton.cdiv(n, PAIR_BLOCK),)
+    k_mode = 0 if k is None else (1 if isinstance(k, int) else 2)
+    pairs_kernel[grid](
+        src_ptr=src_slots, dst_ptr=dst_slots, k_ptr=k if k_mode == 2 else src_slots, pnat_ptr=cache._pnat,
+        rs_ptr=cache._ring_start, faults_ptr=cache.faults, out_ptr=pairs, n=n, num_slots=cache.num_slots,
+        pad_slot_id=cache.pad_slot_id, max_pnat=max(cache.W, cache.T), L=cache.L,
+        k_value=k if k_mode == 1 else 0, K_MODE=k_mode, BLOCK=PAIR_BLOCK, BLOCK_J=PAIR_CHUNK, num_warps=4)
     sizes = (cache.H, cache.P, cache.N, cache.G)
     for lc, A_h in zip(cache.layers, A_layers):
         _launch_layer(lc, A_h, pairs, cache.seeds, cache.L, sizes, rounding, philox_rounds)
-    transfer.finish_fold(cache, idx, new_rs)
+    finish_kernel[grid](pairs_ptr=pairs, pnat_ptr=cache._pnat, rs_ptr=cache._ring_start, seed_ptr=cache._seeds,
+                        n=n, BLOCK=PAIR_BLOCK, num_warps=4)
 
 
 def materialize(cache, src_slots, dst_slots, A, k=None, rounding="rn", validate=True, philox_rounds=10):
@@ -160,8 +254,9 @@ def materialize(cache, src_slots, dst_slots, A, k=None, rounding="rn", validate=
     After the call, for every live pair: the destination's checkpoint is the fold, pnat[dst] = 0,
     ring_start[dst] = (ring_start[src] + k) % L (the next step appends after the folded tokens), and
     seeds[dst] advances by one (its next rounding draws new bits). Other slots are left bit-identical.
-    One launch per layer, fixed grid (pairs x heads x state-row tiles), no host sync with
-    validate=False: CUDA-graph safe. Runs on CUDA, or on the CPU under TRITON_INTERPRET=1. The float64
+    One fold launch per layer, fixed grid (pairs x heads x state-row tiles), between one launch that
+    resolves the pairs and one that sets the destinations' metadata; no host sync with validate=False:
+    CUDA-graph safe. Runs on CUDA, or on the CPU under TRITON_INTERPRET=1. The float64
     reference with the same signature is `specssm.reference.materialize_ref`.
     """
     _materialize(cache, src_slots, dst_slots, A, k, rounding, validate, philox_rounds)

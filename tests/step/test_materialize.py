@@ -278,6 +278,58 @@ def test_no_validate_drops_and_records_bad_pairs():
     cache.raise_if_faulted()                              # cleared
 
 
+# one bad pair (index 1) beside a good one (index 0: slot 0 -> 4): (src, dst, k, setup, error)
+BAD_PAIRS = {
+    "dst out of the pool": ([0, 1], [4, 8], None, None, r"^dst_slots: row 1 .* had 8"),
+    "src out of the pool": ([0, -3], [4, 5], None, None, r"^src_slots: row 1 .* had -3"),
+    "src pnat": ([0, 1], [4, 5], None, ("pnat", 1, 40), r"^prev_num_accepted_tokens: row 1 .* had 40"),
+    "src ring_start": ([0, 1], [4, 5], None, ("ring_start", 1, 99), r"^ring_start: row 1 .* had 99"),
+    "k above pnat": ([0, 1], [4, 5], [16, 10], None, r"^k: row 1 .* had 10"),
+    "dst is a source": ([0, 2], [4, 0], None, None, r"^dst_slots: row 1 .* had 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAIRS))
+def test_no_validate_records_each_field(case):
+    """validate=False: each check of the pairs launch drops its pair and records the field and value;
+    the good pair beside it is materialized, every other slot keeps its bits."""
+    src, dst, k, setup, error = BAD_PAIRS[case]
+    cache, A = random_cache(slots=8, pnat=[16, 9, 5, 3, 0, 0, 0, 0], seed=23)
+    if setup is not None:
+        getattr(cache, setup[0])[setup[1]] = setup[2]
+    good = copy.deepcopy(cache)
+    materialize(good, torch.tensor([0]), torch.tensor([4]), A, k=None if k is None else k[0])
+    before = copy.deepcopy(cache)
+    materialize(cache, torch.tensor(src), torch.tensor(dst), A, k=None if k is None else torch.tensor(k),
+                validate=False)
+    assert torch.equal(bits(cache.layers[0].state[4]), bits(good.layers[0].state[4]))
+    assert int(cache.pnat[4]) == 0 and int(cache.ring_start[4]) == int(good.ring_start[4])
+    check_untouched(cache, before, [0, 1, 2, 3, 5, 6, 7])
+    with pytest.raises(ValueError, match=error):
+        cache.raise_if_faulted()
+
+
+def test_no_validate_finds_clashes_across_program_blocks():
+    """More pairs than one program of the pairs launch takes: two live pairs 200 apart on one destination
+    are both dropped (the first by index is named); a later good pair and the padding around them are as
+    with validate=True."""
+    from specssm.step.materialize import PAIR_BLOCK
+    n = 2 * PAIR_BLOCK + 5
+    cache, A = random_cache(slots=8, pnat=[16, 9, 5, 3, 0, 0, 0, 0], seed=24)
+    src = torch.zeros(n, dtype=torch.int32)
+    dst = torch.full((n,), cache.pad_slot_id, dtype=torch.int32)
+    src[3], dst[3] = 0, 4
+    src[203], dst[203] = 1, 4
+    src[n - 1], dst[n - 1] = 2, 5
+    good = copy.deepcopy(cache)
+    materialize(good, torch.tensor([2]), torch.tensor([5]), A)
+    before = copy.deepcopy(cache)
+    materialize(cache, src, dst, A, validate=False)
+    assert torch.equal(bits(cache.layers[0].state[5]), bits(good.layers[0].state[5]))
+    check_untouched(cache, before, [0, 1, 2, 3, 4, 6, 7])
+    with pytest.raises(ValueError, match=r"^dst_slots: row 3 .* had 4"):
+        cache.raise_if_faulted()
+
 def test_rejects_other_strategies_and_float64_caches():
     from specssm.cache import SSMCache
     A = [-torch.ones(2)]
