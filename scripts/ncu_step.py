@@ -29,11 +29,11 @@ def main():
     ap.add_argument("--variant", default="{}", help="a tuning override, as scripts/step_sweep.py takes")
     a = ap.parse_args()
     case = Case(a.state, a.batch, "super_tp8")
-    tuning.OVERRIDE.update(json.loads(a.variant))
-    for _ in range(2):
-        for step in case.ours("split")[:2]:
-            step()
-    torch.cuda.synchronize()
+    with tuning.overridden(json.loads(a.variant)):
+        for _ in range(2):
+            for step in case.ours("split")[:2]:
+                step()
+        torch.cuda.synchronize()
     if a.peer:
         fn = load_peer(a.peer)
         for _ in range(2):

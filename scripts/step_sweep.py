@@ -124,6 +124,11 @@ def check(state, variant):
                     launch=launch)
 
 
+def _config_part(variant: dict) -> dict:
+    """A variant without its "launch" key: the config override it times."""
+    return {k: x for k, x in variant.items() if k != "launch"}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default=None)
@@ -142,10 +147,9 @@ def main():
     for state in a.states.split(","):
         if a.check:
             for v in variants[:1]:
-                tuning.OVERRIDE.clear()
-                tuning.OVERRIDE.update({k: x for k, x in v.items() if k != "launch"})
                 try:
-                    check(state, v)
+                    with tuning.overridden(_config_part(v)):
+                        check(state, v)
                     print(f"check {state} {json.dumps(v)}: ok", flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"check {state} {json.dumps(v)}: FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
@@ -161,17 +165,15 @@ def main():
                     line["seed"] = float("nan")
                     print(f"seed {state} b{batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             for i, v in enumerate(variants):
-                tuning.OVERRIDE.clear()
-                tuning.OVERRIDE.update({k: x for k, x in v.items() if k != "launch"})
                 try:
-                    line[f"v{i}"], kern = time_steps(case.ours(v.get("launch", "split")))
+                    with tuning.overridden(_config_part(v)):
+                        line[f"v{i}"], kern = time_steps(case.ours(v.get("launch", "split")))
                     line[f"k{i}"] = kern
                     print(f"   v{i} {state} b{batch}: {line[f'v{i}']:.2f} us  " + " ".join(
                         f"{k} {t:.1f}" for k, t in kern.items()), flush=True)
                 except Exception as e:  # noqa: BLE001
                     line[f"v{i}"] = float("nan")
                     print(f"v{i} {state} b{batch}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            tuning.OVERRIDE.clear()
             rows.append(line)
             cells = " ".join(f"{k} {line[k]:8.2f}" for k in line if k == "seed" or (k[0] == "v" and k[1:].isdigit()))
             print(f"{state:5s} b{batch:5d} w{case.writes:6.1f} {cells}", flush=True)

@@ -41,3 +41,19 @@ def _one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tuned():
+    """tuned(over): the steps of this test launch with `over` merged on their config
+    (`tuning.overridden`) until it ends; a later call replaces an earlier one."""
+    import contextlib
+
+    from specssm.step import tuning
+    stack = contextlib.ExitStack()
+
+    def set_override(over: dict) -> None:
+        stack.close()
+        stack.enter_context(tuning.overridden(over))
+    yield set_override
+    stack.close()

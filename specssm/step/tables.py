@@ -29,7 +29,8 @@ Lookup (`lookup`), for one call (state dtype, rounding, T, W, H, P, N, G, batch)
    the nearest batch in log2 (ties to the smaller bucket); batch None takes the largest.
 3. nothing found (no table for the card, no entry of the state dtype): `tuning.DEFAULT`.
 
-`tuning.config_for` merges the result over DEFAULT, then `tuning.OVERRIDE`, then its `override=`.
+`tuning.config_for` merges the result over DEFAULT, then the `tuning.overridden` blocks around the
+call, then its `override=`.
 """
 from __future__ import annotations
 

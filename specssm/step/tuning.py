@@ -90,7 +90,7 @@ def _table(card: str) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _config(card, state, rounding, T, W, H, P, N, G, batch, override_json) -> str:
-    # the merged config per call shape and OVERRIDE, as JSON (no caller can mutate it): a step asks on
+    # the merged config per call shape and override, as JSON (no caller can mutate it): a step asks on
     # every call, and merging deep-copies DEFAULT twice
     partial, _ = tables.lookup(_table(card), state, rounding, T, W, H, P, N, G, batch)
     return json.dumps(merge(merge(DEFAULT, partial), json.loads(override_json)))
@@ -115,28 +115,35 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-# set by the sweeps, the tuner and tests to try a config without editing tables (same shape as a config)
-OVERRIDE: dict = {}
+# a config tried without editing tables (same shape as a config): set only inside `overridden`
+_override: dict = {}
 
 
 @contextlib.contextmanager
 def overridden(over: dict):
-    """`over` merged on top of OVERRIDE inside the block (the tuner times a candidate this way)."""
-    global OVERRIDE
-    saved = OVERRIDE
-    OVERRIDE = merge(saved, over)
+    """Every step launched inside the block takes `over` merged on top of its config (and of an
+    enclosing block's): how the sweeps, the tuner and tests try a config."""
+    global _override
+    saved = _override
+    _override = merge(saved, over)
     try:
         yield
     finally:
-        OVERRIDE = saved
+        _override = saved
+
+
+def active_override() -> dict:
+    """A copy of what `overridden` blocks merge on top of the configs now ({} outside them)."""
+    return copy.deepcopy(_override)
 
 
 def config_for(device, P: int, N: int, state_dtype, batch=None, T=None, W=None, rounding=None, H=None,
                G=None, override=None) -> dict:
     """The launch config of a step: DEFAULT, then the card's table (lookup and fallbacks:
-    specssm/step/tables.py), then OVERRIDE, then `override` (this call only)."""
+    specssm/step/tables.py), then the `overridden` blocks around the call, then `override` (this call
+    only)."""
     cfg = json.loads(_config(card_name(device), dtype_name(state_dtype), rounding, T, W, H, P, N, G, batch,
-                             json.dumps(OVERRIDE, sort_keys=True)))
+                             json.dumps(_override, sort_keys=True)))
     return merge(cfg, override) if override else cfg
 
 

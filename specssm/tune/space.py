@@ -2,7 +2,7 @@
 timed together, and the rules that drop a point before anything is compiled.
 
 A *point* of a family sets every knob of its launches: {"coef": {"HB": 8, ...}, "write": {...},
-"no_write": {...}} (the split family). `config_of` turns it into a config override (tuning.OVERRIDE's
+"no_write": {...}} (the split family). `config_of` turns it into a config override (tuning.overridden's
 shape). A *target* is what one search times on: state dtype, rounding, T, W, shape and batch.
 
 Analytic rules (`launch_reason`), each a necessary condition, so no valid point is lost:
@@ -138,7 +138,7 @@ def default_knobs(launch: str) -> dict:
 
 
 def config_of(point: dict) -> dict:
-    """A point as a config override (tuning.OVERRIDE's shape)."""
+    """A point as a config override (tuning.overridden's shape)."""
     cfg = {}
     for launch, knobs in point.items():
         if launch.startswith("fused."):

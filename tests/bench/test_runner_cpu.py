@@ -163,14 +163,14 @@ def test_conv_with_pdl_gives_the_same_outputs(fake_ops):
 
 
 def test_a_sweep_override_holds_during_its_op_call_only(monkeypatch):
-    """--sweep: the variant's tuning override is merged into tuning.OVERRIDE around each call of the op
+    """--sweep: the variant's tuning override is merged on the configs (tuning.overridden) around each call of the op
     (inside a CUDA-graph capture that is when the launch config is chosen), and gone after it."""
     from specssm import ops
     from specssm.step import tuning
     seen = []
 
     def op(**kw):
-        seen.append(tuning.merge({}, tuning.OVERRIDE))
+        seen.append(tuning.active_override())
     monkeypatch.setattr(ops, "checkpointing_ssu", op)
     over = '{"coef": {"HB": 4}}'
     bench = fake_bench()
@@ -179,7 +179,7 @@ def test_a_sweep_override_holds_during_its_op_call_only(monkeypatch):
         env = Env(bench, case)
         env.set_scenario("mixed")
         env.step_fn(case)(0, False)
-        assert tuning.OVERRIDE == {}
+        assert tuning.active_override() == {}
     assert seen == [{"coef": {"HB": 4}}, {}]
 
 

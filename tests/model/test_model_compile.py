@@ -13,7 +13,6 @@ from torch._dynamo.utils import counters
 from specssm.cache import StepPlan
 from specssm.model import SIZES, TinyMamba2LM
 from specssm.ops import checkpointing_ssu
-from specssm.step import tuning
 from tests.helpers.steps import make_step, to_device
 
 TINY = SIZES["tiny"]
@@ -37,16 +36,16 @@ def fresh_dynamo():
 
 
 @pytest.fixture
-def split_launches(monkeypatch):
+def split_launches(tuned):
     """The split family (plan, coefficient kernel, write / no-write mains) from batch 1 on."""
-    monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": 1})
+    tuned({"split_min_batch": 1})
 
 
 @pytest.fixture
-def launches(request, monkeypatch):
+def launches(request, tuned):
     """launch="split" (the plan and the split family at any batch) or "dynamic" (the fused launch at any
     batch, no plan), whatever the card's tuning table says."""
-    monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": 1 if request.param == "split" else 1 << 30})
+    tuned({"split_min_batch": 1 if request.param == "split" else 1 << 30})
     return request.param
 
 

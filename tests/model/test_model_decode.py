@@ -109,14 +109,13 @@ def _verify_step_with_a_padding_row(ssu, plan_builds: list):
 
 
 @pytest.mark.interpreter
-def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
+def test_one_plan_per_step_shared_by_the_layers(monkeypatch, tuned):
     """The Triton op takes a plan: the model builds one per verify step for all layers (split launches
     forced at this small batch), with the same logits and caches as letting each layer's op build its
     own."""
     from specssm.cache import StepPlan
     from specssm.ops import checkpointing_ssu
-    from specssm.step import tuning
-    monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": 1})
+    tuned({"split_min_batch": 1})
     builds = []
     real_build = StepPlan.build
     monkeypatch.setattr(StepPlan, "build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
@@ -132,17 +131,16 @@ def test_one_plan_per_step_shared_by_the_layers(monkeypatch):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("split_min_batch, builds_per_step", [(128, 0), (3, 1), (4, 0)])
-def test_plan_built_only_for_split_launches(split_min_batch, builds_per_step, monkeypatch):
+def test_plan_built_only_for_split_launches(split_min_batch, builds_per_step, monkeypatch, tuned):
     """Below the split batch the Triton op runs one dynamic launch and reads no plan: the model builds
     none (a launch per step saved), and the step's logits are those of the split launches."""
     from specssm.cache import StepPlan
-    from specssm.step import tuning
     builds = []
     real_build = StepPlan.build
     monkeypatch.setattr(StepPlan, "build", lambda self, *a, **k: builds.append(1) or real_build(self, *a, **k))
     logits = []
     for smb in (split_min_batch, 1):
-        monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": smb})
+        tuned({"split_min_batch": smb})
         logits.append(_verify_step_with_a_padding_row("op", builds)[0])
         if smb == split_min_batch:
             assert len(builds) == builds_per_step
@@ -228,11 +226,10 @@ def test_demo_says_when_it_falls_back_to_the_reference(capsys):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("split_min_batch", [1, 128])
-def test_model_step_records_a_bad_pnat_without_validation(split_min_batch, monkeypatch):
+def test_model_step_records_a_bad_pnat_without_validation(split_min_batch, tuned):
     """validate=False: a row whose slot holds a pnat outside the contract does no SSM work in any layer,
     the other rows' logits are those of a step without it, and the cache's fault record names it."""
-    from specssm.step import tuning
-    monkeypatch.setattr(tuning, "OVERRIDE", {"split_min_batch": split_min_batch})
+    tuned({"split_min_batch": split_min_batch})
     runs = []
     for bad in (False, True):
         model = TinyMamba2LM(TINY, seed=4, dtype=torch.float32, ssu="op", conv="triton", precision="exact",

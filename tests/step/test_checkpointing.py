@@ -82,14 +82,13 @@ def test_corrupt_ring_metadata_stays_inside_its_slot(launch, rs, pnat):
 @pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "rectangle"), ("split", "replay")])
 @pytest.mark.parametrize("P", [16, 80])
 @pytest.mark.parametrize("where", ["all", "write"])
-def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where, monkeypatch):
+def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where, monkeypatch, tuned):
     """tuning "tma" (every launch, or the write launch only): the state tile read through a TMA
     descriptor of the pool (zero-filled past P) gives the same bits, outputs and caches, as the
     pointer loads in the interpreter (on a GPU the products' order of accumulation differs:
     test_gpu_tma_write_reads); and the descriptor is really used."""
     import copy
 
-    from specssm.step import tuning
     made = _count_descriptors(monkeypatch)
     cache, ins = make_step(batch=4, H=2, P=P, N=32, G=1, T=4, pnat=[14, 3, 13, 9], act=torch.float32,
                            state_dtype=state_dtype, seed=P)
@@ -98,7 +97,7 @@ def test_tma_state_reads_equal_pointer_reads(state_dtype, launch, form, P, where
         over = {"write": {"tma": tma}, "fused": {"write": {"tma": tma}}}
         if where == "all":
             over.update(no_write={"tma": tma}, fused={"tma": tma})
-        monkeypatch.setattr(tuning, "OVERRIDE", over)
+        tuned(over)
         c, i = copy.deepcopy(cache), dict(ins, out=ins["out"].clone())
         checkpointing_ssu(**i, **c.op_kwargs(0), launch=launch, no_write_form=form, precision="exact")
         lc = c.layers[0]
@@ -207,13 +206,12 @@ def test_gpu_deterministic_5_launches(launch):
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8,
                                          torch.float8_e4m3fn])
 @pytest.mark.parametrize("op", ["split", "always_write"])
-def test_gpu_tma_write_reads(state_dtype, op, monkeypatch):
+def test_gpu_tma_write_reads(state_dtype, op, monkeypatch, tuned):
     """The write launch with TMA state reads ("write": {"tma": true} in a tuning table) at real shapes,
     against the reference. Not the same bits as the pointer loads on a GPU: the tile staged by TMA
     feeds the tensor cores in another order of accumulation (the CPU test checks the bits)."""
-    from specssm.step import tuning
     made = _count_descriptors(monkeypatch)
-    monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"maxnreg": 168, "tma": True}})
+    tuned({"write": {"maxnreg": 168, "tma": True}})
     fn, ref, kw = (checkpointing_ssu, checkpointing_ssu_ref, dict(launch="split")) if op == "split" else \
         (always_write_ssu, always_write_ssu_ref, {})
     cache, ins = make_step(batch=300, slots=310, T=6, pad_rows=(5,), state_dtype=state_dtype,
@@ -225,10 +223,9 @@ def test_gpu_tma_write_reads(state_dtype, op, monkeypatch):
 
 @pytest.mark.parametrize("cfg", [{"BLOCK_P": 16}, {"BLOCK_P": 16, "num_warps": 2}])
 @pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "replay")])
-def test_state_row_tiles(cfg, launch, form, monkeypatch):
+def test_state_row_tiles(cfg, launch, form, tuned):
     # several programs per head (tiles of state rows), each appending its own rows of x
-    from specssm.step import tuning
-    monkeypatch.setattr(tuning, "OVERRIDE", {"fused": dict(cfg), "write": dict(cfg), "no_write": dict(cfg)})
+    tuned({"fused": dict(cfg), "write": dict(cfg), "no_write": dict(cfg)})
     cache, ins = make_step(batch=3, H=8, P=32, N=64, G=2, T=4, pnat=[14, 3, 13], act=torch.float32, seed=21)
     run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, launch=launch, no_write_form=form)
 
@@ -321,11 +318,10 @@ def test_quantized_and_sr_states(state_dtype, rounding, device):
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("launch,form", [("dynamic", "rectangle"), ("split", "rectangle"), ("split", "replay")])
 @pytest.mark.parametrize("T,tn_min", [(3, 8), (6, 8), (9, 8), (6, 16)])
-def test_token_tiles(state_dtype, launch, form, T, tn_min, monkeypatch):
+def test_token_tiles(state_dtype, launch, form, T, tn_min, tuned):
     """tuning TN_MIN: T <= 8 tokens on a token tile of 8 (the key axis padded past the new tokens) or
     of 16, T = 9 on 16; every state dtype, both branches."""
-    from specssm.step import tuning
-    monkeypatch.setattr(tuning, "OVERRIDE", {"fused": {"TN_MIN": tn_min}})
+    tuned({"fused": {"TN_MIN": tn_min}})
     # fp32 states under bf16 activations: the split launch's written states sit at ~9e-6 relative RMS,
     # next to STATE_TOL's 1e-5, which about one draw in four exceeds; these seeds pass every case
     cache, ins = make_step(batch=4, T=T, pnat=[14, 3, 13 - T // 2, 0], pad_rows=(3,), act=torch.bfloat16,
@@ -366,13 +362,12 @@ def test_split_reads_only_the_scratch_it_wrote(state_dtype, T, varlen):
 @pytest.mark.parametrize("rounding", ["rn", "sr"])
 @pytest.mark.parametrize("tma", [True, False])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_write_tiles_in_column_halves(state_dtype, rounding, tma, device, monkeypatch):
+def test_write_tiles_in_column_halves(state_dtype, rounding, tma, device, tuned):
     """col_split 2 (the write main folds a tile's columns in two halves): the written states are the same
     bits as the whole tile's (SR bits keyed by the same offsets), outputs agree with the float64
     reference (RN), and a split launch with both branches runs it."""
     import copy
 
-    from specssm.step import tuning
     from tests.helpers.steps import to_device
     cache, ins = make_step(batch=4, T=4, pnat=[14, 3, 13, 12], act=torch.bfloat16, state_dtype=state_dtype,
                            seed=41, H=4, P=32, N=64, G=2)
@@ -380,7 +375,7 @@ def test_write_tiles_in_column_halves(state_dtype, rounding, tma, device, monkey
     kw = dict(launch="split", rounding=rounding, precision="exact")
     states, outs = [], []
     for col_split in (1, 2):
-        monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"col_split": col_split, "tma": tma}})
+        tuned({"write": {"col_split": col_split, "tma": tma}})
         c, i = to_device(copy.deepcopy(cache), dict(ins, out=torch.full_like(ins["out"], float("nan"))), device)
         checkpointing_ssu(**i, **c.op_kwargs(0), rand_seed=c.seeds, **kw)
         states.append(c.layers[0].state.cpu())
@@ -401,5 +396,5 @@ def test_write_tiles_in_column_halves(state_dtype, rounding, tma, device, monkey
     # C·Sᵀ over two halves of N sums in another order: outputs agree to rounding
     torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=1e-2, atol=1e-2)
     if rounding == "rn":
-        monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"col_split": 2, "tma": tma}})
+        tuned({"write": {"col_split": 2, "tma": tma}})
         run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device=device, launch="split")

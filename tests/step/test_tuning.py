@@ -149,7 +149,7 @@ def test_lookup_without_an_entry_of_the_state_dtype_is_empty():
     assert tables.lookup(LOOKUP_TABLE, "float16", "rn", 6, 16, 16, 64, 128, 1, 8) == ({}, {})
 
 
-def test_config_for_merges_table_override_and_call_override(test_card, monkeypatch):
+def test_config_for_merges_table_override_and_call_override(test_card, tuned):
     cpu = torch.device("cpu")
     cfg = tuning.config_for(cpu, 64, 128, torch.bfloat16, batch=1024, T=6, W=16, rounding="rn", H=16, G=1)
     assert cfg["split_min_batch"] == 64
@@ -160,7 +160,7 @@ def test_config_for_merges_table_override_and_call_override(test_card, monkeypat
     # the schema-1 call (no batch, T, W, rounding, H, G) still works: largest bucket, reference step
     assert tuning.config_for(cpu, 64, 128, torch.bfloat16) == cfg
     assert tuning.config_for(cpu, 64, 128, torch.float16) == tuning.DEFAULT, "no entry of the dtype: DEFAULT"
-    monkeypatch.setattr(tuning, "OVERRIDE", {"write": {"stages": 4}, "split_min_batch": 7})
+    tuned({"write": {"stages": 4}, "split_min_batch": 7})
     cfg = tuning.config_for(cpu, 64, 128, torch.bfloat16, batch=1024, override={"write": {"num_warps": 8}})
     assert cfg["write"] == {**tuning.DEFAULT["write"], "stages": 4, "num_warps": 8}
     assert cfg["split_min_batch"] == 7 and cfg["no_write"]["ctas_per_sm"] == 8
@@ -236,7 +236,7 @@ def test_launcher_asks_the_table_with_its_step(test_card, monkeypatch):
 
 
 @pytest.mark.parametrize("launch", ["dynamic", "split", "always_write"])
-def test_launch_configs_reach_their_launches(launch, monkeypatch):
+def test_launch_configs_reach_their_launches(launch, monkeypatch, tuned):
     """Each launch gets its own fields: the fused kernel its top-level config in its dynamic launch, the
     coefficient kernel and the two mains theirs (a no-write register cap leaked into another launch once
     and spilled)."""
@@ -246,7 +246,7 @@ def test_launch_configs_reach_their_launches(launch, monkeypatch):
     seen = []
     for name in ("fused_kernel", "coef_kernel", "main_kernel"):
         monkeypatch.setattr(step_launch, name, _Recorder(name, seen))
-    monkeypatch.setattr(tuning, "OVERRIDE", {
+    tuned({
         "fused": {"num_warps": 8, "TN_MIN": 16}, "coef": {"num_warps": 1, "HB": 2},
         "write": {"num_warps": 4, "stages": 3, "tma": False}, "no_write": {"num_warps": 1, "stages": 1}})
     if launch == "always_write":
