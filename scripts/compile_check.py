@@ -122,7 +122,8 @@ COEF_BASE = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, VARLEN=False, WAIT=Fa
                  LAUNCH_DEPS=True, UPCAST=False, HB=8, EVEN_N=True, BLOCK_N=128, CHUNK_N=32, TO=8)
 MAIN_BASE = dict(H=16, P=64, N=128, HPG=16, WRITE=False, HAS_Z=True, VARLEN=False, KIND=0, CS16=False, SR=False,
                  SR_ROWS=True, PHILOX_ROUNDS=10, TMA=True, PDL=True, LAUNCH_DEPS=False, UPCAST=False,
-                 DOT_PREC="tf32", BLOCK_P=64, BLOCK_N=128, TM=16, TO=8, STAGES=2, COL_SPLIT=1)
+                 DOT_PREC="tf32", BLOCK_P=64, BLOCK_N=128, TM=16, TO=8, STAGES=2, COL_SPLIT=1,
+                 PREFETCH=False)
 
 
 def compile_main(state="fp32", num_warps=4, maxnreg=None, label=None, **cx):

@@ -99,6 +99,27 @@ def _write_halves(state_ptr, st_desc, seed_ptr, slot, h, pt, st_pool, st_row, p_
 
 
 @triton.jit
+def _prefetch_tile(tile, n_tiles, state_ptr, slots_ptr, batch, s_st_s, s_st_h, s_st_p, H: tl.constexpr,
+                   NPT: tl.constexpr, P: tl.constexpr, WRITE: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Ask L2 for a tile's state (one prefetch per 128-byte line), where the loop will load it."""
+    if tile < n_tiles:
+        EB: tl.constexpr = state_ptr.dtype.element_ty.primitive_bitwidth // 8
+        LINE: tl.constexpr = 128 // EB                      # elements per 128-byte line
+        LINES: tl.constexpr = (BLOCK_N + LINE - 1) // LINE
+        h = tile % H
+        pt = (tile // H) % NPT
+        e = tile // (H * NPT)
+        entry = e if WRITE else batch - 1 - e
+        slot = tl.load(slots_ptr + entry).to(tl.int64)
+        rows = tl.minimum(pt * BLOCK_P + tl.arange(0, BLOCK_P), P - 1)
+        lines = tl.arange(0, LINES) * LINE
+        ptrs = state_ptr + slot * s_st_s + h * s_st_h + rows[:, None] * s_st_p + lines[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def main_kernel(
     state_ptr, st_desc, scale_ptr, xc_ptr, Bc_ptr, ring_start_ptr, pnat_ptr,
     x_ptr, C_ptr, out_ptr, z_ptr, coef_ptr, vec_ptr, order_ptr, slots_ptr, counts_ptr, cu_ptr, seed_ptr,
@@ -112,14 +133,16 @@ def main_kernel(
     PHILOX_ROUNDS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, LAUNCH_DEPS: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, TM: tl.constexpr, TO: tl.constexpr, STAGES: tl.constexpr,
-    COL_SPLIT: tl.constexpr,
+    COL_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Persistent: program pid takes tiles pid, pid + n_progs, ... of this launch's rows, which come
     from the StepPlan: write rows from the front of `order`, no-write rows from its end (padding rows
     sit between them and are never visited). Tokens are the products' M side (TM = 16 rows); the
     epilogue (decays, gate, stores) runs on the first TO rows (T <= TO). COL_SPLIT = 2 (write tiles of
     the unscaled kinds, which need no whole-row amax): the state columns in two halves, each loaded,
-    multiplied with C, folded, rounded and stored before the next (half the fold's live registers)."""
+    multiplied with C, folded, rounded and stored before the next (half the fold's live registers).
+    PREFETCH (a GPU, under PDL): before waiting for the coefficient kernel, the program's first STAGES
+    tiles' state is requested into L2, which the pipelined loop then reads after the wait."""
     NPT: tl.constexpr = (P + BLOCK_P - 1) // BLOCK_P
     SPLIT: tl.constexpr = WRITE and COL_SPLIT > 1
     tl.static_assert(not SPLIT or (COL_SPLIT == 2 and KIND < 3), "main_kernel: COL_SPLIT 2, unscaled kinds")
@@ -137,6 +160,10 @@ def main_kernel(
     t = tl.arange(0, TM)
     to = tl.arange(0, TO)
     if PDL:
+        if PREFETCH:
+            for i in tl.static_range(STAGES):
+                _prefetch_tile(pid + i * n_progs, n_tiles, state_ptr, slots_ptr, batch, s_st_s, s_st_h, s_st_p,
+                               H, NPT, P, WRITE, BLOCK_P, BLOCK_N)
         # before the loop, not inside it: the software pipeline issues the first tiles' loads (C, the
         # coefficients) in its prologue, ahead of any wait in the loop body
         gdc_wait()      # the coefficient kernel's outputs (and conv1d's, before it)

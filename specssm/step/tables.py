@@ -73,6 +73,7 @@ FIELD_CHECKS = {
     "HB": (lambda v: _pow2(v) and v <= 64, "a power of two in [1, 64]"),
     "TN_MIN": (lambda v: v in (8, 16) and not isinstance(v, bool), "8 or 16"),
     "col_split": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 or 2"),
+    "prefetch": (lambda v: isinstance(v, bool), "a bool"),
 }
 
 

@@ -17,7 +17,8 @@ Fields of a config (`DEFAULT` lists them all):
                     the persistent loop), ctas_per_sm (programs per SM of the persistent grid), tma
                     (state tiles through a TMA descriptor), maxnreg (register cap; None: the compiler's),
                     col_split (write main, fp32 / bf16 / fp16 states: 2 folds a tile's columns in two
-                    halves, one after the other, for fewer live registers)
+                    halves, one after the other, for fewer live registers), prefetch (a GPU: the program's
+                    first tiles' state requested into L2 before it waits for the coefficient kernel)
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from specssm.step import tables
 TABLE_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 TABLE_DIR_ENV = "SPECSSM_TUNING_DIR"
 
-_MAIN = {"BLOCK_P": 64, "num_warps": 4, "stages": 2, "ctas_per_sm": 4, "tma": True, "maxnreg": None, "col_split": 1}
+_MAIN = {"BLOCK_P": 64, "num_warps": 4, "stages": 2, "ctas_per_sm": 4, "tma": True, "maxnreg": None, "col_split": 1,
+         "prefetch": False}
 DEFAULT = {
     "split_min_batch": 64,
     "fused": {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "TN_MIN": 8, "tma": False,

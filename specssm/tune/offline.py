@@ -71,7 +71,8 @@ def job_for(t: Target, launch: str, knobs: dict, fused_base: dict | None = None)
         cx = dict(H=t.H, P=t.P, N=t.N, HPG=t.hpg, WRITE=launch == "write", HAS_Z=True, VARLEN=False, KIND=kind,
                   CS16=cs16, SR=sr, SR_ROWS=block_n % 4 == 0, PHILOX_ROUNDS=10, TMA=knobs["tma"], PDL=True,
                   LAUNCH_DEPS=launch == "write", UPCAST=False, DOT_PREC="tf32", BLOCK_P=bp, BLOCK_N=block_n,
-                  TM=TM, TO=to, STAGES=knobs["stages"], COL_SPLIT=knobs.get("col_split", 1))
+                  TM=TM, TO=to, STAGES=knobs["stages"], COL_SPLIT=knobs.get("col_split", 1),
+                  PREFETCH=knobs.get("prefetch", False))
         n_tiles = t.batch * -(-t.P // bp) * t.H
         n_progs = max(1, min(n_tiles, knobs["ctas_per_sm"] * t.num_sms))
     else:
@@ -144,7 +145,7 @@ def report_reason(report: dict, launch: str, knobs: dict, max_spill: int = 0) ->
 
 def compile_jobs(jobs: list[dict], workers: int | None = None, timeout: float = 600) -> list[dict]:
     """Reports of the jobs, compiled in a child process over `workers` processes: {"ok", "shared",
-    "regs", "spill", "error", "loads_before_wait"}."""
+    "regs", "spill", "error", "loads_before_wait", "prefetches_before_wait"}."""
     if not jobs:
         return []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -187,15 +188,20 @@ def _usage(cubin: bytes) -> dict:
     return fields
 
 
+def before_wait(ptx: str, what: tuple) -> int | None:
+    """PTX lines holding any of `what` before the kernel's first griddepcontrol.wait (None: it never
+    waits)."""
+    head, sep, _ = ptx.partition("griddepcontrol.wait")
+    if not sep:
+        return None
+    return sum(1 for line in head.splitlines() if any(w in line for w in what))
+
+
 def loads_before_wait(ptx: str) -> int | None:
     """Global loads (ld.global, cp.async, TMA) a kernel issues before its first griddepcontrol.wait
     (None: it never waits). With PDL, anything the previous kernel writes must be read after the wait;
     the software pipeline hoists a loop's first loads into its prologue, ahead of a wait in the body."""
-    head, sep, _ = ptx.partition("griddepcontrol.wait")
-    if not sep:
-        return None
-    copies = ("cp.async.ca", "cp.async.cg", "cp.async.bulk.tensor")
-    return sum(1 for line in head.splitlines() if "ld.global" in line or any(c in line for c in copies))
+    return before_wait(ptx, ("ld.global", "cp.async.ca", "cp.async.cg", "cp.async.bulk.tensor"))
 
 
 def compile_one(job: dict) -> dict:
@@ -226,10 +232,11 @@ def compile_one(job: dict) -> dict:
         use = _usage(k.asm["cubin"])
         return {"ok": True, "shared": int(k.metadata.shared) + use.get("SHARED", 0), "regs": use.get("REG", 0),
                 "spill": use.get("LOCAL", 0) + use.get("STACK", 0), "error": "",
-                "loads_before_wait": loads_before_wait(k.asm["ptx"])}
+                "loads_before_wait": loads_before_wait(k.asm["ptx"]),
+                "prefetches_before_wait": before_wait(k.asm["ptx"], ("prefetch.global",))}
     except Exception as e:  # noqa: BLE001 - a point that does not compile is pruned, not fatal
         return {"ok": False, "shared": 0, "regs": 0, "spill": 0, "error": f"{type(e).__name__}: {e}"[:400],
-                "loads_before_wait": None}
+                "loads_before_wait": None, "prefetches_before_wait": None}
 
 
 def main(argv=None) -> int:

@@ -87,6 +87,7 @@ MAIN_KNOBS = (
     Knob("ctas_per_sm", (1, 2, 3, 4, 5, 6, 8), "programs per SM in the persistent grid"),
     _TMA,
     _MAXNREG,
+    Knob("prefetch", (False, True), "the first tiles' state into L2 before the wait for the coefficients"),
 )
 KNOBS = {
     "coef": (Knob("HB", (1, 2, 4, 8, 16), "heads per program, within one group"), _WARPS, _MAXNREG),
@@ -113,7 +114,9 @@ class Family:
 def _main_blocks(launch):
     # the write main's column halves take registers off: searched with the programs per SM they make room for
     occupancy = ("ctas_per_sm", "maxnreg", "col_split") if launch == "write" else ("ctas_per_sm", "maxnreg")
-    return ((launch, ("BLOCK_P", "num_warps")), (launch, ("stages",)), (launch, occupancy), (launch, ("tma",)))
+    # prefetch fills L2 for the tiles the pipeline's prologue loads: searched with the stages
+    return ((launch, ("BLOCK_P", "num_warps")), (launch, ("stages", "prefetch")), (launch, occupancy),
+            (launch, ("tma",)))
 
 
 FAMILIES = {
@@ -282,7 +285,7 @@ def random_point(family: Family, t: Target, rng: random.Random) -> dict:
 
 
 _SHORT = {"BLOCK_P": "P", "num_warps": "w", "stages": "s", "ctas_per_sm": "c", "maxnreg": "r", "HB": "HB",
-          "TN_MIN": "tn", "col_split": "h"}
+          "TN_MIN": "tn", "col_split": "h", "prefetch": "pf"}
 
 
 def describe(point: dict) -> str:
@@ -293,6 +296,8 @@ def describe(point: dict) -> str:
         for name, v in knobs.items():
             if name == "tma":
                 bits.append("tma" if v else "ptr")
+            elif name == "prefetch":
+                bits.append("pf" if v else "nopf")
             else:
                 bits.append(f"{_SHORT[name]}{'-' if v is None else v}")
         parts.append(f"{launch} " + " ".join(bits))

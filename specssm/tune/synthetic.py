@@ -16,7 +16,7 @@ import random
 
 from specssm.tune.space import KNOBS, STATE_BYTES, Target
 
-_MAIN = {"BLOCK_P": 32, "num_warps": 4, "stages": 3, "ctas_per_sm": 2, "tma": True, "maxnreg": 168}
+_MAIN = {"BLOCK_P": 32, "num_warps": 4, "stages": 3, "ctas_per_sm": 2, "tma": True, "maxnreg": 168, "prefetch": False}
 PREFERRED = {
     "coef": {"HB": 4, "num_warps": 1, "maxnreg": None},
     "write": {**_MAIN, "col_split": 1},

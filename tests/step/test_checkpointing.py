@@ -398,3 +398,25 @@ def test_write_tiles_in_column_halves(state_dtype, rounding, tma, device, tuned)
     if rounding == "rn":
         tuned({"write": {"col_split": 2, "tma": tma}})
         run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device=device, launch="split")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_gpu_prefetch_changes_no_bit(state_dtype, tuned):
+    """The mains' `prefetch` (the first tiles' state requested into L2 before the PDL wait) is a hint:
+    outputs, written states and rings are the same bits with and without it, over a batch that gives
+    each program of both branches several tiles (the mains without it: the other GPU tests)."""
+    import copy
+
+    from tests.helpers.steps import to_device
+    cache, ins = make_step(batch=1024, T=6, act=torch.bfloat16, state_dtype=state_dtype, seed=43, H=8, P=64, N=128,
+                           G=1)
+    results = []
+    for prefetch in (False, True):
+        tuned({"write": {"prefetch": prefetch}, "no_write": {"prefetch": prefetch}})
+        c, i = to_device(copy.deepcopy(cache), dict(ins, out=torch.full_like(ins["out"], float("nan"))), "cuda")
+        checkpointing_ssu(**i, **c.op_kwargs(0), launch="split")
+        results.append([i["out"].cpu()] + [t.cpu() for t in c.tensors()])
+    for a, b in zip(*results):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert not results[1][0].isnan().any()

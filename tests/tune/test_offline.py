@@ -96,17 +96,21 @@ def test_mirrored_state_codes_match_the_store():
     assert KIND == {str(dtype).replace("torch.", ""): code for dtype, code in STATE_KIND.items()}
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("state", ["float32", "bfloat16", "int8"])
-def test_mains_read_nothing_of_the_coefficient_kernel_before_waiting(state):
+def test_mains_read_nothing_of_the_coefficient_kernel_before_waiting(state, prefetch):
     """Launched as PDL dependents of the coefficient kernel, the mains may issue no load before
-    griddepcontrol.wait except the plan's counts (written before the coefficient kernel started): a
-    wait inside the persistent loop let the software pipeline load the first tiles' coefficients and C
-    ahead of it (stale coefficients once launches follow each other without a host gap, as in a CUDA
-    graph)."""
-    jobs = [offline.job_for(tgt(state), launch, dict(MAIN, stages=2)) for launch in ("write", "no_write")]
+    griddepcontrol.wait but the plan's counts and, with prefetch, the slot of each prefetched tile
+    (all written before the coefficient kernel started): a wait inside the persistent loop let the
+    software pipeline load the first tiles' coefficients and C ahead of it (stale coefficients once
+    launches follow each other without a host gap, as in a CUDA graph). With prefetch, the first two
+    tiles' state lines are requested into L2 before the wait."""
+    knobs = dict(MAIN, stages=2, prefetch=prefetch)
+    jobs = [offline.job_for(tgt(state), launch, knobs) for launch in ("write", "no_write")]
     for launch, rep in zip(("write", "no_write"), offline.compile_jobs(jobs, workers=2)):
         assert rep["ok"], rep["error"]
-        assert rep["loads_before_wait"] is not None and rep["loads_before_wait"] <= 2, (launch, rep)
+        assert rep["loads_before_wait"] is not None and rep["loads_before_wait"] <= 2 + 2 * prefetch, (launch, rep)
+        assert (rep["prefetches_before_wait"] > 0) == prefetch, (launch, rep)
 
 
 def test_loads_before_wait_counts_global_loads_and_copies():
