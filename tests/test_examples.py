@@ -1,5 +1,5 @@
-"""The examples run as a user runs them (a subprocess, TRITON_INTERPRET=1, the CPU sizes) and each
-checks itself against the float64 reference (examples/_verify.py); the README's API sketch is the
+"""The examples run as a user runs them (a subprocess: on the CPU with TRITON_INTERPRET=1, and `-m gpu` on
+a GPU) and each checks itself against the float64 reference (examples/_verify.py); the README's API sketch is the
 marked blocks of examples/api_sketch.py, verbatim."""
 import os
 import re
@@ -14,10 +14,15 @@ EXAMPLES = {"api_sketch.py": "api_sketch: OK", "graph_step_loop.py": "graph_step
             "quantized_cache.py": "quantized_cache: OK"}
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", list(EXAMPLES))
-def test_example_runs_and_checks_itself(name):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--device", "cpu"], cwd=ROOT, env=env,
+def test_example_runs_and_checks_itself(name, device):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / name), "--device", device], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith(EXAMPLES[name]), r.stdout

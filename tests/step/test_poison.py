@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specssm.ops import checkpointing_ssu
-from tests.helpers.steps import make_step
+from tests.helpers.steps import cache_to, make_step, to_device
 
 # the interpreter's numpy warns about the NaN / Inf it is given here on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -19,6 +19,11 @@ FIELDS = ("state", "state_scale", "x_cache", "B_cache", "dt_cache")
 INPUTS = ("x", "z", "B", "C")
 # rows: write (pnat 14 + 4 > 16), padding, no-write (3 + 4), write at the boundary (13 + 4 = 17)
 PNAT, PAD_ROW, T = [14, 0, 3, 13], 1, 4
+GPU = pytest.mark.gpu
+# every state dtype on the GPU; the CPU interpreter's fp8 cast mis-rounds, and fp16 adds nothing there
+STATES = [pytest.param(d, dev, marks=GPU if dev == "cuda" else ())
+          for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.float8_e4m3fn)
+          for dev in ("cpu", "cuda") if dev == "cuda" or d in (torch.float32, torch.bfloat16, torch.int8)]
 
 
 def raw(t: torch.Tensor) -> torch.Tensor:
@@ -27,9 +32,13 @@ def raw(t: torch.Tensor) -> torch.Tensor:
 
 
 def poison_like(t: torch.Tensor) -> torch.Tensor:
-    """NaN, +Inf, -Inf in turn (8-bit integer codes: the extreme codes, which a scale may blow up)."""
+    """NaN, +Inf, -Inf in turn (8-bit integer codes: the extreme codes, which a scale may blow up; fp8
+    e4m3 has no Inf: NaN and its largest finite values)."""
     if t.dtype == torch.int8:
         return torch.tensor([127, -128], dtype=torch.int8).repeat(t.numel() // 2 + 1)[:t.numel()].view(t.shape)
+    if t.dtype == torch.float8_e4m3fn:
+        v = torch.tensor([float("nan"), 448.0, -448.0]).repeat(t.numel() // 3 + 1)[:t.numel()]
+        return v.view(t.shape).to(t.dtype)
     v = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(t.numel() // 3 + 1)[:t.numel()]
     return v.view(t.shape).to(t.dtype)
 
@@ -49,10 +58,11 @@ def ring_rows(cache, slot):
     return [(rs + k) % L for k in range(K)], [(rs + K + t) % L for t in range(T)]
 
 
-def run(cache, ins, launch):
-    c, i = copy.deepcopy(cache), dict(ins, out=ins["out"].clone())
+def run(cache, ins, launch, device):
+    """One step on copies of the cache and inputs on `device`; the results back on the CPU."""
+    c, i = to_device(copy.deepcopy(cache), dict(ins, out=ins["out"].clone()), device)
     checkpointing_ssu(**i, **c.op_kwargs(0), launch=launch)
-    return c, i
+    return cache_to(c, "cpu"), {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in i.items()}
 
 
 def bits(lc, f):
@@ -61,8 +71,8 @@ def bits(lc, f):
 
 
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
-@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_poison_outside_the_live_window_never_reaches_an_output(launch, state_dtype):
+@pytest.mark.parametrize("state_dtype,device", STATES)
+def test_poison_outside_the_live_window_never_reaches_an_output(launch, state_dtype, device):
     """NaN / Inf in (1) every ring row outside each live slot's window, (2) every tensor of the free slots
     (and garbage ring_start / pnat there), (3) the padding row's inputs: the outputs and every written
     state are those of the clean run, bit for bit; the poison is still where it was, except in the ring
@@ -91,8 +101,8 @@ def test_poison_outside_the_live_window_never_reaches_an_output(launch, state_dt
     dins["dt"] = dt[..., None].expand(dins["dt"].shape)
     before = copy.deepcopy(dirty)
 
-    c_clean, i_clean = run(clean, ins, launch)
-    c_dirty, i_dirty = run(dirty, dins, launch)
+    c_clean, i_clean = run(clean, ins, launch, device)
+    c_dirty, i_dirty = run(dirty, dins, launch, device)
     assert torch.equal(raw(i_dirty["out"]), raw(i_clean["out"])), "outputs differ from the clean run"
     assert torch.isfinite(i_clean["out"][[0, 2, 3]].float()).all() and i_clean["out"][PAD_ROW].isnan().all()
     got, want, old = c_dirty.layers[0], c_clean.layers[0], before.layers[0]
@@ -114,8 +124,11 @@ def test_poison_outside_the_live_window_never_reaches_an_output(launch, state_dt
 
 
 @pytest.mark.parametrize("launch", ["dynamic", "split"])
-@pytest.mark.parametrize("state_dtype,row", [(torch.float32, 0), (torch.int8, 0), (torch.bfloat16, 2)])
-def test_poison_in_a_live_rows_inputs_stays_in_its_slot(launch, state_dtype, row):
+@pytest.mark.parametrize("state_dtype,row,device", [
+    (torch.float32, 0, "cpu"), (torch.int8, 0, "cpu"), (torch.bfloat16, 2, "cpu"),
+    *(pytest.param(d, row, "cuda", marks=GPU) for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8,
+                                                        torch.float8_e4m3fn) for row in (0, 2))])
+def test_poison_in_a_live_rows_inputs_stays_in_its_slot(launch, state_dtype, row, device):
     """NaN in one element of a live row's x and Inf in its B (new tokens) reach that row's outputs and
     its ring; every other row's outputs and every other slot's state and ring are those of the clean
     run, bit for bit. The row's checkpoint is too: a flush folds the history only (the reference's
@@ -126,8 +139,8 @@ def test_poison_in_a_live_rows_inputs_stays_in_its_slot(launch, state_dtype, row
     x, B = dins["x"].clone(), dins["B"].clone()
     x[row, 2, 1, 5], B[row, 1, 0, 3] = float("nan"), float("inf")
     dins.update(x=x, B=B)
-    c_clean, i_clean = run(clean, ins, launch)
-    c_dirty, i_dirty = run(clean, dins, launch)
+    c_clean, i_clean = run(clean, ins, launch, device)
+    c_dirty, i_dirty = run(clean, dins, launch, device)
     others = [r for r in range(len(PNAT)) if r != row]
     assert torch.equal(raw(i_dirty["out"][others]), raw(i_clean["out"][others]))
     assert not torch.isfinite(i_dirty["out"][row].float()).all(), "the poison did not reach the row's outputs"
