@@ -245,10 +245,8 @@ def main(argv=None) -> int:
         print(f"{len(cases)} cases", file=sys.stderr)
         return 0
 
-    import torch
-    if not torch.cuda.is_available():
-        print("specssm bench: expected a CUDA device, got none (--dry-run and --render work without one)",
-              file=sys.stderr)
+    from specssm.bench.timing import no_cuda
+    if no_cuda("specssm bench", "--dry-run and --render work without one"):
         return 2
     from specssm.bench.runner import GpuBench
     t0 = time.monotonic()

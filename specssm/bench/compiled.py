@@ -25,6 +25,7 @@ import torch
 
 from specssm.bench import cases as cs
 from specssm.bench import mix
+from specssm.bench.timing import no_cuda
 
 VARIANTS = ("eager", "eager_graph", "compiled", "reduce_overhead")
 LABELS = {"eager": "eager", "eager_graph": "eager, CUDA graph", "compiled": "torch.compile({backend})",
@@ -234,9 +235,8 @@ def run(args) -> int:
             print("\n".join(f"compiled {o['size']} {o['labels'][v]} {d} batch={b}" for v in o["variants"]))
         print(f"{len(todo) * len(o['variants'])} cases", file=sys.stderr)
         return 0
-    if o["device"] == "cuda" and not torch.cuda.is_available():
-        print("specssm bench --compiled: expected a CUDA device, got none (--device cpu runs the smoke mode: "
-              "tiny model, Triton interpreter; --dry-run lists the cases)", file=sys.stderr)
+    if o["device"] == "cuda" and no_cuda("specssm bench --compiled", "--device cpu runs the smoke mode: tiny "
+                                         "model, Triton interpreter; --dry-run lists the cases"):
         return 2
     if o["device"] == "cpu" and not kernels_interpreted():
         print("specssm bench --compiled: --device cpu runs the Triton kernels in the interpreter: set "

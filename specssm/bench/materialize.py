@@ -125,9 +125,9 @@ def run(args) -> int:
         print(f"{len(todo)} cases", file=sys.stderr)
         return 0
     import torch
-    if not torch.cuda.is_available():
-        print("specssm bench --materialize: expected a CUDA device, got none (--dry-run works without one)",
-              file=sys.stderr)
+
+    from specssm.bench.timing import no_cuda
+    if no_cuda("specssm bench --materialize", "--dry-run works without one"):
         return 2
     from specssm.bench.timing import copy_bandwidth
     hist = mix.load_histogram_csv(args.histogram) if args.histogram else dict(mix.DEFAULT_ACCEPTANCE)

@@ -29,6 +29,18 @@ END_MARKER = "specssm_bench_end_marker"
 DEVICE_CATEGORIES = ("kernel", "gpu_memset", "gpu_memcpy")
 
 
+def no_cuda(command: str, without: str) -> bool:
+    """True (after saying so on stderr) when no CUDA device is present: `command` (e.g. "specssm bench
+    --materialize") needs one; `without` names what works on a CPU."""
+    import sys
+
+    import torch
+    if torch.cuda.is_available():
+        return False
+    print(f"{command}: expected a CUDA device, got none ({without})", file=sys.stderr)
+    return True
+
+
 @dataclass(frozen=True)
 class DeviceEvent:
     name: str
