@@ -125,17 +125,25 @@ def check_fold_values_host(cache, src_slots, k, pairs) -> None:
 
 
 # ---- fork, export, import (host-driven: between steps, not in CUDA graphs) ------------------------------
+def live_pairs(src_slots, dst_slots, pad_slot_id: int, device) -> tuple:
+    """(src, dst) int64 on `device` of the pairs whose destination is not padding (host-side; checked
+    pairs)."""
+    src = src_slots.detach().to("cpu", torch.int64)
+    dst = dst_slots.detach().to("cpu", torch.int64)
+    live = dst != pad_slot_id
+    return src[live].to(device), dst[live].to(device)
+
+
 def fork(cache, src_slots, dst_slots) -> None:
     """`SSMCache.fork`: every per-slot tensor of the sources copied to the destinations, fresh seeds."""
     from specssm.cache.cache import SSMCache
     if not isinstance(cache, SSMCache):
         raise TypeError(f"cache: expected an SSMCache, got {type(cache).__name__}")
     check_pair_tensors(src_slots, dst_slots, None)
-    pairs = check_pairs_host(src_slots, dst_slots, cache.num_slots, cache.pad_slot_id)
-    if pairs.numel() == 0:
+    check_pairs_host(src_slots, dst_slots, cache.num_slots, cache.pad_slot_id)
+    src, dst = live_pairs(src_slots, dst_slots, cache.pad_slot_id, cache.device)
+    if src.numel() == 0:
         return
-    src = src_slots.detach().to("cpu", torch.int64)[pairs].to(cache.device)
-    dst = dst_slots.detach().to("cpu", torch.int64)[pairs].to(cache.device)
     for lc in cache.layers:
         for t in (lc.state, lc.state_scale, lc.x_cache, lc.B_cache, lc.dt_cache):
             if t is not None:

@@ -63,9 +63,12 @@ class ModelCache:
         """`SSMCache.fork` plus each layer's conv state and the conv offset: a destination continues
         exactly where its source is (parallel sampling). Checked before anything is written."""
         self.ssm.fork(src_slots, dst_slots)
-        live = dst_slots.detach().cpu() != self.pad_slot_id
-        src = src_slots.detach().cpu().long()[live].to(self.device)
-        dst = dst_slots.detach().cpu().long()[live].to(self.device)
+        self.copy_conv(src_slots, dst_slots)
+
+    def copy_conv(self, src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Each layer's conv state and the conv offset of the checked pairs' sources to their destinations
+        (the conv side of `fork` and of `TinyMamba2LM.materialize`)."""
+        src, dst = transfer.live_pairs(src_slots, dst_slots, self.pad_slot_id, self.device)
         for cs in self.conv_states:
             cs[dst] = cs[src]
         self.conv_offset[dst] = self.conv_offset[src]

@@ -236,11 +236,7 @@ class TinyMamba2LM(torch.nn.Module):
         else:
             from specssm.reference import materialize_ref as fold
         fold(cache.ssm, src_slots, dst_slots, self.ssm_A(), validate=True)
-        live = dst_slots.detach().cpu() != cache.pad_slot_id
-        src, dst = (t.detach().cpu().long()[live].to(cache.device) for t in (src_slots, dst_slots))
-        for cs in cache.conv_states:
-            cs[dst] = cs[src]
-        cache.conv_offset[dst] = cache.conv_offset[src]
+        cache.copy_conv(src_slots, dst_slots)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor, cache: ModelCache, slot) -> torch.Tensor:
