@@ -55,7 +55,7 @@ case "${1:-tests}" in
     peer=()
     [ -d .peers/trtllm_replay ] && peer=(--peer .peers)
     python3 scripts/step_sweep.py ${peer[@]+"${peer[@]}"} --states fp32,bf16,fp16,int8,fp8 --batches 1,8,32,64,256,1024 \
-      --check --out "$OUT" --variants '[{}, {"write":{"prefetch":true},"no_write":{"prefetch":true}}, {"write":{"prefetch":true,"stages":3},"no_write":{"prefetch":true}}, {"launch":"dynamic"}]' \
+      --check --out "$OUT" --variants '[{}, {"write":{"prefetch":true},"no_write":{"prefetch":true}}, {"write":{"prefetch":true,"stages":3},"no_write":{"prefetch":true}}, {"write":{"side_stream":true}}, {"write":{"side_stream":true,"ctas_per_sm":2},"no_write":{"ctas_per_sm":2}}, {"launch":"dynamic"}]' \
       2>&1 | tee "$OUT/sweep.log" | grep -v "^   \|Warn\|warn" ;;
   ncu)
     # per-kernel counters (occupancy, warp stalls, memory) of one eager step, ours beside the seed's (.peers)

@@ -112,11 +112,14 @@ def _launch_fused(branch, a, cfg, order, slots, counts, use_order):
 
 def _launch_split(a, cfg, plan, own_plan=False):
     """Coefficient kernel, then the write and no-write mains, over `plan`'s rows (own_plan: a plan made
-    for this call alone, whose scratch may be allocated inside a CUDA-graph capture)."""
-    f, s, state, dev = a["flags"], a["strides"], a["state"], a["state"].device
-    H, P, N = a["H"], a["P"], a["N"]
+    for this call alone, whose scratch may be allocated inside a CUDA-graph capture). The mains follow
+    each other as PDL dependents, or with the write config's `side_stream` (CUDA) run side by side."""
+    f, s, dev = a["flags"], a["strides"], a["state"].device
+    H, N = a["H"], a["N"]
     coef, vec = plan.scratch(H, a["x"].dtype, in_capture_ok=own_plan)
-    chain = pdl_supported(dev)      # mains launched as dependents of the coefficient kernel
+    # the write main on its own stream beside the no-write main (CUDA): no PDL chain then
+    side = a["cuda"] and bool(cfg["write"].get("side_stream"))
+    chain = pdl_supported(dev) and not side      # mains launched as dependents of the coefficient kernel
     hb = min(cfg["coef"]["HB"], a["HPG"] & -a["HPG"])          # a power of two dividing H / G
     to = MAX_TOKENS // 2 if a["T"] <= MAX_TOKENS // 2 else MAX_TOKENS    # query rows: T <= to
     block_n = triton.next_power_of_2(N)
@@ -133,35 +136,65 @@ def _launch_split(a, cfg, plan, own_plan=False):
         CHUNK_N=min(COEF_CHUNK_N, block_n), TO=to,
         num_warps=cfg["coef"]["num_warps"], **({"launch_pdl": True} if f["PDL"] else {}),
         **({"maxnreg": cfg["coef"]["maxnreg"]} if cfg["coef"].get("maxnreg") and a["cuda"] else {}))
-    for write in (True, False):
-        mcfg = cfg["write" if write else "no_write"]
-        block_p = _block_p(mcfg, P, N)
-        tma = bool(mcfg["tma"]) and tma_ready(state)
-        # column halves: write tiles of the unscaled kinds only (a scaled row needs its whole amax)
-        col_split = mcfg.get("col_split", 1) if write and f["KIND"] < 3 and block_n >= 32 else 1
-        n_tiles = a["batch"] * triton.cdiv(P, block_p) * H
-        n_progs = max(1, min(n_tiles, mcfg["ctas_per_sm"] * _num_sms(dev)))
-        main_kernel[(n_progs,)](
-            state_ptr=state, st_desc=_state_desc(state, block_p, block_n // col_split) if tma else state,
-            scale_ptr=a["scale"],
-            xc_ptr=a["x_cache"], Bc_ptr=a["B_cache"], ring_start_ptr=a["ring_start"], pnat_ptr=a["pnat"],
-            x_ptr=a["x"], C_ptr=a["C"], out_ptr=a["out"], z_ptr=a["z"], coef_ptr=coef, vec_ptr=vec,
-            order_ptr=plan.order, slots_ptr=plan.slots, counts_ptr=plan.counts, cu_ptr=a["cu"], seed_ptr=a["seed"],
-            batch=a["batch"], T=a["T"], L=a["L"], n_progs=n_progs,
-            s_st_s=s["s_st_s"], s_st_h=s["s_st_h"], s_st_p=s["s_st_p"], s_sc_s=s["s_sc_s"], s_sc_h=s["s_sc_h"],
-            s_xc_s=s["s_xc_s"], s_xc_h=s["s_xc_h"], s_xc_l=s["s_xc_l"], s_Bc_s=s["s_Bc_s"], s_Bc_g=s["s_Bc_g"],
-            s_Bc_l=s["s_Bc_l"], s_x_b=s["s_x_b"], s_x_t=s["s_x_t"], s_x_h=s["s_x_h"], s_C_b=s["s_B_b"],
-            s_C_t=s["s_B_t"], s_C_g=s["s_B_g"], s_o_b=s["s_o_b"], s_o_t=s["s_o_t"], s_o_h=s["s_o_h"],
-            s_z_b=s["s_z_b"], s_z_t=s["s_z_t"], s_z_h=s["s_z_h"], s_cf_b=coef.stride(0), s_cf_h=coef.stride(1),
-            s_v_b=vec.stride(0), s_v_h=vec.stride(1), H=H, P=P, N=N, HPG=a["HPG"],
-            WRITE=write, HAS_Z=f["HAS_Z"], VARLEN=f["VARLEN"], KIND=f["KIND"], CS16=f["CS16"], SR=f["SR"],
-            SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=f["PHILOX_ROUNDS"], TMA=tma, PDL=chain,
-            LAUNCH_DEPS=chain and write, UPCAST=f["UPCAST"], DOT_PREC=f["DOT_PREC"], BLOCK_P=block_p,
-            BLOCK_N=block_n, TM=MAX_TOKENS, TO=to, STAGES=mcfg["stages"], COL_SPLIT=col_split,
-            PREFETCH=chain and a["cuda"] and bool(mcfg.get("prefetch")),
-            num_warps=mcfg["num_warps"],
-            **({"launch_pdl": True} if chain else {}),
-            **({"maxnreg": mcfg["maxnreg"]} if mcfg.get("maxnreg") and a["cuda"] else {}))
+    if side:
+        # the write main on a side stream, beside the no-write main: both after the coefficient kernel,
+        # the step's stream joined with the side one before the op returns (so nothing after it, and no
+        # reuse of this call's temporaries, runs before the write main is done)
+        main_stream, side_stream = torch.cuda.current_stream(dev), _side_stream(dev)
+        side_stream.wait_stream(main_stream)
+        with torch.cuda.stream(side_stream):
+            _launch_main(a, cfg, plan, coef, vec, True, False, to, block_n)
+        _launch_main(a, cfg, plan, coef, vec, False, False, to, block_n)
+        main_stream.wait_stream(side_stream)
+    else:
+        for write in (True, False):
+            _launch_main(a, cfg, plan, coef, vec, write, chain, to, block_n)
+
+
+def _launch_main(a, cfg, plan, coef, vec, write, chain, to, block_n):
+    """The write (or no-write) main over the plan's rows; chain: launched as a PDL dependent of the
+    kernel before it (and the write main lets the no-write main launch early)."""
+    f, s, state, dev = a["flags"], a["strides"], a["state"], a["state"].device
+    H, P, N = a["H"], a["P"], a["N"]
+    mcfg = cfg["write" if write else "no_write"]
+    block_p = _block_p(mcfg, P, N)
+    tma = bool(mcfg["tma"]) and tma_ready(state)
+    # column halves: write tiles of the unscaled kinds only (a scaled row needs its whole amax)
+    col_split = mcfg.get("col_split", 1) if write and f["KIND"] < 3 and block_n >= 32 else 1
+    n_tiles = a["batch"] * triton.cdiv(P, block_p) * H
+    n_progs = max(1, min(n_tiles, mcfg["ctas_per_sm"] * _num_sms(dev)))
+    main_kernel[(n_progs,)](
+        state_ptr=state, st_desc=_state_desc(state, block_p, block_n // col_split) if tma else state,
+        scale_ptr=a["scale"],
+        xc_ptr=a["x_cache"], Bc_ptr=a["B_cache"], ring_start_ptr=a["ring_start"], pnat_ptr=a["pnat"],
+        x_ptr=a["x"], C_ptr=a["C"], out_ptr=a["out"], z_ptr=a["z"], coef_ptr=coef, vec_ptr=vec,
+        order_ptr=plan.order, slots_ptr=plan.slots, counts_ptr=plan.counts, cu_ptr=a["cu"], seed_ptr=a["seed"],
+        batch=a["batch"], T=a["T"], L=a["L"], n_progs=n_progs,
+        s_st_s=s["s_st_s"], s_st_h=s["s_st_h"], s_st_p=s["s_st_p"], s_sc_s=s["s_sc_s"], s_sc_h=s["s_sc_h"],
+        s_xc_s=s["s_xc_s"], s_xc_h=s["s_xc_h"], s_xc_l=s["s_xc_l"], s_Bc_s=s["s_Bc_s"], s_Bc_g=s["s_Bc_g"],
+        s_Bc_l=s["s_Bc_l"], s_x_b=s["s_x_b"], s_x_t=s["s_x_t"], s_x_h=s["s_x_h"], s_C_b=s["s_B_b"],
+        s_C_t=s["s_B_t"], s_C_g=s["s_B_g"], s_o_b=s["s_o_b"], s_o_t=s["s_o_t"], s_o_h=s["s_o_h"],
+        s_z_b=s["s_z_b"], s_z_t=s["s_z_t"], s_z_h=s["s_z_h"], s_cf_b=coef.stride(0), s_cf_h=coef.stride(1),
+        s_v_b=vec.stride(0), s_v_h=vec.stride(1), H=H, P=P, N=N, HPG=a["HPG"],
+        WRITE=write, HAS_Z=f["HAS_Z"], VARLEN=f["VARLEN"], KIND=f["KIND"], CS16=f["CS16"], SR=f["SR"],
+        SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=f["PHILOX_ROUNDS"], TMA=tma, PDL=chain,
+        LAUNCH_DEPS=chain and write, UPCAST=f["UPCAST"], DOT_PREC=f["DOT_PREC"], BLOCK_P=block_p,
+        BLOCK_N=block_n, TM=MAX_TOKENS, TO=to, STAGES=mcfg["stages"], COL_SPLIT=col_split,
+        PREFETCH=chain and a["cuda"] and bool(mcfg.get("prefetch")),
+        num_warps=mcfg["num_warps"],
+        **({"launch_pdl": True} if chain else {}),
+        **({"maxnreg": mcfg["maxnreg"]} if mcfg.get("maxnreg") and a["cuda"] else {}))
+
+
+def _side_stream(device) -> torch.cuda.Stream:
+    """The stream the write main runs on beside the no-write main (`"side_stream"` write config), one per
+    device, made at first use."""
+    if device.index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device.index] = torch.cuda.Stream(device=device)
+    return _SIDE_STREAMS[device.index]
+
+
+_SIDE_STREAMS: dict = {}
 
 
 def _ssu(state, x_cache, B_cache, dt_cache, ring_start, prev_num_accepted_tokens, x, dt, A, B, C, out,

@@ -74,6 +74,7 @@ FIELD_CHECKS = {
     "TN_MIN": (lambda v: v in (8, 16) and not isinstance(v, bool), "8 or 16"),
     "col_split": (lambda v: v in (1, 2) and not isinstance(v, bool), "1 or 2"),
     "prefetch": (lambda v: isinstance(v, bool), "a bool"),
+    "side_stream": (lambda v: isinstance(v, bool), "a bool"),
 }
 
 

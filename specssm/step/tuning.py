@@ -18,7 +18,9 @@ Fields of a config (`DEFAULT` lists them all):
                     (state tiles through a TMA descriptor), maxnreg (register cap; None: the compiler's),
                     col_split (write main, fp32 / bf16 / fp16 states: 2 folds a tile's columns in two
                     halves, one after the other, for fewer live registers), prefetch (a GPU: the program's
-                    first tiles' state requested into L2 before it waits for the coefficient kernel)
+                    first tiles' state requested into L2 before it waits for the coefficient kernel);
+                    write also side_stream (CUDA: the write main on a second stream, beside the no-write
+                    main, both after the coefficient kernel, without the PDL chain)
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ DEFAULT = {
     "fused": {"BLOCK_P": 64, "num_warps": 4, "maxnreg": 128, "TN_MIN": 8, "tma": False,
               "write": {"maxnreg": 168}, "no_write": {}},
     "coef": {"HB": 8, "num_warps": 2, "maxnreg": None},
-    "write": dict(_MAIN),
+    "write": dict(_MAIN, side_stream=False),
     "no_write": dict(_MAIN),
 }
 

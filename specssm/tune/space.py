@@ -91,7 +91,9 @@ MAIN_KNOBS = (
 )
 KNOBS = {
     "coef": (Knob("HB", (1, 2, 4, 8, 16), "heads per program, within one group"), _WARPS, _MAXNREG),
-    "write": MAIN_KNOBS + (Knob("col_split", (1, 2), "the fold in column halves (unscaled states)"),),
+    "write": MAIN_KNOBS + (Knob("col_split", (1, 2), "the fold in column halves (unscaled states)"),
+                           Knob("side_stream", (False, True), "the write main beside the no-write main, on a "
+                                "second stream (no PDL chain)")),
     "no_write": MAIN_KNOBS,
     "fused": (Knob("BLOCK_P", (16, 32, 64), "state rows per program"), _WARPS, _MAXNREG, _TN, _TMA),
     # the fused kernel's own write / no-write launches (the replay no-write form), over its BLOCK_P
@@ -115,8 +117,9 @@ def _main_blocks(launch):
     # the write main's column halves take registers off: searched with the programs per SM they make room for
     occupancy = ("ctas_per_sm", "maxnreg", "col_split") if launch == "write" else ("ctas_per_sm", "maxnreg")
     # prefetch fills L2 for the tiles the pipeline's prologue loads: searched with the stages
-    return ((launch, ("BLOCK_P", "num_warps")), (launch, ("stages", "prefetch")), (launch, occupancy),
-            (launch, ("tma",)))
+    blocks = ((launch, ("BLOCK_P", "num_warps")), (launch, ("stages", "prefetch")), (launch, occupancy),
+              (launch, ("tma",)))
+    return blocks + (((launch, ("side_stream",)),) if launch == "write" else ())
 
 
 FAMILIES = {
@@ -285,7 +288,7 @@ def random_point(family: Family, t: Target, rng: random.Random) -> dict:
 
 
 _SHORT = {"BLOCK_P": "P", "num_warps": "w", "stages": "s", "ctas_per_sm": "c", "maxnreg": "r", "HB": "HB",
-          "TN_MIN": "tn", "col_split": "h", "prefetch": "pf"}
+          "TN_MIN": "tn", "col_split": "h", "prefetch": "pf", "side_stream": "ss"}
 
 
 def describe(point: dict) -> str:
@@ -296,8 +299,8 @@ def describe(point: dict) -> str:
         for name, v in knobs.items():
             if name == "tma":
                 bits.append("tma" if v else "ptr")
-            elif name == "prefetch":
-                bits.append("pf" if v else "nopf")
+            elif name in ("prefetch", "side_stream"):
+                bits.append(_SHORT[name] if v else "no" + _SHORT[name])
             else:
                 bits.append(f"{_SHORT[name]}{'-' if v is None else v}")
         parts.append(f"{launch} " + " ".join(bits))

@@ -19,7 +19,7 @@ from specssm.tune.space import KNOBS, STATE_BYTES, Target
 _MAIN = {"BLOCK_P": 32, "num_warps": 4, "stages": 3, "ctas_per_sm": 2, "tma": True, "maxnreg": 168, "prefetch": False}
 PREFERRED = {
     "coef": {"HB": 4, "num_warps": 1, "maxnreg": None},
-    "write": {**_MAIN, "col_split": 1},
+    "write": {**_MAIN, "col_split": 1, "side_stream": False},
     "no_write": {**_MAIN, "maxnreg": 128},
     "fused": {"BLOCK_P": 32, "num_warps": 4, "maxnreg": 168, "TN_MIN": 16, "tma": True},
     "fused.write": {"num_warps": 8, "maxnreg": 128, "tma": False, "TN_MIN": 16},

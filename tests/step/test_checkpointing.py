@@ -400,23 +400,42 @@ def test_write_tiles_in_column_halves(state_dtype, rounding, tma, device, tuned)
         run_and_compare(checkpointing_ssu, checkpointing_ssu_ref, cache, ins, device=device, launch="split")
 
 
+# launch options that must not change a bit: (name, the config override that turns it on)
+OPTIONS = {"prefetch": {"write": {"prefetch": True}, "no_write": {"prefetch": True}},
+           "side_stream": {"write": {"side_stream": True}}}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("option", sorted(OPTIONS))
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_gpu_prefetch_changes_no_bit(state_dtype, tuned):
-    """The mains' `prefetch` (the first tiles' state requested into L2 before the PDL wait) is a hint:
-    outputs, written states and rings are the same bits with and without it, over a batch that gives
-    each program of both branches several tiles (the mains without it: the other GPU tests)."""
+def test_gpu_launch_options_change_no_bit(state_dtype, option, tuned):
+    """`prefetch` (the first tiles' state requested into L2 before the PDL wait) and `side_stream` (the
+    write main on a second stream beside the no-write main): outputs, written states and rings are the
+    same bits with and without them, eager and replayed from a CUDA graph, over a batch that gives each
+    program of both branches several tiles (the mains without them: the other GPU tests)."""
     import copy
 
+    from specssm.bench.timing import capture_graph
     from tests.helpers.steps import to_device
     cache, ins = make_step(batch=1024, T=6, act=torch.bfloat16, state_dtype=state_dtype, seed=43, H=8, P=64, N=128,
                            G=1)
     results = []
-    for prefetch in (False, True):
-        tuned({"write": {"prefetch": prefetch}, "no_write": {"prefetch": prefetch}})
+    for on, graphed in ((False, False), (True, False), (True, True)):
+        tuned(OPTIONS[option] if on else {})
         c, i = to_device(copy.deepcopy(cache), dict(ins, out=torch.full_like(ins["out"], float("nan"))), "cuda")
-        checkpointing_ssu(**i, **c.op_kwargs(0), launch="split")
+        if graphed:
+            saved = [t.clone() for t in c.tensors()]
+            graph = capture_graph(lambda i=i, c=c: checkpointing_ssu(**i, **c.op_kwargs(0), launch="split",
+                                                                     validate=False))
+            for t, v in zip(c.tensors(), saved):      # undo the capture's warm-up step
+                t.copy_(v)
+            i["out"].fill_(float("nan"))
+            graph.replay()
+        else:
+            checkpointing_ssu(**i, **c.op_kwargs(0), launch="split")
+        torch.cuda.synchronize()
         results.append([i["out"].cpu()] + [t.cpu() for t in c.tensors()])
-    for a, b in zip(*results):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
     assert not results[1][0].isnan().any()

@@ -71,10 +71,10 @@ def test_counts_by_hand():
     assert len(space.launch_points("fused", tgt(T=6))) == 192
     assert len(space.launch_points("fused", tgt(T=12))) == 96
     # write main at P=80 (16-row tiles only), batch 1 (80 tiles: one program per SM) in bf16:
-    # 4 warps x 4 stages x 1 ctas x 2 tma x 4 caps x 2 prefetch x 2 column splits; int8 rows keep their
-    # columns whole
-    assert len(space.launch_points("write", tgt(state="bfloat16", P=80, batch=1))) == 512
-    assert len(space.launch_points("write", tgt(state="int8", P=80, batch=1))) == 256
+    # 4 warps x 4 stages x 1 ctas x 2 tma x 4 caps x 2 prefetch x 2 column splits x 2 streams; int8 rows
+    # keep their columns whole
+    assert len(space.launch_points("write", tgt(state="bfloat16", P=80, batch=1))) == 1024
+    assert len(space.launch_points("write", tgt(state="int8", P=80, batch=1))) == 512
     assert space.launch_reason("write", {**space.default_knobs("write"), "col_split": 2},
                                tgt(state="int8")) == "write.col_split=2 runs as 1"
     fam, t = FAMILIES["split"], tgt(batch=64)
