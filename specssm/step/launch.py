@@ -180,7 +180,7 @@ def _launch_main(a, cfg, plan, coef, vec, write, chain, to, block_n):
         SR_ROWS=sr_by_rows(state, block_n), PHILOX_ROUNDS=f["PHILOX_ROUNDS"], TMA=tma, PDL=chain,
         LAUNCH_DEPS=chain and write, UPCAST=f["UPCAST"], DOT_PREC=f["DOT_PREC"], BLOCK_P=block_p,
         BLOCK_N=block_n, TM=MAX_TOKENS, TO=to, STAGES=mcfg["stages"], COL_SPLIT=col_split,
-        PREFETCH=chain and a["cuda"] and bool(mcfg.get("prefetch")),
+        PREFETCH=chain and a["cuda"] and bool(mcfg.get("prefetch")) and state.stride(3) == 1,
         num_warps=mcfg["num_warps"],
         **({"launch_pdl": True} if chain else {}),
         **({"maxnreg": mcfg["maxnreg"]} if mcfg.get("maxnreg") and a["cuda"] else {}))

@@ -100,9 +100,10 @@ def _write_halves(state_ptr, st_desc, seed_ptr, slot, h, pt, st_pool, st_row, p_
 
 @triton.jit
 def _prefetch_tile(tile, n_tiles, state_ptr, slots_ptr, batch, s_st_s, s_st_h, s_st_p, H: tl.constexpr,
-                   NPT: tl.constexpr, P: tl.constexpr, WRITE: tl.constexpr, BLOCK_P: tl.constexpr,
+                   NPT: tl.constexpr, P: tl.constexpr, N: tl.constexpr, WRITE: tl.constexpr, BLOCK_P: tl.constexpr,
                    BLOCK_N: tl.constexpr):
-    """Ask L2 for a tile's state (one prefetch per 128-byte line), where the loop will load it."""
+    """Ask L2 for a tile's state (one prefetch per 128-byte line of its rows, N contiguous), where the
+    loop will load it; every address inside the tile's slot and head."""
     if tile < n_tiles:
         EB: tl.constexpr = state_ptr.dtype.element_ty.primitive_bitwidth // 8
         LINE: tl.constexpr = 128 // EB                      # elements per 128-byte line
@@ -113,7 +114,7 @@ def _prefetch_tile(tile, n_tiles, state_ptr, slots_ptr, batch, s_st_s, s_st_h, s
         entry = e if WRITE else batch - 1 - e
         slot = tl.load(slots_ptr + entry).to(tl.int64)
         rows = tl.minimum(pt * BLOCK_P + tl.arange(0, BLOCK_P), P - 1)
-        lines = tl.arange(0, LINES) * LINE
+        lines = tl.minimum(tl.arange(0, LINES) * LINE, N - 1)
         ptrs = state_ptr + slot * s_st_s + h * s_st_h + rows[:, None] * s_st_p + lines[None, :]
         tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32,
                                   is_pure=False, pack=1)
@@ -163,7 +164,7 @@ def main_kernel(
         if PREFETCH:
             for i in tl.static_range(STAGES):
                 _prefetch_tile(pid + i * n_progs, n_tiles, state_ptr, slots_ptr, batch, s_st_s, s_st_h, s_st_p,
-                               H, NPT, P, WRITE, BLOCK_P, BLOCK_N)
+                               H, NPT, P, N, WRITE, BLOCK_P, BLOCK_N)
         # before the loop, not inside it: the software pipeline issues the first tiles' loads (C, the
         # coefficients) in its prologue, ahead of any wait in the loop body
         gdc_wait()      # the coefficient kernel's outputs (and conv1d's, before it)
