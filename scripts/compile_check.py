@@ -146,9 +146,11 @@ def compile_coef(num_warps=2, label=None, maxnreg=None, **cx):
                        maxnreg=maxnreg, label=label or f"coef HB={cx['HB']} warps={num_warps}")
 
 
-def compile_materialize(state="fp32", sr=False, num_warps=4, label=None):
-    """The materialize kernel at Super TP8 (bf16 rings, one 64 x 128 tile per head)."""
-    from specssm.step.materialize import materialize_kernel
+def compile_materialize(state="fp32", sr=False, num_warps=None, label=None):
+    """The materialize kernel at Super TP8 (bf16 rings, one 64 x 128 tile per head), at the launcher's
+    warps unless num_warps is given."""
+    from specssm.step.materialize import FOLD_WARPS, materialize_kernel
+    num_warps = num_warps or FOLD_WARPS["sr" if sr else "rn"]
     kind, sdt = STATES[state]
     ptr = ssu_pointers(materialize_kernel, sdt)
     ptr.update({"dtc_ptr": "*fp32", "A_ptr": "*fp32", "src_ptr": "*i32", "dst_ptr": "*i32", "k_ptr": "*i32",

@@ -29,6 +29,8 @@ from specssm.step.fold import fold_history
 from specssm.step.store import STATE_KIND, store_state_tile
 
 MAX_TILE = 8192      # state elements per program (64 x 128), as the step's tiles
+# warps per fold program: SR's Philox rounds need the registers of 8 (at 4, sm_90 spills for fp16)
+FOLD_WARPS = {"rn": 4, "sr": 8}
 PAIR_BLOCK = 128     # pairs per program of the pair launches
 PAIR_CHUNK = 32      # pairs compared at a time with a program's pairs (the clash test)
 NO_FAULT = tl.constexpr(faults.NO_FAULT)
@@ -194,7 +196,7 @@ def _launch_layer(lc, A_h, pairs, seeds, L, sizes, rounding, philox_rounds):
         # SR draws one Philox per four elements when every state row starts on a multiple of 4
         SR_ROWS=block_n % 4 == 0 and all(st % 4 == 0 for st in state.stride()[:3]),
         PHILOX_ROUNDS=int(philox_rounds), UPCAST=interpreting() or lc.B_cache.dtype == torch.float32,
-        BLOCK_P=block_p, BLOCK_N=block_n, KH=MAX_WINDOW, num_warps=4)
+        BLOCK_P=block_p, BLOCK_N=block_n, KH=MAX_WINDOW, num_warps=FOLD_WARPS[rounding])
 
 
 def _materialize(cache, src_slots, dst_slots, A, k=None, rounding="rn", validate=True, philox_rounds=10):
