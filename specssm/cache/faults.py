@@ -47,6 +47,37 @@ def rows_sharing_a_slot(slots: torch.Tensor, ok: torch.Tensor, num_slots: int) -
     return ok & (rows_on_slot[idx] > 1)
 
 
+def row_checks(slots: torch.Tensor, pnat: torch.Tensor, ring_start: torch.Tensor, pad_slot_id: int,
+               max_pnat: int, ring_len: int) -> dict:
+    """What a step checks of each row, with device ops only: "live" (not padding), "slot_ok" (a live
+    row's slot id in the pool), "pnat_ok" / "ring_start_ok" (its slot's values in the contract), "shared"
+    (another such row names the slot), the slots' "pnat" / "ring_start" (0-filled where the slot id is
+    not in the pool) and the slot ids as int64 ("slot"). pnat / ring_start are per-slot arrays with a
+    scratch entry after the pool (SSMCache's _pnat / _ring_start) or without one."""
+    num_slots = pnat.shape[0]
+    slot = slots.long()
+    live = slot != pad_slot_id
+    slot_ok = live & (slot >= 0) & (slot < num_slots)
+    idx = torch.where(slot_ok, slot, 0)
+    pn = torch.where(slot_ok, pnat[idx], 0).long()
+    rs = torch.where(slot_ok, ring_start[idx], 0).long()
+    pnat_ok = (pn >= 0) & (pn <= max_pnat)
+    rs_ok = (rs >= 0) & (rs < ring_len)
+    shared = rows_sharing_a_slot(slot, slot_ok, num_slots)
+    return dict(live=live, slot_ok=slot_ok, pnat_ok=pnat_ok, ring_start_ok=rs_ok, shared=shared, pnat=pn,
+                ring_start=rs, slot=slot)
+
+
+def set_aside(slots: torch.Tensor, pnat: torch.Tensor, ring_start: torch.Tensor, pad_slot_id: int,
+              max_pnat: int, ring_len: int) -> torch.Tensor:
+    """`slots` with pad_slot_id on every row the step sets aside (a slot id, pnat or ring_start outside
+    the contract, or a slot another row names): what the ops beside the step (the conv update) take so
+    that a faulted row does no work anywhere. Device ops only; records nothing (the step does)."""
+    c = row_checks(slots, pnat, ring_start, pad_slot_id, max_pnat, ring_len)
+    ok = c["slot_ok"] & c["pnat_ok"] & c["ring_start_ok"] & ~c["shared"]
+    return torch.where(ok, slots, torch.full_like(slots, pad_slot_id))
+
+
 def record(faults: torch.Tensor, bad: torch.Tensor, field: int, values: torch.Tensor) -> None:
     """Fold the faults of the rows flagged in `bad` into the record with device ops only."""
     if bad.numel() == 0:

@@ -199,10 +199,8 @@ def _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
     slot = torch.where(slot_ok, sbi, 0)
     if ring is not None:
         ring_start, ring_len, max_pnat, faults = ring
-        pn, rs = pnat[slot], ring_start[slot]
-        pnat_ok = (pn >= 0) & (pn <= max_pnat)
-        rs_ok = (rs >= 0) & (rs < ring_len)
-        dup = flt.rows_sharing_a_slot(sbi, slot_ok, pnat.shape[0])
+        c = flt.row_checks(state_batch_indices, pnat, ring_start, pad_slot_id, max_pnat, ring_len)
+        pn, rs, pnat_ok, rs_ok, dup = c["pnat"], c["ring_start"], c["pnat_ok"], c["ring_start_ok"], c["shared"]
         for bad, field, value in ((live & ~slot_ok, flt.SLOT, sbi), (slot_ok & ~pnat_ok, flt.PNAT, pn),
                                   (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs),
                                   (dup & pnat_ok & rs_ok, flt.DUPLICATE_SLOT, sbi)):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from specssm._checks import check_ring_values_host, check_slots_host, check_tensor
 from specssm.cache import StepPlan
+from specssm.cache import faults as flt
 from specssm.model.cache import ModelCache
 from specssm.model.config import Mamba2Config
 from specssm.model.mixer import Mamba2Mixer, init_mixer_params, resolve_conv, resolve_ssu, rmsnorm
@@ -162,8 +163,14 @@ class TinyMamba2LM(torch.nn.Module):
                        validate=self.validate, ring_start=ssm.ring_start, ring_len=ssm.L,
                        max_pnat=max(ssm.W, ssm.T), faults=ssm.faults)
             ssu = functools.partial(ssu, plan=plan)
+        conv_slots, ssm = None, cache.ssm
+        if not self.validate and ssm.strategy != "all_states":
+            # no host checks: a row the step sets aside (bad slot, pnat or ring_start, a shared slot) must
+            # not advance its conv state either
+            conv_slots = flt.set_aside(slots.to(self.device), ssm.pnat, ssm.ring_start, cache.pad_slot_id,
+                                       max(ssm.W, ssm.T), ssm.L)
         for norm_w, mixer in zip(self.layer_norms, self.mixers):
-            h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, ssu, self.conv)
+            h = h + mixer.step(rmsnorm(h, norm_w, self.cfg.norm_eps), cache, slots, ssu, self.conv, conv_slots)
         return self._logits(h)
 
     @staticmethod

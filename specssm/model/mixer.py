@@ -255,12 +255,14 @@ class Mamba2Mixer(torch.nn.Module):
         return A[:, None, None].expand(H, P, N), self.D[:, None].expand(H, P), self.dt_bias[:, None].expand(H, P)
 
     @torch.no_grad()
-    def step(self, hidden, cache, slots, ssu, conv):
+    def step(self, hidden, cache, slots, ssu, conv, conv_slots=None):
         """One verify step: hidden `(batch, T, d_model)` -> `(batch, T, d_model)`.
 
         cache: a `ModelCache` (this layer's SSM cache and conv state); slots `(batch,)` int32 slot of
         each row, `cache.pad_slot_id` for padding rows (their outputs are zero before out_proj).
-        ssu / conv: the resolved callables (see `resolve_ssu`, `resolve_conv`).
+        ssu / conv: the resolved callables (see `resolve_ssu`, `resolve_conv`). conv_slots: the slots the
+        conv update takes (default `slots`): `faults.set_aside(...)` of them when the step's values are
+        not checked on the host, so that a row the step sets aside does not advance its conv state.
         Appends the T tokens to the caches; the caller commits after verification.
         """
         H, P, N, G, di, cd = self.sizes
@@ -271,7 +273,8 @@ class Mamba2Mixer(torch.nn.Module):
         y = torch.zeros(batch, T, H, P, dtype=hidden.dtype, device=hidden.device)
         A, D, dt_bias = self.tied_params()
         xbc = conv(xbc, cache.conv_states[self.layer_idx], cache.conv_offset, self.conv_weight, self.conv_bias,
-                   activation="silu", state_batch_indices=slots, pad_slot_id=cache.pad_slot_id,
+                   activation="silu", state_batch_indices=slots if conv_slots is None else conv_slots,
+                   pad_slot_id=cache.pad_slot_id,
                    out=torch.zeros(xbc.shape, dtype=xbc.dtype, device=xbc.device))
         x, B, C = self._split_xbc(xbc)
         ssu(**cache.ssm.op_kwargs(self.layer_idx), x=x, dt=dt[..., None].expand(batch, T, H, P), A=A,

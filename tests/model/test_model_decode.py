@@ -227,8 +227,9 @@ def test_demo_says_when_it_falls_back_to_the_reference(capsys):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("split_min_batch", [1, 128])
 def test_model_step_records_a_bad_pnat_without_validation(split_min_batch, tuned):
-    """validate=False: a row whose slot holds a pnat outside the contract does no SSM work in any layer,
-    the other rows' logits are those of a step without it, and the cache's fault record names it."""
+    """validate=False: a row whose slot holds a pnat outside the contract does no work in any layer (no
+    SSM step, no conv update: its conv state and offset keep their bits), the other rows' logits are
+    those of a step without it, and the cache's fault record names it."""
     tuned({"split_min_batch": split_min_batch})
     runs = []
     for bad in (False, True):
@@ -242,9 +243,13 @@ def test_model_step_records_a_bad_pnat_without_validation(split_min_batch, tuned
             cache.ssm.pnat[0] = 99
         tokens = torch.randint(0, 256, (3, 3), generator=torch.Generator().manual_seed(1))
         slots = torch.tensor([2, cache.pad_slot_id, 0 if bad else cache.pad_slot_id], dtype=torch.int32)
+        conv_before = [cs.clone() for cs in cache.conv_states]
         runs.append((model.step(tokens, cache, slots), cache))
     (clean_logits, clean), (logits, cache) = runs
     assert torch.equal(logits[0], clean_logits[0])
     assert torch.equal(cache.ssm.layers[0].state[2], clean.ssm.layers[0].state[2])
+    for cs, cs0, cs_clean in zip(cache.conv_states, conv_before, clean.conv_states):
+        assert torch.equal(cs[0], cs0[0]), "the faulted row advanced its conv state"
+        assert torch.equal(cs[2], cs_clean[2]) and not torch.equal(cs[2], cs0[2])
     with pytest.raises(ValueError, match=r"^prev_num_accepted_tokens: row 2 .* had 99"):
         cache.ssm.raise_if_faulted()

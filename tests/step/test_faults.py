@@ -226,3 +226,24 @@ def test_gpu_a_bad_row_does_nothing_and_is_recorded(field, value, name, state_dt
     _caches_equal(dirty, clean)
     with pytest.raises(ValueError, match=rf"^{name}: row {BAD_ROW} "):
         dirty.raise_if_faulted()
+
+
+def test_set_aside_pads_exactly_the_rows_a_step_sets_aside():
+    """faults.set_aside (what the model path hands the conv update without host checks): random slot
+    ids, pnat and ring_start with bad values and shared slots; a row keeps its slot iff its slot id is
+    in the pool, its pnat in [0, max_pnat], its ring_start in [0, L) and no other row names the slot
+    (checked row by row in Python)."""
+    from specssm.cache import faults as flt
+    gen = torch.Generator().manual_seed(7)
+    S, L, max_pnat, pad = 12, 20, 16, -1
+    pnat = torch.randint(-2, 19, (S,), generator=gen, dtype=torch.int32)
+    rs = torch.randint(-2, 22, (S,), generator=gen, dtype=torch.int32)
+    for _ in range(20):
+        slots = torch.randint(-3, S + 3, (9,), generator=gen, dtype=torch.int32)
+        got = flt.set_aside(slots, pnat, rs, pad, max_pnat, L)
+        ids = slots.tolist()
+        for r, s in enumerate(ids):
+            ok = (s != pad and 0 <= s < S and 0 <= int(pnat[s]) <= max_pnat and 0 <= int(rs[s]) < L
+                  and ids.count(s) == 1)
+            assert int(got[r]) == (s if ok else pad), (r, s, ids)
+        assert got.dtype == slots.dtype
