@@ -271,18 +271,17 @@ def commit_slots(slots, accepted, num_tokens, max_tokens, window, ring_len, num_
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"accepted: expected values in [1, {int(n[i])}] (tokens of the row), got "
                              f"{int(a[i])} at row {i} (slot {int(s[i])})")
-    live = slots != pad_slot_id
-    slot_ok = (slots >= 0) & (slots < num_slots)
+    slot, live, slot_ok = flt.slot_ids(slots, pad_slot_id, num_slots)
     n = torch.as_tensor(lens, device=device).expand_as(accepted)
     acc_ok = (accepted >= 1) & (accepted <= n) & (n <= max_tokens)
     # live rows naming one slot (the step set them aside, or their results raced): none commits
-    shared = flt.rows_sharing_a_slot(slots, live & slot_ok, num_slots)
+    shared = flt.rows_sharing_a_slot(slot, slot_ok, num_slots)
     if faults is not None:
         flt.record(faults, live & ~slot_ok, flt.SLOT, slots)
-        flt.record(faults, live & slot_ok & ~acc_ok, flt.ACCEPTED, accepted)
+        flt.record(faults, slot_ok & ~acc_ok, flt.ACCEPTED, accepted)
         flt.record(faults, shared & acc_ok, flt.DUPLICATE_SLOT, slots)
     # rows that commit nothing (padding, faulted) are redirected to the scratch entry num_slots
-    idx = torch.where(live & slot_ok & acc_ok & ~shared, slots.long(), num_slots)
+    idx = torch.where(slot_ok & acc_ok & ~shared, slot, num_slots)
     acc = accepted.to(torch.int32)
     if state_index is not None:
         state_index[idx] = acc - 1

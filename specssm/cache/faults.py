@@ -47,6 +47,13 @@ def rows_sharing_a_slot(slots: torch.Tensor, ok: torch.Tensor, num_slots: int) -
     return ok & (rows_on_slot[idx] > 1)
 
 
+def slot_ids(slots: torch.Tensor, pad_slot_id: int, num_slots: int) -> tuple:
+    """(slot ids as int64, live: not padding, slot_ok: a live row's id in [0, num_slots))."""
+    slot = slots.long()
+    live = slot != pad_slot_id
+    return slot, live, live & (slot >= 0) & (slot < num_slots)
+
+
 def row_checks(slots: torch.Tensor, pnat: torch.Tensor, ring_start: torch.Tensor, pad_slot_id: int,
                max_pnat: int, ring_len: int) -> dict:
     """What a step checks of each row, with device ops only: "live" (not padding), "slot_ok" (a live
@@ -55,9 +62,7 @@ def row_checks(slots: torch.Tensor, pnat: torch.Tensor, ring_start: torch.Tensor
     not in the pool) and the slot ids as int64 ("slot"). pnat / ring_start are per-slot arrays with a
     scratch entry after the pool (SSMCache's _pnat / _ring_start) or without one."""
     num_slots = pnat.shape[0]
-    slot = slots.long()
-    live = slot != pad_slot_id
-    slot_ok = live & (slot >= 0) & (slot < num_slots)
+    slot, live, slot_ok = slot_ids(slots, pad_slot_id, num_slots)
     idx = torch.where(slot_ok, slot, 0)
     pn = torch.where(slot_ok, pnat[idx], 0).long()
     rs = torch.where(slot_ok, ring_start[idx], 0).long()

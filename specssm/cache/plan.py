@@ -193,13 +193,10 @@ def check_build(pnat, state_batch_indices, window, num_tokens, pad_slot_id, vali
 def _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id, write_flag, order, slots,
                      counts, ring=None):
     batch = state_batch_indices.shape[0]
-    live = state_batch_indices != pad_slot_id
-    sbi = state_batch_indices.long()
-    slot_ok = live & (sbi >= 0) & (sbi < pnat.shape[0])
-    slot = torch.where(slot_ok, sbi, 0)
     if ring is not None:
         ring_start, ring_len, max_pnat, faults = ring
         c = flt.row_checks(state_batch_indices, pnat, ring_start, pad_slot_id, max_pnat, ring_len)
+        sbi, live, slot_ok = c["slot"], c["live"], c["slot_ok"]
         pn, rs, pnat_ok, rs_ok, dup = c["pnat"], c["ring_start"], c["pnat_ok"], c["ring_start_ok"], c["shared"]
         for bad, field, value in ((live & ~slot_ok, flt.SLOT, sbi), (slot_ok & ~pnat_ok, flt.PNAT, pn),
                                   (slot_ok & pnat_ok & ~rs_ok, flt.RING_START, rs),
@@ -207,7 +204,9 @@ def _fill_with_torch(pnat, state_batch_indices, window, num_tokens, pad_slot_id,
             flt.record(faults, bad, field, value)
         live = slot_ok & pnat_ok & rs_ok & ~dup
     else:
+        sbi, _, slot_ok = flt.slot_ids(state_batch_indices, pad_slot_id, pnat.shape[0])
         live = slot_ok      # a slot id outside the pool is never handed to a launch, record or not
+    slot = torch.where(slot_ok, sbi, 0)
     write = live & (pnat[slot] + num_tokens > window)
     nowrite = live & ~write
     pad = ~live
